@@ -1,0 +1,166 @@
+"""``embedcache`` command line: a thin click layer over :mod:`embedcache.extract` and the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from dataclasses import asdict
+
+import click
+
+from .extract import DTYPES, ExtractConfig, extract
+from .backbone import PRECISIONS
+from .batching import LONG_POLICIES
+from .models import ESM2_MODELS, ModelLoadError, build_tiny_esm2, fetch, hub_checkpoint_dir, verify_checksum
+from .sequences import InputError
+from .store import CacheError, EmbeddingCache
+
+USER_ERRORS = (InputError, ModelLoadError, CacheError, ValueError, OSError)
+
+
+def _layers(ctx, param, value: str | None) -> tuple[int, ...]:
+    if value is None:
+        return (-1,)
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of layer numbers") from None
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Protein language model embeddings in a resumable, content-addressed HDF5 cache."""
+
+
+@main.command("extract")
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--model", help=f"ESM-2 by name ({', '.join(ESM2_MODELS)}); looked up in the torch hub cache, else downloaded.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="A local fair-esm checkpoint (.pt); the model is recognised from it.")
+@click.option("--layers", callback=_layers, help="Comma-separated layers to store; 0 = embedding, -1 = last (default).")
+@click.option("--long", "long_policy", type=click.Choice(LONG_POLICIES), default="truncate", show_default=True,
+              help="Sequences longer than --max-length: keep the first residues, embed overlapping windows, or leave out.")
+@click.option("--max-length", type=click.IntRange(min=1), help="Residues per model window [model's own: 1022 for ESM-2].")
+@click.option("--chunk-overlap", type=click.IntRange(min=0), default=256, show_default=True, help="Residues shared by neighbouring windows with --long chunk.")
+@click.option("--toks-per-batch", type=click.IntRange(min=1), help="Padded tokens per forward pass, BOS/EOS included [4096 on GPU, 1024 on CPU].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
+              help="Compute precision; auto is bf16 (or fp16) on GPU and fp32 on CPU. bf16 on CPU is ~1.5x faster.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Storage precision.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [cores available to this process].")
+@click.option("--format", "fmt", type=click.Choice(["fasta", "csv", "tsv"]), help="Input format [from the file's suffix or contents].")
+@click.option("--id-col", help="CSV/TSV column holding IDs [id, entry, accession, ...].")
+@click.option("--seq-col", help="CSV/TSV column holding sequences [sequence, seq].")
+@click.option("--trust-weights", is_flag=True, help="Allow arbitrary pickled objects in the checkpoint (only for files you trust).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--verbose", "-v", count=True, help="-v for progress messages, -vv for debugging.")
+def extract_cmd(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
+                device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, quiet, verbose) -> None:
+    """Embed every sequence in INPUT (FASTA, CSV or TSV) into the cache OUTPUT (.h5).
+
+    Sequences already in OUTPUT are skipped, so re-running after an interruption, or on a
+    larger input, embeds only what is missing.
+    """
+    _setup_logging(max(verbose, 1))
+    if model is None and weights is None:
+        raise click.UsageError("give --model NAME or --weights PATH")
+    config = ExtractConfig(
+        model=model, weights=weights, layers=layers, long=long_policy, max_length=max_length,
+        chunk_overlap=chunk_overlap, toks_per_batch=toks_per_batch, device=device, precision=precision,
+        dtype=dtype, threads=threads, trust_weights=trust_weights,
+    )
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        with logging_redirect_tqdm():
+            summary = extract(input_path, output, config, fmt=fmt, id_col=id_col, seq_col=seq_col,
+                              progress=not quiet, command=shlex.join(["embedcache", *sys.argv[1:]]))
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(
+        f"{summary.output}: {summary.records} IDs, {summary.unique_sequences} unique sequences; "
+        f"embedded {summary.embedded} now ({summary.residues_embedded} residues, {summary.seconds:.1f} s, "
+        f"{summary.residues_per_second:.0f} residues/s), {summary.already_present} were already there; "
+        f"truncated {summary.truncated}, chunked {summary.chunked}, skipped {summary.skipped}"
+    )
+
+
+@main.command("info")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def info_cmd(path, as_json) -> None:
+    """Describe a cache file: contents, settings and provenance."""
+    try:
+        with EmbeddingCache(path) as cache:
+            info = cache.info()
+    except CacheError as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    prov = info.pop("provenance")
+    click.echo(f"{info['path']}  ({info['file_size_bytes'] / 1e6:.1f} MB)")
+    click.echo(f"  model        {prov.get('model')} ({prov.get('architecture')}), weights {prov.get('weights')}")
+    click.echo(f"  layers       {info['layers']}, dim {info['embed_dim']}, stored as {info['stored_dtype']}, computed in {prov.get('precision')}")
+    click.echo(f"  IDs          {info['ids']} ({info['ids_embedded']} embedded, {info['ids_skipped']} skipped as too long)")
+    click.echo(f"  sequences    {info['unique_sequences']} unique, {info['residues_stored']} residues stored")
+    click.echo(f"  long         policy {prov.get('long_policy')} at {prov.get('max_length')} residues: "
+               f"{info['truncated']} truncated, {info['chunked']} chunked")
+    click.echo(f"  versions     embedcache {prov.get('embedcache_version')}, fair-esm {prov.get('fair_esm_version')}, "
+               f"torch {prov.get('torch_version')}, git {prov.get('git_sha')}")
+    click.echo(f"  created      {prov.get('created')}, updated {prov.get('updated')}")
+    for command in json.loads(prov.get("commands", "[]")):
+        click.echo(f"  command      {command}")
+    if info["pending_parts"]:
+        click.echo("  note         an interrupted run left parts beside this file; re-run it to fold them in")
+
+
+@main.command("tiny-model")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--layers", "num_layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--dim", "embed_dim", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--heads", "attention_heads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def tiny_model_cmd(path, num_layers, embed_dim, attention_heads, seed) -> None:
+    """Write a small randomly initialised ESM-2 as a fair-esm checkpoint (for tests and dry runs).
+
+    Its embeddings carry no biological meaning; it exercises the real loading and extraction path.
+    """
+    try:
+        out = build_tiny_esm2(path, num_layers, embed_dim, attention_heads, seed)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{out}: ESM-2 with {num_layers} layers, dim {embed_dim}, {attention_heads} heads (random weights)")
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the ESM-2 models known by name and where their weights are looked for."""
+    folder = hub_checkpoint_dir()
+    for name, (layers, dim, heads) in ESM2_MODELS.items():
+        present = "present" if (folder / f"{name}.pt").is_file() else "not downloaded"
+        click.echo(f"{name:24s} {layers:3d} layers  dim {dim:5d}  {present}")
+    click.echo(f"weights folder: {folder} (set TORCH_HOME to move it)")
+
+
+@main.command("fetch")
+@click.argument("model", type=click.Choice(list(ESM2_MODELS)))
+def fetch_cmd(model) -> None:
+    """Download MODEL's weights into the torch hub cache (if absent) and verify known checksums.
+
+    Run it where there is network (a login node); extraction then works offline with --model.
+    """
+    _setup_logging(1)
+    try:
+        path = fetch(model)
+        verify_checksum(path)
+    except ModelLoadError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(str(path))

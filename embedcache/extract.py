@@ -1,0 +1,299 @@
+"""Extraction: sequences -> batches -> model -> cache. The function the CLI and notebooks call."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbone import Backbone, ESM2Backbone
+from .batching import Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
+from .sequences import read_sequences
+from .store import CacheWriter, EmbeddedEntry
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that decides how a cache is made; saved in the cache's attributes."""
+
+    model: str | None = None  # ESM-2 name (esm2_t6_8M_UR50D ... esm2_t48_15B_UR50D), from $TORCH_HOME or downloaded
+    weights: str | None = None  # a local fair-esm .pt instead (or as well: then it must match `model`)
+    layers: tuple[int, ...] = (-1,)  # 0 is the token embedding, -1 the last layer (with its final layer norm)
+    long: str = "truncate"  # sequences over max_length: truncate (keep the N-terminus) | chunk | skip
+    max_length: int | None = None  # residues per model window; None: the model's own (1022 for ESM-2)
+    chunk_overlap: int = 256  # residues shared by neighbouring windows under --long chunk
+    toks_per_batch: int | None = None  # padded tokens per forward pass, BOS/EOS counted; None: 4096 GPU, 1024 CPU
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    precision: str = "auto"  # compute: fp32 | bf16 | fp16 (GPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU
+    dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
+    threads: int | None = None  # torch CPU threads; None: the cores this process may use
+    trust_weights: bool = False  # allow pickled objects beyond argparse.Namespace in the checkpoint
+
+
+@dataclass
+class ExtractSummary:
+    output: str
+    records: int
+    unique_sequences: int
+    already_present: int
+    embedded: int
+    residues_embedded: int
+    truncated: int
+    chunked: int
+    skipped: int
+    seconds: float
+    residues_per_second: float
+    written: bool = True
+    oom_retries: int = 0
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def load_backbone(config: ExtractConfig) -> Backbone:
+    return ESM2Backbone.load(config.model, config.weights, trust=config.trust_weights)
+
+
+def extract(
+    input_path: str | Path,
+    output: str | Path,
+    config: ExtractConfig | None = None,
+    *,
+    fmt: str | None = None,
+    id_col: str | None = None,
+    seq_col: str | None = None,
+    backbone: Backbone | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> ExtractSummary:
+    """Embed every sequence of ``input_path`` into the cache at ``output``; resume what is there.
+
+    The input is read and validated completely, and the model loaded, before anything is
+    written. ``backbone`` overrides loading by ``config.model``/``config.weights``.
+    """
+    config = config or ExtractConfig()
+    records = read_sequences(input_path, fmt, id_col, seq_col)
+    output = Path(output)
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, not {config.dtype!r}")
+    if backbone is None:
+        backbone = load_backbone(config)
+    device = pick_device(config.device)
+    backbone.to(device)
+    backbone.set_precision(pick_precision(config.precision, device))
+    threads = config.threads or available_cores()
+    torch.set_num_threads(threads)
+    layers = backbone.resolve_layers(config.layers)
+    max_length = config.max_length or backbone.max_residues
+    budget = config.toks_per_batch or (4096 if device.type == "cuda" else 1024)
+    provenance = {
+        **backbone.describe(),
+        "layers": np.array(layers, dtype=np.int64),
+        "dtype": config.dtype,
+        "precision": backbone.precision,
+        "long_policy": config.long,
+        "max_length": max_length,
+        "chunk_overlap": config.chunk_overlap if config.long == "chunk" else 0,
+        "config": asdict(config),
+        "embedcache_version": __version__,
+        "fair_esm_version": _version("fair-esm"),
+        "torch_version": str(torch.__version__),
+        "h5py_version": _version("h5py"),
+        "git_sha": _git_sha(),
+        "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or shlex.join(sys.argv),
+    }
+
+    unique: dict[str, Entry] = {}
+    for rec in records:
+        if rec.key not in unique:
+            unique[rec.key] = classify(rec.key, rec.sequence, max_length, config.long)
+    counts = {s: sum(1 for e in unique.values() if e.status == s) for s in Status}
+    log.info(
+        "%s: %d records, %d unique sequences; longer than %d residues: %d truncated, %d chunked, %d skipped",
+        input_path, len(records), len(unique), max_length,
+        counts[Status.TRUNCATED], counts[Status.CHUNKED], counts[Status.SKIPPED],
+    )
+    skipped = {k for k, e in unique.items() if e.status == Status.SKIPPED}
+
+    with CacheWriter(output, provenance) as writer:
+        writer.check_ids(records)
+        pending = [e for e in unique.values() if e.status != Status.SKIPPED and not writer.is_done(e.key)]
+        _check_disk_space(output, pending, len(layers), backbone.embed_dim, config.dtype)
+        items = plan_work(pending, budget, backbone.extra_tokens, max_length, config.chunk_overlap)
+        runner = _Runner(backbone, layers, budget)
+        total = sum(item.n_residues for item in items)
+        log.info(
+            "%d sequences already in %s; embedding %d (%d residues) in %d work items, %d threads, %s %s",
+            len(unique) - len(skipped) - len(pending), output, len(pending), total, len(items),
+            threads, device, backbone.precision,
+        )
+        start = time.perf_counter()
+        with tqdm(total=total, unit="res", unit_scale=True, desc="embedding", disable=not progress, smoothing=0.1) as bar:
+            for item in items:
+                writer.write_part(runner.run(item))
+                bar.update(item.n_residues)
+        seconds = time.perf_counter() - start
+        written = writer.finish(records, skipped)
+
+    summary = ExtractSummary(
+        output=str(output),
+        records=len(records),
+        unique_sequences=len(unique),
+        already_present=len(unique) - len(skipped) - len(pending),
+        embedded=len(pending),
+        residues_embedded=total,
+        truncated=counts[Status.TRUNCATED],
+        chunked=counts[Status.CHUNKED],
+        skipped=counts[Status.SKIPPED],
+        seconds=seconds,
+        residues_per_second=total / seconds if seconds > 0 else 0.0,
+        written=written,
+        oom_retries=runner.oom_retries,
+    )
+    log.info(
+        "%s: embedded %d sequences (%d residues) in %.1f s, %.0f residues/s",
+        output, summary.embedded, total, seconds, summary.residues_per_second,
+    )
+    return summary
+
+
+class _Runner:
+    """Runs work items through the backbone; on GPU out-of-memory halves the budget, then falls back to CPU."""
+
+    def __init__(self, backbone: Backbone, layers: list[int], budget: int):
+        self.backbone = backbone
+        self.layers = layers
+        self.budget = budget
+        self.oom_retries = 0
+        self._cpu: Backbone | None = None
+
+    def run(self, item: WorkItem) -> list[EmbeddedEntry]:
+        windows = [item.entries[e].sequence[s:t] for e, s, t in item.windows]
+        outputs = self._embed(windows)
+        results = []
+        for index, entry in enumerate(item.entries):
+            mine = [(s, t, out) for (e, s, t), out in zip(item.windows, outputs) if e == index]
+            per_residue = {}
+            for layer in self.layers:
+                if len(mine) == 1:
+                    per_residue[layer] = mine[0][2][layer]
+                else:
+                    per_residue[layer] = stitch([(s, t, out[layer]) for s, t, out in mine], entry.length)
+            pooled = {layer: rows.mean(axis=0, dtype=np.float64).astype(np.float32) for layer, rows in per_residue.items()}
+            results.append(EmbeddedEntry(entry, per_residue, pooled))
+        return results
+
+    def _embed(self, windows: list[str]) -> list[dict[int, np.ndarray]]:
+        """Per-window {layer: (len, D) float32}, in the windows' order."""
+        outputs: list[dict[int, np.ndarray]] = []
+        lengths = [len(w) for w in windows]
+        done = 0
+        while done < len(windows):
+            batch = sub_batches(lengths[done:], self.budget, self.backbone.extra_tokens)[0]
+            chunk = windows[done : done + batch.stop]
+            try:
+                reps = self._forward(self.backbone, chunk)
+            except torch.OutOfMemoryError as err:
+                reps = self._after_oom(chunk, err)
+                if reps is None:
+                    continue
+            outputs.extend(reps)
+            done += len(chunk)
+        return outputs
+
+    def _forward(self, backbone: Backbone, chunk: list[str]) -> list[dict[int, np.ndarray]]:
+        with torch.inference_mode():
+            reps = backbone.embed(chunk, self.layers)
+            host = {layer: rep.float().cpu().numpy() for layer, rep in reps.items()}
+        return [{layer: host[layer][row, : len(seq)] for layer in self.layers} for row, seq in enumerate(chunk)]
+
+    def _after_oom(self, chunk: list[str], err: Exception) -> list[dict[int, np.ndarray]] | None:
+        """Shrink the budget and ask for a retry (None), or embed a lone sequence on the CPU."""
+        self.oom_retries += 1
+        if self.backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(chunk) > 1:
+            self.budget = max(1, self.budget // 2)
+            log.warning("out of memory on %d sequences; token budget halved to %d", len(chunk), self.budget)
+            return None
+        if self.backbone.device.type == "cpu":
+            raise err
+        if self._cpu is None:
+            log.warning("out of memory on a single sequence of %d residues; using the CPU for such sequences", len(chunk[0]))
+            self._cpu = copy.deepcopy(self.backbone).to("cpu")
+            self._cpu.set_precision("fp32")
+        return self._forward(self._cpu, chunk)
+
+
+def _check_disk_space(output: Path, pending: list[Entry], n_layers: int, dim: int, dtype: str) -> None:
+    """Parts and the final file coexist at the end of a run: ask for twice the new data plus the old file."""
+    bytes_per = np.dtype(dtype).itemsize * dim * n_layers
+    new = sum(e.n_residues + 1 for e in pending) * bytes_per
+    needed = 2 * new + (output.stat().st_size if output.exists() else 0)
+    free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
+    if needed > free:
+        raise OSError(
+            f"{output}: this run needs about {needed / 1e9:.1f} GB of disk ({new / 1e9:.1f} GB of new embeddings, "
+            f"written once as parts and once into the cache) but {free / 1e9:.1f} GB are free"
+        )
+    log.info("estimated new embeddings: %.2f GB", new / 1e9)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _git_sha() -> str:
+    """The package's own git commit when it runs from a checkout, else 'unknown'."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"

@@ -1,0 +1,1 @@
+"""Predictors trained on a frozen embedding cache (logistic regression, LightGBM, attention pooling)."""

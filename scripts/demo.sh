@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job, end to end: embed a FASTA with ESM-2 8M into a cache, then describe the cache.
+#   bash scripts/demo.sh [FASTA] [OUT.h5]
+# Without network or cached weights ESM-2 cannot be had; the demo then says so and runs the same
+# pipeline with a RANDOM-WEIGHT model of the 8M shape, whose embeddings mean nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fasta=${1:-../shared/data/deeplocpro/graphpart_subset.fasta}
+out=${2:-demo/deeplocpro_subset_esm2_t6_8M.h5}
+mkdir -p demo "$(dirname "$out")"
+if embedcache fetch esm2_t6_8M_UR50D; then
+    embedcache extract "$fasta" "$out" --model esm2_t6_8M_UR50D
+else
+    echo "demo: ESM-2 weights unavailable here; using a random-weight 8M-shaped model (speed demo only)" >&2
+    out=${out%.h5}_RANDOM_WEIGHTS.h5
+    embedcache tiny-model demo/random_esm2_8M_shape.pt --layers 6 --dim 320 --heads 20
+    embedcache extract "$fasta" "$out" --weights demo/random_esm2_8M_shape.pt --precision bf16
+fi
+embedcache info "$out"
