@@ -30,7 +30,7 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...]:
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    level = logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
@@ -60,7 +60,7 @@ def main() -> None:
 @click.option("--seq-col", help="CSV/TSV column holding sequences [sequence, seq].")
 @click.option("--trust-weights", is_flag=True, help="Allow arbitrary pickled objects in the checkpoint (only for files you trust).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--verbose", "-v", count=True, help="-v for progress messages, -vv for debugging.")
+@click.option("--verbose", "-v", count=True, help="Debug messages too.")
 def extract_cmd(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
                 device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, quiet, verbose) -> None:
     """Embed every sequence in INPUT (FASTA, CSV or TSV) into the cache OUTPUT (.h5).
@@ -68,7 +68,7 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
     Sequences already in OUTPUT are skipped, so re-running after an interruption, or on a
     larger input, embeds only what is missing.
     """
-    _setup_logging(max(verbose, 1))
+    _setup_logging(verbose)
     if model is None and weights is None:
         raise click.UsageError("give --model NAME or --weights PATH")
     config = ExtractConfig(
@@ -157,7 +157,7 @@ def fetch_cmd(model) -> None:
 
     Run it where there is network (a login node); extraction then works offline with --model.
     """
-    _setup_logging(1)
+    _setup_logging(0)
     try:
         path = fetch(model)
         verify_checksum(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import logging
@@ -10,6 +11,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbone import Backbone, ESM2Backbone
-from .batching import Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
+from .backbone import PRECISIONS, Backbone, ESM2Backbone
+from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
 from .sequences import read_sequences
 from .store import CacheWriter, EmbeddedEntry
 
@@ -63,11 +65,37 @@ class ExtractSummary:
     oom_retries: int = 0
 
 
+def _validate(config: ExtractConfig) -> None:
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, not {config.dtype!r}")
+    if config.long not in LONG_POLICIES:
+        raise ValueError(f"long-sequence policy must be one of {LONG_POLICIES}, not {config.long!r}")
+    if config.precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be auto or one of {PRECISIONS}, not {config.precision!r}")
+    for name in ("max_length", "toks_per_batch", "threads"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive number, not {value}")
+    if config.chunk_overlap < 0:
+        raise ValueError(f"chunk_overlap must not be negative, not {config.chunk_overlap}")
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch CPU threads, then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -109,90 +137,78 @@ def extract(
     written. ``backbone`` overrides loading by ``config.model``/``config.weights``.
     """
     config = config or ExtractConfig()
+    _validate(config)
     records = read_sequences(input_path, fmt, id_col, seq_col)
     output = Path(output)
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, not {config.dtype!r}")
     if backbone is None:
         backbone = load_backbone(config)
     device = pick_device(config.device)
     backbone.to(device)
     backbone.set_precision(pick_precision(config.precision, device))
     threads = config.threads or available_cores()
-    torch.set_num_threads(threads)
-    layers = backbone.resolve_layers(config.layers)
-    max_length = config.max_length or backbone.max_residues
-    budget = config.toks_per_batch or (4096 if device.type == "cuda" else 1024)
-    provenance = {
-        **backbone.describe(),
-        "layers": np.array(layers, dtype=np.int64),
-        "dtype": config.dtype,
-        "precision": backbone.precision,
-        "long_policy": config.long,
-        "max_length": max_length,
-        "chunk_overlap": config.chunk_overlap if config.long == "chunk" else 0,
-        "config": asdict(config),
-        "embedcache_version": __version__,
-        "fair_esm_version": _version("fair-esm"),
-        "torch_version": str(torch.__version__),
-        "h5py_version": _version("h5py"),
-        "git_sha": _git_sha(),
-        "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command or shlex.join(sys.argv),
-    }
+    with torch_threads(threads):
+        layers = backbone.resolve_layers(config.layers)
+        max_length = config.max_length or backbone.max_residues
+        if config.long == "chunk" and config.chunk_overlap >= max_length:
+            raise ValueError(f"chunk overlap ({config.chunk_overlap}) must be smaller than the window ({max_length})")
+        if backbone.max_residues and max_length > backbone.max_residues:
+            log.warning("max_length %d exceeds the %d residues %s was trained on", max_length,
+                        backbone.max_residues, backbone.architecture)
+        budget = config.toks_per_batch or (4096 if device.type == "cuda" else 1024)
+        provenance = _provenance(backbone, config, layers, max_length, command)
 
-    unique: dict[str, Entry] = {}
-    for rec in records:
-        if rec.key not in unique:
-            unique[rec.key] = classify(rec.key, rec.sequence, max_length, config.long)
-    counts = {s: sum(1 for e in unique.values() if e.status == s) for s in Status}
-    log.info(
-        "%s: %d records, %d unique sequences; longer than %d residues: %d truncated, %d chunked, %d skipped",
-        input_path, len(records), len(unique), max_length,
-        counts[Status.TRUNCATED], counts[Status.CHUNKED], counts[Status.SKIPPED],
-    )
-    skipped = {k for k, e in unique.items() if e.status == Status.SKIPPED}
-
-    with CacheWriter(output, provenance) as writer:
-        writer.check_ids(records)
-        pending = [e for e in unique.values() if e.status != Status.SKIPPED and not writer.is_done(e.key)]
-        _check_disk_space(output, pending, len(layers), backbone.embed_dim, config.dtype)
-        items = plan_work(pending, budget, backbone.extra_tokens, max_length, config.chunk_overlap)
-        runner = _Runner(backbone, layers, budget)
-        total = sum(item.n_residues for item in items)
+        unique: dict[str, Entry] = {}
+        for rec in records:
+            if rec.key not in unique:
+                unique[rec.key] = classify(rec.key, rec.sequence, max_length, config.long)
+        counts = {s: sum(1 for e in unique.values() if e.status == s) for s in Status}
         log.info(
-            "%d sequences already in %s; embedding %d (%d residues) in %d work items, %d threads, %s %s",
-            len(unique) - len(skipped) - len(pending), output, len(pending), total, len(items),
-            threads, device, backbone.precision,
+            "%s: %d records, %d unique sequences; longer than %d residues: %d truncated, %d chunked, %d skipped",
+            input_path, len(records), len(unique), max_length,
+            counts[Status.TRUNCATED], counts[Status.CHUNKED], counts[Status.SKIPPED],
         )
-        start = time.perf_counter()
-        with tqdm(total=total, unit="res", unit_scale=True, desc="embedding", disable=not progress, smoothing=0.1) as bar:
-            for item in items:
-                writer.write_part(runner.run(item))
-                bar.update(item.n_residues)
-        seconds = time.perf_counter() - start
-        written = writer.finish(records, skipped)
+        skipped = {k for k, e in unique.items() if e.status == Status.SKIPPED}
 
-    summary = ExtractSummary(
-        output=str(output),
-        records=len(records),
-        unique_sequences=len(unique),
-        already_present=len(unique) - len(skipped) - len(pending),
-        embedded=len(pending),
-        residues_embedded=total,
-        truncated=counts[Status.TRUNCATED],
-        chunked=counts[Status.CHUNKED],
-        skipped=counts[Status.SKIPPED],
-        seconds=seconds,
-        residues_per_second=total / seconds if seconds > 0 else 0.0,
-        written=written,
-        oom_retries=runner.oom_retries,
-    )
-    log.info(
-        "%s: embedded %d sequences (%d residues) in %.1f s, %.0f residues/s",
-        output, summary.embedded, total, seconds, summary.residues_per_second,
-    )
-    return summary
+        with CacheWriter(output, provenance) as writer:
+            writer.check_ids(records)
+            pending = [e for e in unique.values() if e.status != Status.SKIPPED and not writer.is_done(e.key)]
+            _check_disk_space(output, pending, len(layers), backbone.embed_dim, config.dtype)
+            items = plan_work(pending, budget, backbone.extra_tokens, max_length, config.chunk_overlap)
+            runner = _Runner(backbone, layers, budget)
+            total = sum(item.n_residues for item in items)
+            log.info(
+                "%d sequences already in %s; embedding %d (%d residues) in %d work items, %d threads, %s %s",
+                len(unique) - len(skipped) - len(pending), output, len(pending), total, len(items),
+                threads, device, backbone.precision,
+            )
+            start = time.perf_counter()
+            with tqdm(total=total, unit="res", unit_scale=True, desc="embedding", disable=not progress, smoothing=0.1) as bar:
+                for item in items:
+                    writer.write_part(runner.run(item))
+                    bar.update(item.n_residues)
+            seconds = time.perf_counter() - start
+            written = writer.finish(records, skipped)
+
+        summary = ExtractSummary(
+            output=str(output),
+            records=len(records),
+            unique_sequences=len(unique),
+            already_present=len(unique) - len(skipped) - len(pending),
+            embedded=len(pending),
+            residues_embedded=total,
+            truncated=counts[Status.TRUNCATED],
+            chunked=counts[Status.CHUNKED],
+            skipped=counts[Status.SKIPPED],
+            seconds=seconds,
+            residues_per_second=total / seconds if seconds > 0 else 0.0,
+            written=written,
+            oom_retries=runner.oom_retries,
+        )
+        log.info(
+            "%s: embedded %d sequences (%d residues) in %.1f s, %.0f residues/s",
+            output, summary.embedded, total, seconds, summary.residues_per_second,
+        )
+        return summary
 
 
 class _Runner:
@@ -261,6 +277,26 @@ class _Runner:
             self._cpu = copy.deepcopy(self.backbone).to("cpu")
             self._cpu.set_precision("fp32")
         return self._forward(self._cpu, chunk)
+
+
+def _provenance(backbone: Backbone, config: ExtractConfig, layers: list[int], max_length: int, command: str | None) -> dict:
+    return {
+        **backbone.describe(),
+        "layers": np.array(layers, dtype=np.int64),
+        "dtype": config.dtype,
+        "precision": backbone.precision,
+        "long_policy": config.long,
+        "max_length": max_length,
+        "chunk_overlap": config.chunk_overlap if config.long == "chunk" else 0,
+        "config": asdict(config),
+        "embedcache_version": __version__,
+        "fair_esm_version": _version("fair-esm"),
+        "torch_version": str(torch.__version__),
+        "h5py_version": _version("h5py"),
+        "git_sha": _git_sha(),
+        "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or shlex.join(sys.argv),
+    }
 
 
 def _check_disk_space(output: Path, pending: list[Entry], n_layers: int, dim: int, dtype: str) -> None:

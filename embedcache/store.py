@@ -29,6 +29,7 @@ keeps a second writer out.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -135,28 +136,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_h5(path: Path):
-    """Context manager: an h5py File at ``path.tmp``, fsynced and renamed to ``path`` on success."""
-
-    class _Atomic:
-        def __enter__(self_inner):
-            self_inner.tmp = path.with_name(path.name + ".tmp")
-            self_inner.tmp.unlink(missing_ok=True)
-            self_inner.file = h5py.File(self_inner.tmp, "w")
-            return self_inner.file
-
-        def __exit__(self_inner, exc_type, exc, tb):
-            self_inner.file.close()
-            if exc_type is not None:
-                self_inner.tmp.unlink(missing_ok=True)
-                return False
-            with open(self_inner.tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(self_inner.tmp, path)
-            _fsync_dir(path.parent)
-            return False
-
-    return _Atomic()
+@contextlib.contextmanager
+def _atomic_h5(path: Path) -> Iterator[h5py.File]:
+    """An h5py File at ``path.tmp``, fsynced and renamed to ``path`` only if the block succeeds."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 @dataclass

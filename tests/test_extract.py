@@ -376,3 +376,38 @@ def test_csv_input_and_provenance(tmp_path, tiny_weights):
     assert prov["layers"] == [3] and prov["dtype"] == "float16" and prov["precision"] == "fp32"
     assert prov["max_length"] == 1022 and prov["fair_esm_version"] == "2.0.0"
     assert "embedcache extract in.csv c.h5" in prov["commands"]
+
+
+def test_bf16_compute_and_fp16_storage_keep_per_protein_cosine(tmp_path, tiny_weights):
+    path = deeplocpro_head(tmp_path, 30)
+    exact, fast = tmp_path / "exact.h5", tmp_path / "fast.h5"
+    extract(path, exact, config(tiny_weights, dtype="float32"), progress=False)
+    extract(path, fast, config(tiny_weights, precision="bf16"), progress=False)
+    with EmbeddingCache(exact) as a, EmbeddingCache(fast) as b:
+        assert b.attrs["precision"] == "bf16"
+        x, y = a.pooled().astype(np.float64), b.pooled(a.ids).astype(np.float64)
+        cosine = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert cosine.min() >= 0.999, cosine.min()
+
+
+def test_input_whose_every_sequence_is_skipped(tmp_path, tiny_weights):
+    path = write_fasta(tmp_path / "long.fasta", {"a": "MKTAYIAKQR", "b": "MKTAYIAKQRQISF"})
+    out = tmp_path / "c.h5"
+    summary = extract(path, out, config(tiny_weights, long="skip", max_length=5), progress=False)
+    assert summary.skipped == 2 and summary.embedded == 0
+    with EmbeddingCache(out) as cache:
+        assert cache.ids == [] and cache.skipped_ids == ["a", "b"]
+        assert cache.pooled([]).shape == (0, 32)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(long="cut"), "long-sequence policy"),
+    (dict(dtype="int8"), "dtype must be one of"),
+    (dict(precision="fp8"), "precision must be auto or one of"),
+    (dict(long="chunk", max_length=100, chunk_overlap=100), "chunk overlap \\(100\\) must be smaller than the window \\(100\\)"),
+    (dict(toks_per_batch=0), "toks_per_batch must be a positive number"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, fasta, tiny_weights, bad, message):
+    with pytest.raises(ValueError, match=message):
+        extract(fasta, tmp_path / "c.h5", config(tiny_weights, **bad), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proteins.fasta"]
