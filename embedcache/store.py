@@ -511,7 +511,13 @@ class EmbeddingCache:
         return Status(int(self._status[self._row_of(ident)]))
 
     def length(self, ident: str) -> int:
+        """Residues in the sequence (more than are stored when it was truncated)."""
         return int(self._lengths[self._row_of(ident)])
+
+    def n_residues(self, ids: Sequence[str]) -> np.ndarray:
+        """Rows stored for each ID: what ``per_residue`` returns."""
+        rows = np.array([self._row_of(i) for i in ids], dtype=np.int64)
+        return (self._offsets[rows + 1] - self._offsets[rows]).astype(np.int64)
 
     # -- arrays --------------------------------------------------------------------------
     def per_residue(self, ident: str, layer: int | None = None) -> np.ndarray:
@@ -538,14 +544,16 @@ class EmbeddingCache:
         for start in range(0, len(ids), size):
             chunk = ids[start : start + size]
             if per_residue:
-                yield chunk, self._read_many(chunk, layer)
+                yield chunk, self.per_residue_many(chunk, layer)
             else:
                 yield chunk, self.pooled(chunk, layer)
 
-    def _read_many(self, ids: Sequence[str], layer: int) -> list[np.ndarray]:
-        """Per-residue arrays for several IDs, one slab read when their rows are contiguous."""
+    def per_residue_many(self, ids: Sequence[str], layer: int | None = None) -> list[np.ndarray]:
+        """Per-residue arrays for several IDs, one slab read when their rows lie close together."""
         rows = [self._row_of(i) for i in ids]
-        data = self._file[f"L{layer}/per_residue"]
+        if not rows:
+            return []
+        data = self._file[f"L{self._layer(layer)}/per_residue"]
         lo, hi = min(rows), max(rows)
         span = self._offsets[hi + 1] - self._offsets[lo]
         if span <= 2 * sum(self._offsets[r + 1] - self._offsets[r] for r in rows):

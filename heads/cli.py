@@ -1,0 +1,120 @@
+"""``heads`` command line: a thin click layer over :mod:`heads.run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from embedcache.sequences import InputError
+from embedcache.store import CacheError
+
+from .folds import SCHEMES
+from .run import FOLD_SOURCES, RunConfig, predict, run_comparison
+
+USER_ERRORS = (InputError, CacheError, ValueError, KeyError, FileNotFoundError, RuntimeError)
+
+
+def _params(values: tuple[str, ...]) -> dict:
+    """``--set attention.max_epochs=30`` -> {"attention": {"max_epochs": 30}} (values read as JSON)."""
+    out: dict = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        head, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise click.BadParameter(f"{item!r} is not HEAD.PARAM=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(head, {})[name] = value
+    return out
+
+
+def _class_names(value: str | None) -> dict | None:
+    if not value:
+        return None
+    pairs = [p.split("=", 1) for p in value.split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise click.BadParameter(f"{value!r} is not VALUE=NAME,VALUE=NAME")
+    return dict(pairs)
+
+
+def common(func):
+    options = [
+        click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False), help="Embedding cache (embedcache extract)."),
+        click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled dataset file."),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write."),
+        click.option("--scheme", type=click.Choice(SCHEMES), default="simple", show_default=True,
+                     help="simple: K models; nested: K(K-1) models (DeepLocPro's), test probabilities averaged."),
+        click.option("--folds", type=click.Choice(FOLD_SOURCES), default="auto", show_default=True,
+                     help="The file's folds, stratified random ones, or GraphPart homology partitions."),
+        click.option("--k", type=click.IntRange(min=3), default=5, show_default=True, help="Folds to build."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Identity threshold for homology folds."),
+        click.option("--aligner", type=click.Choice(["mmseqs2", "needle"]), default="mmseqs2", show_default=True),
+        click.option("--layer", type=int, help="Cache layer [highest stored]."),
+        click.option("--reference", type=click.Path(exists=True, file_okay=False), help="Folder of model_{test}_{val}.csv probabilities of another tool."),
+        click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]), help="Dataset format [recognised]."),
+        click.option("--id-col"), click.option("--seq-col"),
+        click.option("--label-col", default="label", show_default=True),
+        click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus."),
+        click.option("--set", "settings", multiple=True, help="Head parameter, e.g. attention.max_epochs=30 (repeatable)."),
+        click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True),
+        click.option("--verbose", "-v", is_flag=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run(heads: tuple[str, ...], kw: dict) -> None:
+    logging.basicConfig(level=logging.DEBUG if kw.pop("verbose") else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    out = kw.pop("out")
+    config = RunConfig(heads=heads, head_params=_params(kw.pop("settings")),
+                       class_names=_class_names(kw.pop("class_names")), **kw)
+    try:
+        summary = run_comparison(config, out)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    table = summary["table"]
+    click.echo(table[[c for c in table.columns if not c.endswith("_ci95")]].to_string(index=False, float_format="%.3f"))
+    click.echo(f"\nrun written to {out}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train light heads on an embedding cache and compare them under the same folds."""
+
+
+@main.command("cv")
+@click.option("--head", type=click.Choice(["logreg", "lightgbm", "attention"]), required=True)
+@common
+def cv_cmd(head, **kw) -> None:
+    """Cross-validate one head."""
+    _run((head,), kw)
+
+
+@main.command("compare")
+@click.option("--heads", default="logreg,lightgbm,attention", show_default=True, help="Comma-separated heads.")
+@common
+def compare_cmd(heads, **kw) -> None:
+    """Cross-validate several heads on the same splits (and a reference tool) in one table."""
+    _run(tuple(h.strip() for h in heads.split(",") if h.strip()), kw)
+
+
+@main.command("predict")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A run directory.")
+@click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False), help="Cache of the proteins to predict.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV of predictions.")
+@click.option("--head", help="Which head's fold models [the run's best by macro-F1].")
+def predict_cmd(run_dir, cache, out, head) -> None:
+    """Predict new proteins with the ensemble of a run's fold models."""
+    try:
+        frame = predict(run_dir, cache, head)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    frame.to_csv(out, sep="\t", index=False, float_format="%.5f")
+    click.echo(f"{out}: {len(frame)} proteins, ensemble of {frame.attrs['models']} {frame.attrs['head']} models")

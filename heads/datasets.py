@@ -1,0 +1,200 @@
+"""Labelled protein sets: DeepLocPro FASTA, UniProt-style CSV, DeepLoc 1.0 FASTA.
+
+Every reader validates sequences with the embedding cache's own reader, so a dataset and
+its cache always agree on IDs and residues. Class names are sorted, so the label numbering
+is the same whatever order the file lists proteins in, and it is saved with every run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embedcache.sequences import InputError, Record, read_fasta, read_table
+
+DATASET_KINDS = ("deeplocpro", "csv", "deeploc1")
+
+
+@dataclass
+class LabeledSet:
+    name: str
+    ids: list[str]
+    sequences: list[str]
+    labels: np.ndarray  # int, index into classes
+    classes: list[str]
+    groups: np.ndarray | None = None  # organism group (DeepLocPro) or None
+    folds: np.ndarray | None = None  # int fold per protein when the file gives one, -1 = left out
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, index: np.ndarray) -> LabeledSet:
+        index = np.asarray(index)
+        return LabeledSet(
+            self.name,
+            [self.ids[i] for i in index],
+            [self.sequences[i] for i in index],
+            self.labels[index],
+            self.classes,
+            None if self.groups is None else self.groups[index],
+            None if self.folds is None else self.folds[index],
+            {k: v[index] for k, v in self.extra.items()},
+        )
+
+    def with_folds(self, folds: np.ndarray) -> LabeledSet:
+        """A copy with these folds; proteins with fold -1 are dropped."""
+        keep = np.flatnonzero(np.asarray(folds) >= 0)
+        out = self.subset(np.arange(len(self)))
+        out.folds = np.asarray(folds, dtype=np.int64)
+        return out.subset(keep)
+
+    def frame(self) -> pd.DataFrame:
+        data = {"id": self.ids, "label": [self.classes[i] for i in self.labels]}
+        if self.groups is not None:
+            data["group"] = self.groups
+        if self.folds is not None:
+            data["fold"] = self.folds
+        return pd.DataFrame(data)
+
+
+def _encode(names: list[str], classes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    classes = classes or sorted(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[n] for n in names], dtype=np.int64), classes
+
+
+def read_deeplocpro(path: Path | str) -> LabeledSet:
+    """Headers ``>ID|location|organism_group|fold`` (the fold is optional)."""
+    path = Path(path)
+    records = read_fasta(path)
+    locations, groups, folds = [], [], []
+    for number, rec in enumerate(records, 1):
+        fields = rec.header.split()[0].split("|")
+        if len(fields) not in (3, 4):
+            raise InputError(path, f"header {rec.header!r} is not ID|location|group[|fold]", f"record {number}")
+        locations.append(fields[1])
+        groups.append(fields[2])
+        if len(fields) == 4:
+            if not fields[3].isdigit():
+                raise InputError(path, f"fold {fields[3]!r} is not a whole number", f"record {number}")
+            folds.append(int(fields[3]))
+    if folds and len(folds) != len(records):
+        raise InputError(path, "some headers give a fold and some do not")
+    labels, classes = _encode(locations)
+    ids = [rec.header.split()[0].split("|")[0] for rec in records]
+    return LabeledSet(path.stem, ids, [r.sequence for r in records], labels, classes,
+                      np.array(groups), np.array(folds, dtype=np.int64) if folds else None)
+
+
+def read_labeled_csv(
+    path: Path | str,
+    id_col: str | None = None,
+    seq_col: str | None = None,
+    label_col: str = "label",
+    class_names: dict[str, str] | None = None,
+    fold_col: str | None = None,
+) -> LabeledSet:
+    """One protein per row; labels from ``label_col``, renamed through ``class_names`` if given."""
+    path = Path(path)
+    records = read_table(path, id_col, seq_col)
+    frame = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".tab") else ",", dtype=str,
+                        keep_default_na=False)
+    if label_col not in frame.columns:
+        raise InputError(path, f"no label column {label_col!r}; columns are {list(frame.columns)}")
+    raw = [v.strip() for v in frame[label_col]]
+    for row, value in enumerate(raw, 2):
+        if not value:
+            raise InputError(path, f"empty label in column {label_col!r}", f"row {row}")
+    names = [class_names.get(v, v) for v in raw] if class_names else raw
+    labels, classes = _encode(names)
+    folds = None
+    if fold_col is not None:
+        folds = np.array([int(v) for v in frame[fold_col]], dtype=np.int64)
+    return _dedupe_ids(LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels,
+                                  classes, None, folds), path)
+
+
+def _dedupe_ids(data: LabeledSet, path: Path) -> LabeledSet:
+    seen: dict[str, int] = {}
+    for i, ident in enumerate(data.ids):
+        if ident in seen:
+            raise InputError(path, f"ID {ident!r} appears twice (rows {seen[ident] + 2} and {i + 2})")
+        seen[ident] = i
+    return data
+
+
+_DEEPLOC1 = re.compile(r"^(\S+)\s+([A-Za-z._/]+)-([MSU])(?:\s|$)")
+
+
+def read_deeploc1(path: Path | str) -> LabeledSet:
+    """Headers ``>ACC Location-M/S/U [test|new_test_set]`` (DeepLoc 1.0 as Light Attention ships it)."""
+    path = Path(path)
+    records = read_fasta(path)
+    locations, membrane = [], []
+    for number, rec in enumerate(records, 1):
+        match = _DEEPLOC1.match(rec.header)
+        if match is None:
+            raise InputError(path, f"header {rec.header!r} is not 'ACC Location-M|S|U'", f"record {number}")
+        locations.append(match.group(2))
+        membrane.append(match.group(3))
+    labels, classes = _encode(locations)
+    return LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels, classes,
+                      extra={"membrane": np.array(membrane)})
+
+
+def detect_kind(path: Path | str) -> str:
+    path = Path(path)
+    if path.suffix.lower() in (".csv", ".tsv", ".tab"):
+        return "csv"
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.startswith(">"):
+                first = line[1:].split()[0] if line[1:].strip() else ""
+                if first.count("|") in (2, 3):
+                    return "deeplocpro"
+                if _DEEPLOC1.match(line[1:]):
+                    return "deeploc1"
+                break
+    raise InputError(path, "cannot tell the dataset format; headers should be 'ID|location|group|fold' "
+                           "(DeepLocPro) or 'ACC Location-M/S/U' (DeepLoc 1.0), or give a CSV")
+
+
+def load_labeled(path: Path | str, kind: str | None = None, **csv_options) -> LabeledSet:
+    kind = kind or detect_kind(path)
+    if kind == "deeplocpro":
+        return read_deeplocpro(path)
+    if kind == "deeploc1":
+        return read_deeploc1(path)
+    if kind == "csv":
+        return read_labeled_csv(path, **csv_options)
+    raise ValueError(f"dataset kind must be one of {DATASET_KINDS}, not {kind!r}")
+
+
+def merge(sets: list[LabeledSet], name: str) -> LabeledSet:
+    """Several files as one set (e.g. DeepLoc 1.0 validation + test), classes united."""
+    classes = sorted(set().union(*(s.classes for s in sets)))
+    names = [s.classes[i] for s in sets for i in s.labels]
+    labels, classes = _encode(names, classes)
+    extra_keys = set.intersection(*(set(s.extra) for s in sets)) if sets else set()
+    return LabeledSet(
+        name,
+        [i for s in sets for i in s.ids],
+        [q for s in sets for q in s.sequences],
+        labels,
+        classes,
+        np.concatenate([s.groups for s in sets]) if all(s.groups is not None for s in sets) else None,
+        None,
+        {k: np.concatenate([s.extra[k] for s in sets]) for k in extra_keys},
+    )
+
+
+__all__ = ["LabeledSet", "Record", "load_labeled", "read_deeplocpro", "read_labeled_csv", "read_deeploc1", "merge"]

@@ -1,0 +1,123 @@
+"""The one evaluation loop: every head, every split, the same proteins and the same outputs.
+
+For each split a fresh copy of the head is fitted on the training folds with the
+validation fold as ``eval_set`` and predicts the test fold. Test probabilities of all the
+models that share a test fold are averaged (one model per fold in the simple scheme, K-1 in
+the nested one), so every protein gets exactly one prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from .datasets import LabeledSet
+from .estimators import Head
+from .features import FeatureSource
+from .folds import Split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodResult:
+    name: str
+    proba: np.ndarray  # (n, n_classes), rows in the dataset's order; NaN where not predicted
+    folds: np.ndarray  # test fold of each row
+    splits: list[dict] = field(default_factory=list)  # per split: folds, sizes, seconds, what validation chose
+    models: list[tuple[Split, Head]] = field(default_factory=list)
+
+    def predicted(self) -> np.ndarray:
+        return ~np.isnan(self.proba).any(1)
+
+    def frame(self, data: LabeledSet) -> pd.DataFrame:
+        out = data.frame()
+        out.insert(0, "method", self.name)
+        out["test_fold"] = self.folds
+        proba = np.nan_to_num(self.proba, nan=0.0)
+        out["prediction"] = [data.classes[k] for k in proba.argmax(1)]
+        for k, c in enumerate(data.classes):
+            out[f"p_{c}"] = self.proba[:, k]
+        return out[self.predicted()]
+
+
+def full_proba(head: Head, X, n_classes: int) -> np.ndarray:
+    """Probabilities over all classes, also when a class was missing from training."""
+    proba = head.predict_proba(X)
+    out = np.zeros((proba.shape[0], n_classes), dtype=np.float64)
+    out[:, np.asarray(head.classes_, dtype=np.int64)] = proba
+    return out
+
+
+def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits: list[Split], name: str,
+                   keep_models: bool = True) -> MethodResult:
+    X = features.for_input(head.input)
+    y = data.labels
+    total = np.zeros((len(data), data.n_classes))
+    count = np.zeros(len(data))
+    result = MethodResult(name, np.full((len(data), data.n_classes), np.nan), np.full(len(data), -1))
+    for number, split in enumerate(splits, 1):
+        start = time.perf_counter()
+        model = clone(head).fit(X[split.train], y[split.train], eval_set=(X[split.val], y[split.val]))
+        total[split.test] += full_proba(model, X[split.test], data.n_classes)
+        count[split.test] += 1
+        result.folds[split.test] = split.test_fold
+        seconds = time.perf_counter() - start
+        info = {"split": split.name, "test_fold": split.test_fold, "val_fold": split.val_fold,
+                "n_train": len(split.train), "n_val": len(split.val), "n_test": len(split.test),
+                "seconds": round(seconds, 3), **model.selection_summary()}
+        if hasattr(model, "history_"):
+            info["history"] = model.history_
+        result.splits.append(info)
+        if keep_models:
+            result.models.append((split, model))
+        log.info("%s: split %d/%d (%s) in %.1f s", name, number, len(splits), split.name, seconds)
+    done = count > 0
+    result.proba[done] = total[done] / count[done, None]
+    return result
+
+
+def read_reference(directory: Path | str, data: LabeledSet, name: str = "reference") -> MethodResult:
+    """Per-protein probabilities from another tool, as DeepLocPro publishes its held-out CV output.
+
+    ``directory`` holds ``model_{test}_{val}.csv`` files: an unnamed ID column, then one column
+    per class. Models that share a test fold are averaged, as the nested scheme prescribes.
+    Proteins of ``data`` missing from the files are an error; extra rows are ignored.
+    """
+    directory = Path(directory)
+    files = sorted(directory.glob("model_*_*.csv"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no model_{{test}}_{{val}}.csv files")
+    by_fold: dict[int, list[pd.DataFrame]] = defaultdict(list)
+    for path in files:
+        test = int(re.fullmatch(r"model_(\d+)_(\d+)\.csv", path.name).group(1))
+        frame = pd.read_csv(path, index_col=0)
+        unknown = set(frame.columns) - set(data.classes)
+        if unknown:
+            raise ValueError(f"{path}: columns {sorted(unknown)} are not classes of {data.name} ({data.classes})")
+        by_fold[test].append(frame)
+    position = {ident: i for i, ident in enumerate(data.ids)}
+    result = MethodResult(name, np.full((len(data), data.n_classes), np.nan), np.full(len(data), -1))
+    for test, frames in sorted(by_fold.items()):
+        mean = sum(f[data.classes] for f in frames) / len(frames)
+        mine = mean.index.intersection(data.ids)
+        rows = [position[i] for i in mine]
+        result.proba[rows] = mean.loc[mine].to_numpy()
+        result.folds[rows] = test
+        result.splits.append({"test_fold": test, "models": len(frames), "n_test": len(rows)})
+    missing = [data.ids[i] for i in np.flatnonzero(result.folds < 0)]
+    if missing:
+        raise ValueError(f"{directory}: no predictions for {len(missing)} proteins (first: {', '.join(missing[:5])})")
+    if data.folds is not None:
+        disagree = int((data.folds != result.folds).sum())
+        if disagree:
+            log.warning("%s: %d proteins sit in another test fold than the dataset says", directory, disagree)
+    return result

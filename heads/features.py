@@ -1,0 +1,123 @@
+"""What heads read: pooled vectors as a matrix, per-residue arrays as a lazy, indexable view.
+
+Per-residue data of a whole dataset may not fit in memory (12,000 proteins of 350 residues
+at 1,280 dimensions are 10 GB in fp16), so heads get a view that reads arrays from the cache
+batch by batch. Tests and notebooks can wrap in-memory arrays the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from embedcache.store import EmbeddingCache
+
+
+class Residues:
+    """Per-residue arrays of some proteins; ``view[index_array]`` is a view of a subset."""
+
+    lengths: np.ndarray
+    dim: int
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index) -> Residues:
+        return self.take(np.asarray(index))
+
+    def take(self, index: np.ndarray) -> Residues:
+        raise NotImplementedError
+
+    def read(self, index: Sequence[int]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class ArrayResidues(Residues):
+    def __init__(self, arrays: Sequence[np.ndarray]):
+        self.arrays = list(arrays)
+        self.lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        self.dim = int(self.arrays[0].shape[1]) if self.arrays else 0
+
+    def take(self, index):
+        return ArrayResidues([self.arrays[i] for i in index])
+
+    def read(self, index):
+        return [self.arrays[i] for i in index]
+
+
+class CachedResidues(Residues):
+    def __init__(self, cache: EmbeddingCache, ids: Sequence[str], layer: int | None = None):
+        self.cache = cache
+        self.ids = list(ids)
+        self.layer = layer
+        self.lengths = cache.n_residues(self.ids)
+        self.dim = int(cache.info()["embed_dim"])
+
+    def take(self, index):
+        view = CachedResidues.__new__(CachedResidues)
+        view.cache, view.layer, view.dim = self.cache, self.layer, self.dim
+        view.ids = [self.ids[i] for i in index]
+        view.lengths = self.lengths[index]
+        return view
+
+    def read(self, index):
+        return self.cache.per_residue_many([self.ids[i] for i in index], self.layer)
+
+
+class FeatureSource:
+    """Features of one labelled set's proteins from one cache, in the set's order."""
+
+    def __init__(self, cache: EmbeddingCache, ids: Sequence[str], layer: int | None = None):
+        missing = [i for i in ids if i not in cache]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} of {len(ids)} proteins have no embedding in {cache.path} "
+                f"(first: {', '.join(missing[:5])}); run `embedcache extract` on the dataset file first"
+            )
+        self.cache = cache
+        self.ids = list(ids)
+        self.layer = layer
+        self._pooled: np.ndarray | None = None
+
+    def pooled(self) -> np.ndarray:
+        if self._pooled is None:
+            self._pooled = self.cache.pooled(self.ids, self.layer).astype(np.float32)
+        return self._pooled
+
+    def residues(self) -> CachedResidues:
+        return CachedResidues(self.cache, self.ids, self.layer)
+
+    def for_input(self, kind: str):
+        if kind == "pooled":
+            return self.pooled()
+        if kind == "per_residue":
+            return self.residues()
+        raise ValueError(f"unknown head input {kind!r}")
+
+
+def length_batches(lengths: np.ndarray, max_tokens: int, max_size: int) -> list[np.ndarray]:
+    """Indices grouped by similar length, each batch's padded size within ``max_tokens``."""
+    order = np.argsort(lengths, kind="stable")
+    batches, current, widest = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if current and (max(widest, n) * (len(current) + 1) > max_tokens or len(current) >= max_size):
+            batches.append(np.array(current))
+            current, widest = [], 0
+        current.append(i)
+        widest = max(widest, n)
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def pad(arrays: list[np.ndarray], crop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(B, L, D) float32 and a (B, L) mask of real residues. ``crop`` keeps the N-terminal part."""
+    lengths = [min(len(a), crop) if crop else len(a) for a in arrays]
+    out = np.zeros((len(arrays), max(lengths), arrays[0].shape[1]), dtype=np.float32)
+    mask = np.zeros((len(arrays), max(lengths)), dtype=bool)
+    for row, (a, n) in enumerate(zip(arrays, lengths)):
+        out[row, :n] = a[:n]
+        mask[row, :n] = True
+    return out, mask

@@ -1,0 +1,278 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from embedcache.extract import ExtractConfig, extract
+from embedcache.store import EmbeddingCache
+from heads.attention import AttentionHead, AttentionPooling
+from heads.cli import main as heads_main
+from heads.datasets import read_deeploc1, read_deeplocpro, read_labeled_csv
+from heads.estimators import Head, LightGBMHead, LogisticHead
+from heads.evaluate import cross_validate, read_reference
+from heads.features import ArrayResidues, FeatureSource, length_batches, pad
+from heads.folds import NestedCV, SimpleCV, homology_folds, stratified_folds
+from heads.metrics import bootstrap_ci, classification_metrics, mcnemar
+from heads.run import RunConfig, load_data
+
+from conftest import DEEPLOCPRO_SUBSET, SHARED_DATA, write_fasta
+
+FAST = {
+    "logreg": LogisticHead(Cs=(0.01, 1.0)),
+    "lightgbm": LightGBMHead(n_estimators=200, learning_rate=0.1, early_stopping_rounds=20, n_jobs=1),
+    "attention": AttentionHead(heads=4, hidden=32, max_epochs=25, patience=6, dropout=0.1, lr=3e-3, threads=1),
+}
+# Class k proteins are enriched in residues RICH[k]: a composition signal every embedding carries.
+RICH = ["KR", "DE", "LIV"]
+
+
+def planted_dataset(tmp_path, n_per_class=45, seed=0):
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    records, labels = [], []
+    for k, rich in enumerate(RICH):
+        for i in range(n_per_class):
+            length = int(rng.integers(30, 120))
+            seq = rng.choice(alphabet, size=length)
+            enriched = rng.random(length) < 0.35
+            seq[enriched] = rng.choice(list(rich), size=int(enriched.sum()))
+            records.append((f"c{k}_{i}", "".join(seq)))
+            labels.append(f"class{k}")
+    path = tmp_path / "planted.csv"
+    pd.DataFrame({"id": [r[0] for r in records], "sequence": [r[1] for r in records], "label": labels}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tiny_weights):
+    tmp = tmp_path_factory.mktemp("planted")
+    csv = planted_dataset(tmp)
+    cache = tmp / "planted.h5"
+    extract(csv, cache, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    data, _ = load_data(RunConfig(data=str(csv), cache=str(cache), folds="stratified", k=5))
+    return data, cache, csv
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_each_head_finds_a_planted_signal_and_not_a_shuffled_one(planted, name):
+    data, cache_path, _ = planted
+    splits = SimpleCV().split(data.folds)
+    with EmbeddingCache(cache_path) as cache:
+        features = FeatureSource(cache, data.ids)
+        result = cross_validate(FAST[name], data, features, splits, name)
+        accuracy = accuracy_score(data.labels, result.proba.argmax(1))
+        assert accuracy >= 0.9, accuracy
+        shuffled = data.subset(np.arange(len(data)))
+        shuffled.labels = np.random.default_rng(1).permutation(data.labels)
+        noise = cross_validate(FAST[name], shuffled, features, splits, name)
+        chance = accuracy_score(shuffled.labels, noise.proba.argmax(1))
+        assert chance <= 0.55, chance  # 3 balanced classes: chance is 1/3
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_save_load_gives_identical_predictions(planted, name, tmp_path):
+    data, cache_path, _ = planted
+    with EmbeddingCache(cache_path) as cache:
+        features = FeatureSource(cache, data.ids)
+        X = features.for_input(FAST[name].input)
+        train, val = np.arange(0, len(data), 2), np.arange(1, len(data), 2)
+        from sklearn.base import clone
+
+        head = clone(FAST[name]).fit(X[train], data.labels[train], eval_set=(X[val], data.labels[val]))
+        path = head.save(tmp_path / ("h.pt" if head.input == "per_residue" else "h.joblib"))
+        again = Head.load(path)
+        np.testing.assert_array_equal(again.predict_proba(X[val]), head.predict_proba(X[val]))
+        assert list(again.classes_) == list(head.classes_)
+
+
+def test_attention_padding_never_leaks():
+    torch.manual_seed(0)
+    module = AttentionPooling(dim=16, n_classes=3, heads=4, hidden=8, dropout=0.0).eval()
+    short = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+    long_ = np.random.default_rng(1).normal(size=(40, 16)).astype(np.float32)
+    x, mask = pad([short, long_])
+    x[0, 5:] = 1e6  # garbage where the short protein is padded: a leak would show
+    with torch.inference_mode():
+        batched, attention = module.pool(torch.from_numpy(x), torch.from_numpy(mask))
+        alone, _ = module.pool(torch.from_numpy(short[None]), torch.ones(1, 5, dtype=torch.bool))
+    assert torch.allclose(batched[0], alone[0], atol=1e-5)
+    assert attention[0, 5:].abs().max().item() == 0.0
+    assert torch.allclose(attention[0, :5].sum(0), torch.ones(4))
+
+
+def test_length_batches_group_similar_lengths_within_budget():
+    lengths = np.random.default_rng(0).integers(10, 800, 500)
+    batches = length_batches(lengths, max_tokens=4000, max_size=64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    for b in batches:
+        assert len(b) <= 64 and (lengths[b].max() * len(b) <= 4000 or len(b) == 1)
+    padded = sum(lengths[b].max() * len(b) for b in batches)
+    assert lengths.sum() / padded > 0.9  # padding efficiency of length bucketing
+
+
+@pytest.mark.parametrize("cls,k,expected", [(SimpleCV, 5, 5), (NestedCV, 5, 20), (NestedCV, 4, 12)])
+def test_splitters_never_reuse_a_protein_and_count_right(cls, k, expected):
+    folds = np.repeat(np.arange(k), 7)
+    folds[:3] = -1  # removed by partitioning: never used
+    splits = cls().split(folds)
+    assert len(splits) == expected
+    for s in splits:
+        parts = [set(s.train), set(s.val), set(s.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert set().union(*parts) == set(np.flatnonzero(folds >= 0))
+        assert set(folds[s.test]) == {s.test_fold} and set(folds[s.val]) == {s.val_fold}
+    tests = [s.test_fold for s in splits]
+    assert all(tests.count(f) == (k - 1 if cls is NestedCV else 1) for f in range(k))
+    if cls is SimpleCV:
+        assert [(s.test_fold, s.val_fold) for s in splits] == [(f, (f + 1) % k) for f in range(k)]
+
+
+def test_stratified_folds_keep_identical_sequences_together():
+    seqs = [f"M{'K' * i}" for i in range(10)] * 3  # ten sequences, each under three IDs
+    labels = np.array([i % 2 for i in range(len(seqs))])
+    folds = stratified_folds(labels, seqs, k=3, seed=0)
+    for s in set(seqs):
+        assert len({folds[i] for i, t in enumerate(seqs) if t == s}) == 1
+    assert sorted(set(folds)) == [0, 1, 2]
+
+
+def test_metrics_match_scikit_learn_on_hand_made_predictions():
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2, 2, 0])
+    proba = np.eye(3)[pred] * 0.8 + 0.2 / 3
+    groups = np.array(["a", "a", "b", "b", "a", "b", "a", "b"])
+    m = classification_metrics(y, proba, ["x", "y", "z"], groups)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    # By hand: F1(x) = 2*2/(2*2+1+1) = 2/3, F1(y) = 2*1/(2+1+1) = 1/2, F1(z) = 2*2/(4+1+1) = 2/3.
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(y, pred))
+    assert m["confusion"] == [[2, 1, 0], [0, 1, 1], [1, 0, 2]]
+    assert m["per_group"]["a"]["n"] == 4 and m["per_group"]["a"]["accuracy"] == pytest.approx(3 / 4)
+    assert m["per_class"]["y"]["recall"] == pytest.approx(1 / 2)
+    ci = bootstrap_ci(y, pred, 3, n_boot=200)
+    assert ci["accuracy"][0] <= 5 / 8 <= ci["accuracy"][1]
+    # McNemar: a right where b wrong on 3 proteins, the reverse on 0 -> p = 2 * 0.5**3.
+    test = mcnemar(y, y, np.array([1, 1, 1, 1, 1, 2, 2, 2]))
+    assert (test["only_a_right"], test["only_b_right"]) == (3, 0) and test["p_value"] == pytest.approx(0.25)
+
+
+def test_binary_metrics_include_roc_and_pr_auc():
+    y = np.array([0, 0, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.3, 0.7], [0.35, 0.65], [0.2, 0.8]])
+    m = classification_metrics(y, proba, ["cyto", "nuc"])
+    # By hand: 3 of the 4 (positive, negative) pairs are ordered right; ranking pos, neg, pos, neg
+    # gives average precision (1/1 + 2/3) / 2.
+    assert m["roc_auc"] == pytest.approx(0.75) and m["pr_auc"] == pytest.approx(5 / 6)
+
+
+def test_reference_predictions_reproduce_deeplocpro_numbers():
+    if not DEEPLOCPRO_SUBSET.exists():
+        pytest.skip("../shared/data not present")
+    data = read_deeplocpro(DEEPLOCPRO_SUBSET)
+    ref = read_reference(SHARED_DATA / "deeplocpro" / "cv_heldout_predictions", data)
+    m = classification_metrics(data.labels, ref.proba, data.classes, data.groups)
+    assert round(m["accuracy"], 3) == 0.775
+    assert round(m["macro_f1"], 3) == 0.728
+    assert round(m["mcc"], 3) == 0.714
+    assert (ref.folds == data.folds).all() and len(ref.splits) == 5
+    assert set(m["per_group"]) == {"archaea", "negative", "positive"}
+
+
+def test_dataset_readers_on_the_shared_files():
+    if not SHARED_DATA.exists():
+        pytest.skip("../shared/data not present")
+    dlp = read_deeplocpro(DEEPLOCPRO_SUBSET)
+    assert len(dlp) == 1131 and dlp.n_classes == 6 and sorted(np.bincount(dlp.folds)) == [210, 215, 232, 234, 240]
+    csv = read_labeled_csv(SHARED_DATA / "teaching" / "uniprot_protein_data_assigment.csv",
+                           class_names={"0": "Cytoplasm", "1": "Nucleus"})
+    assert len(csv) == 3585 and csv.classes == ["Cytoplasm", "Nucleus"]
+    assert np.bincount(csv.labels).tolist() == [1929, 1656]
+    hard = read_deeploc1(SHARED_DATA / "deeploc1_light_attention" / "setHARD.fasta")
+    assert len(hard) == 490 and hard.n_classes == 10 and set(hard.extra["membrane"]) == {"U"}
+
+
+@pytest.mark.skipif(shutil.which("mmseqs") is None, reason="MMseqs2 not installed (scripts/setup.sh installs it)")
+def test_homology_folds_put_close_relatives_together():
+    rng = np.random.default_rng(0)
+    alphabet = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    ids, seqs, labels = [], [], []
+    for family in range(12):
+        root = rng.choice(alphabet, size=150)
+        for member in range(4):
+            seq = root.copy()
+            mutate = rng.random(150) < 0.05
+            seq[mutate] = rng.choice(alphabet, size=int(mutate.sum()))
+            ids.append(f"f{family}_m{member}")
+            seqs.append("".join(seq))
+            labels.append(family % 2)
+    part = homology_folds(ids, seqs, np.array(labels), k=3, threshold=0.3, aligner="mmseqs2", threads=1)
+    assert part.removed + int((part.folds >= 0).sum()) == len(ids)
+    for family in range(12):
+        placed = {int(f) for i, f in zip(ids, part.folds) if i.startswith(f"f{family}_") and f >= 0}
+        assert len(placed) <= 1, (family, placed)
+
+
+def test_cli_compare_writes_a_complete_run_and_predicts(planted, tmp_path):
+    data, cache, csv = planted
+    out = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(heads_main, [
+        "compare", "--cache", str(cache), "--data", str(csv), "--heads", "logreg,attention", "--folds", "stratified",
+        "--k", "3", "--out", str(out), "--set", "attention.max_epochs=5", "--set", "attention.threads=1",
+        "--set", "attention.heads=4", "--bootstrap", "200",
+    ])
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "metrics.json", "predictions.csv", "comparison.md", "comparison.csv", "splits.json",
+                 "plots/confusion_matrices.png", "plots/per_class_f1.png", "plots/training_curves_attention.png"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["classes"] == ["class0", "class1", "class2"] and config["head_params"]["attention"]["max_epochs"] == 5
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 2 * len(data) and set(preds["method"]) == {"logreg", "attention"}
+    assert len(list((out / "models" / "logreg").glob("*.joblib"))) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["paired_tests"]) == 1
+    table = (out / "comparison.md").read_text()
+    assert "| logreg |" in table and "McNemar" in table
+
+    result = runner.invoke(heads_main, ["predict", "--run", str(out), "--cache", str(cache),
+                                        "--out", str(tmp_path / "p.tsv"), "--head", "logreg"])
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(tmp_path / "p.tsv", sep="\t")
+    assert len(pred) == len(data) and (pred[["p_class0", "p_class1", "p_class2"]].sum(axis=1) - 1).abs().max() < 1e-4
+
+
+def test_cli_errors_are_messages(tmp_path, planted):
+    _, cache, csv = planted
+    runner = CliRunner()
+    result = runner.invoke(heads_main, ["cv", "--cache", str(cache), "--data", str(csv), "--head", "logreg",
+                                        "--folds", "file", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "gives no folds; use --folds stratified" in result.output
+    other = write_fasta(tmp_path / "o.fasta", {"P1|Cytoplasmic|negative|0": "MKT", "P2|Cytoplasmic|negative|1": "MKV",
+                                                "P3|Extracellular|negative|2": "MKW"})
+    result = runner.invoke(heads_main, ["cv", "--cache", str(cache), "--data", str(other), "--head", "logreg",
+                                        "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 1 and "3 of 3 proteins have no embedding" in result.output
+
+
+def test_bootstrap_metrics_from_confusion_equal_scikit_learn():
+    from heads.metrics import metrics_from_confusion
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 3, 6):
+        y = rng.integers(0, n_classes, 200)
+        pred = np.where(rng.random(200) < 0.6, y, rng.integers(0, n_classes, 200))
+        pred[pred == n_classes - 1] = 0  # one class never predicted: F1 0, as zero_division=0 has it
+        got = metrics_from_confusion(confusion_matrix(y, pred, labels=np.arange(n_classes)))
+        assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
+        assert got["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=np.arange(n_classes), zero_division=0))
+        assert got["mcc"] == pytest.approx(matthews_corrcoef(y, pred))
