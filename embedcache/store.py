@@ -595,3 +595,56 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.path)!r}: {len(self.ids)} IDs, layers {self.layers})"
+
+
+def write_arrays(
+    path: Path | str,
+    records: Sequence[Record],
+    arrays: Iterator[np.ndarray] | Sequence[np.ndarray],
+    model: str,
+    dtype: str = "float16",
+    layer: int = 0,
+    batch: int = 256,
+) -> Path:
+    """A cache from per-residue arrays made elsewhere (another embedder, synthetic data).
+
+    ``arrays`` yields one (len(sequence), D) array per record, in order; identical sequences
+    must come with identical arrays (the first is kept). Written through the same crash-safe
+    path as extraction.
+    """
+    import datetime
+
+    path = Path(path)
+    arrays = iter(arrays)
+    first = next(arrays)
+    provenance = {
+        "model": model, "architecture": model, "weights": "none", "weights_sha256": "none",
+        "num_layers": layer, "embed_dim": int(first.shape[1]), "max_residues": "none",
+        "layers": np.array([layer], dtype=np.int64), "dtype": dtype, "precision": "external",
+        "long_policy": "none", "max_length": "none", "chunk_overlap": 0,
+        "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"embedcache.store.write_arrays({model!r})",
+    }
+    seen: set[str] = set()
+    with CacheWriter(path, provenance) as writer:
+        pending: list[EmbeddedEntry] = []
+        for rec, rows in zip(records, _chain(first, arrays)):
+            if len(rows) != len(rec.sequence):
+                raise ValueError(f"{rec.id}: {len(rows)} rows for {len(rec.sequence)} residues")
+            if rec.key in seen or writer.is_done(rec.key):
+                continue
+            seen.add(rec.key)
+            entry = Entry(rec.key, rec.sequence, Status.FULL, len(rec.sequence))
+            pending.append(EmbeddedEntry(entry, {layer: rows}, {layer: rows.astype(np.float32).mean(0)}))
+            if len(pending) == batch:
+                writer.write_part(pending)
+                pending = []
+        if pending:
+            writer.write_part(pending)
+        writer.finish(records, set())
+    return path
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest

@@ -39,19 +39,26 @@ class AttentionPooling(nn.Module):
         if dim % heads:
             raise ValueError(f"embedding dimension {dim} is not divisible by {heads} attention heads")
         self.heads = heads
-        self.input_dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         if conv_kernel:
             self.features = nn.Conv1d(dim, dim, conv_kernel, padding=conv_kernel // 2)
             self.logits = nn.Conv1d(dim, heads, conv_kernel, padding=conv_kernel // 2)
         else:
             self.features, self.logits = None, nn.Linear(dim, heads)
+        # Batch norm standardises the pooled features, as logistic regression's scaler does: mean-
+        # and max-pooled values differ in scale by orders of magnitude.
         self.classifier = nn.Sequential(
-            nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+            nn.BatchNorm1d(2 * dim), nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, n_classes),
         )
 
     def pool(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, L, D), mask (B, L) True at residues -> pooled (B, 2D), attention (B, L, heads)."""
-        x = self.input_dropout(x)
+        if self.training and self.dropout > 0:
+            # Channel dropout: one mask per protein and dimension, shared by its residues.
+            # Dropping single residue values costs a random number per value (most of a step).
+            keep = torch.rand(x.shape[0], 1, x.shape[2], device=x.device) >= self.dropout
+            x = x * keep.to(x.dtype) / (1 - self.dropout)
         if self.features is not None:
             conv_in = x.transpose(1, 2)
             feats = self.features(conv_in).transpose(1, 2)
@@ -75,12 +82,12 @@ class AttentionHead(Head):
 
     input = "per_residue"
 
-    def __init__(self, heads=8, hidden=64, dropout=0.25, conv_kernel=0, lr=1e-3, weight_decay=1e-2,
-                 max_epochs=60, patience=8, batch_tokens=32768, max_batch=128, crop=1022, class_weight=None,
+    def __init__(self, heads=8, hidden=64, dropout=0.25, conv_kernel=0, lr=3e-3, weight_decay=1e-2,
+                 max_epochs=30, patience=5, batch_tokens=32768, max_batch=128, crop=1022, class_weight=None,
                  metric="macro_f1", threads=None, random_state=0):
         self.heads = heads  # attention heads; each pools dim/heads channels
         self.hidden = hidden  # width of the MLP's hidden layer
-        self.dropout = dropout  # on the input residues and in the MLP
+        self.dropout = dropout  # channel dropout on the input, and dropout in the MLP
         self.conv_kernel = conv_kernel  # 0: linear attention; 9: Light Attention's convolutions
         self.lr = lr
         self.weight_decay = weight_decay
@@ -114,7 +121,8 @@ class AttentionHead(Head):
         if self.class_weight == "balanced":
             counts = np.bincount(targets, minlength=len(self.classes_)).astype(np.float64)
             weight = torch.tensor(len(targets) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
-        batches = length_batches(np.minimum(X.lengths, self.crop or 1 << 30), self.batch_tokens, self.max_batch)
+        batches = length_batches(np.minimum(X.lengths, self.crop or 1 << 30), self.batch_tokens, self.max_batch,
+                                 min_size=2)
         self.history_ = []
         best, best_state, stale = None, None, 0
         with torch_threads(self.threads or available_cores()):

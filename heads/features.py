@@ -96,8 +96,11 @@ class FeatureSource:
         raise ValueError(f"unknown head input {kind!r}")
 
 
-def length_batches(lengths: np.ndarray, max_tokens: int, max_size: int) -> list[np.ndarray]:
-    """Indices grouped by similar length, each batch's padded size within ``max_tokens``."""
+def length_batches(lengths: np.ndarray, max_tokens: int, max_size: int, min_size: int = 1) -> list[np.ndarray]:
+    """Indices grouped by similar length, each batch's padded size within ``max_tokens``.
+
+    With ``min_size=2`` a batch of one protein joins its neighbour (batch norm needs two).
+    """
     order = np.argsort(lengths, kind="stable")
     batches, current, widest = [], [], 0
     for i in order:
@@ -109,6 +112,14 @@ def length_batches(lengths: np.ndarray, max_tokens: int, max_size: int) -> list[
         widest = max(widest, n)
     if current:
         batches.append(np.array(current))
+    if min_size > 1 and len(batches) > 1:
+        merged: list[np.ndarray] = []
+        for batch in batches:
+            if merged and (len(batch) < min_size or len(merged[-1]) < min_size):
+                merged[-1] = np.concatenate([merged[-1], batch])
+            else:
+                merged.append(batch)
+        batches = merged
     return batches
 
 

@@ -276,3 +276,14 @@ def test_bootstrap_metrics_from_confusion_equal_scikit_learn():
         assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
         assert got["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=np.arange(n_classes), zero_division=0))
         assert got["mcc"] == pytest.approx(matthews_corrcoef(y, pred))
+
+
+def test_training_batches_never_hold_a_single_protein():
+    lengths = np.array([1000, 990, 980, 50])
+    batches = length_batches(lengths, max_tokens=2000, max_size=64, min_size=2)
+    assert all(len(b) >= 2 for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == [0, 1, 2, 3]
+    head = AttentionHead(heads=2, hidden=4, max_epochs=2, batch_tokens=40, threads=1)
+    arrays = [np.random.default_rng(i).normal(size=(n, 8)).astype(np.float32) for i, n in enumerate([30, 5, 12])]
+    head.fit(ArrayResidues(arrays), np.array([0, 1, 0]))  # batches of 1 would break batch norm
+    assert head.predict_proba(ArrayResidues(arrays)).shape == (3, 2)
