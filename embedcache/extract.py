@@ -182,7 +182,10 @@ def extract(
                 threads, device, backbone.precision,
             )
             start = time.perf_counter()
-            with tqdm(total=total, unit="res", unit_scale=True, desc="embedding", disable=not progress, smoothing=0.1) as bar:
+            # In a log file rather than a terminal, a line every 30 s instead of a redrawn bar.
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            with tqdm(total=total, unit="res", unit_scale=True, desc="embedding", disable=not progress,
+                      smoothing=0.1, mininterval=interval) as bar:
                 for item in items:
                     writer.write_part(runner.run(item))
                     bar.update(item.n_residues)
@@ -326,10 +329,14 @@ def _git_sha() -> str:
     """The package's own git commit when it runs from a checkout, else 'unknown'."""
     import subprocess
 
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    lines = out.stdout.split()
+    # Only this project's own checkout counts, not some repository that happens to contain it.
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]) != here.parent:
+        return "unknown"
+    return lines[1]

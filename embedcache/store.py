@@ -476,6 +476,7 @@ class EmbeddingCache:
         self.skipped_ids = [i for i, r in zip(all_ids, index) if r < 0]
         self._headers = dict(zip(all_ids, _strs(f["ids/header"])))
         self._pooled: dict[int, np.ndarray] = {}
+        self._key_row: dict[str, int] | None = None
 
     # -- lookups -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -516,8 +517,54 @@ class EmbeddingCache:
 
     def n_residues(self, ids: Sequence[str]) -> np.ndarray:
         """Rows stored for each ID: what ``per_residue`` returns."""
-        rows = np.array([self._row_of(i) for i in ids], dtype=np.int64)
+        return self.n_residues_rows(self.rows(ids))
+
+    # -- by content ----------------------------------------------------------------------
+    def rows(self, ids: Sequence[str] | None = None, keys: Sequence[str] | None = None) -> np.ndarray:
+        """Storage rows of IDs, or of content keys (``embedcache.sequences.sequence_key``).
+
+        The cache is content-addressed: a labelled file whose IDs differ from the ones the
+        cache was built with still finds its sequences through their keys.
+        """
+        if (ids is None) == (keys is None):
+            raise TypeError("give ids or keys")
+        if ids is not None:
+            return np.array([self._row_of(i) for i in ids], dtype=np.int64)
+        if self._key_row is None:
+            self._key_row = {k: r for r, k in enumerate(_decode(self._file["sequences/key"][:]))}
+        missing = [k for k in keys if k not in self._key_row]
+        if missing:
+            raise KeyError(f"{len(missing)} of {len(keys)} sequences have no embedding in {self.path}")
+        return np.array([self._key_row[k] for k in keys], dtype=np.int64)
+
+    def has_keys(self, keys: Sequence[str]) -> np.ndarray:
+        if self._key_row is None:
+            self.rows(keys=[])
+        return np.array([k in self._key_row for k in keys], dtype=bool)
+
+    def n_residues_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
         return (self._offsets[rows + 1] - self._offsets[rows]).astype(np.int64)
+
+    def pooled_rows(self, rows: np.ndarray, layer: int | None = None) -> np.ndarray:
+        layer = self._layer(layer)
+        if layer not in self._pooled:
+            self._pooled[layer] = self._file[f"L{layer}/pooled"][:]
+        return self._pooled[layer][np.asarray(rows, dtype=np.int64)]
+
+    def per_residue_rows(self, rows: Sequence[int], layer: int | None = None) -> list[np.ndarray]:
+        """Per-residue arrays of several rows, one slab read when they lie close together."""
+        rows = [int(r) for r in rows]
+        if not rows:
+            return []
+        data = self._file[f"L{self._layer(layer)}/per_residue"]
+        lo, hi = min(rows), max(rows)
+        span = self._offsets[hi + 1] - self._offsets[lo]
+        if span <= 2 * sum(self._offsets[r + 1] - self._offsets[r] for r in rows):
+            slab = data[self._offsets[lo] : self._offsets[hi + 1]]
+            base = self._offsets[lo]
+            return [slab[self._offsets[r] - base : self._offsets[r + 1] - base] for r in rows]
+        return [data[self._offsets[r] : self._offsets[r + 1]] for r in rows]
 
     # -- arrays --------------------------------------------------------------------------
     def per_residue(self, ident: str, layer: int | None = None) -> np.ndarray:
@@ -526,14 +573,9 @@ class EmbeddingCache:
         return data[self._offsets[row] : self._offsets[row + 1]]
 
     def pooled(self, ids: Sequence[str] | None = None, layer: int | None = None) -> np.ndarray:
-        layer = self._layer(layer)
-        if layer not in self._pooled:
-            self._pooled[layer] = self._file[f"L{layer}/pooled"][:]
-        if ids is None:
-            ids = self.ids
         if isinstance(ids, str):
             raise TypeError("pooled() takes a list of IDs; use pooled([ident]) for one")
-        return self._pooled[layer][[self._row_of(i) for i in ids]]
+        return self.pooled_rows(self.rows(self.ids if ids is None else ids), layer)
 
     def iter_chunks(
         self, ids: Sequence[str] | None = None, size: int = 256, layer: int | None = None, per_residue: bool = False
@@ -549,18 +591,8 @@ class EmbeddingCache:
                 yield chunk, self.pooled(chunk, layer)
 
     def per_residue_many(self, ids: Sequence[str], layer: int | None = None) -> list[np.ndarray]:
-        """Per-residue arrays for several IDs, one slab read when their rows lie close together."""
-        rows = [self._row_of(i) for i in ids]
-        if not rows:
-            return []
-        data = self._file[f"L{self._layer(layer)}/per_residue"]
-        lo, hi = min(rows), max(rows)
-        span = self._offsets[hi + 1] - self._offsets[lo]
-        if span <= 2 * sum(self._offsets[r + 1] - self._offsets[r] for r in rows):
-            slab = data[self._offsets[lo] : self._offsets[hi + 1]]
-            base = self._offsets[lo]
-            return [slab[self._offsets[r] - base : self._offsets[r + 1] - base] for r in rows]
-        return [data[self._offsets[r] : self._offsets[r + 1]] for r in rows]
+        """Per-residue arrays for several IDs."""
+        return self.per_residue_rows(self.rows(ids), layer)
 
     # -- description ---------------------------------------------------------------------
     def info(self) -> dict:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from embedcache.sequences import sequence_key
 from embedcache.store import EmbeddingCache
 
 
@@ -47,46 +48,65 @@ class ArrayResidues(Residues):
 
 
 class CachedResidues(Residues):
-    def __init__(self, cache: EmbeddingCache, ids: Sequence[str], layer: int | None = None):
+    """Per-residue arrays of some rows of a cache, read when asked for."""
+
+    def __init__(self, cache: EmbeddingCache, rows: np.ndarray, layer: int | None = None):
         self.cache = cache
-        self.ids = list(ids)
+        self.rows = np.asarray(rows, dtype=np.int64)
         self.layer = layer
-        self.lengths = cache.n_residues(self.ids)
+        self.lengths = cache.n_residues_rows(self.rows)
         self.dim = int(cache.info()["embed_dim"])
 
     def take(self, index):
         view = CachedResidues.__new__(CachedResidues)
         view.cache, view.layer, view.dim = self.cache, self.layer, self.dim
-        view.ids = [self.ids[i] for i in index]
+        view.rows = self.rows[index]
         view.lengths = self.lengths[index]
         return view
 
     def read(self, index):
-        return self.cache.per_residue_many([self.ids[i] for i in index], self.layer)
+        return self.cache.per_residue_rows(self.rows[np.asarray(index)], self.layer)
 
 
 class FeatureSource:
-    """Features of one labelled set's proteins from one cache, in the set's order."""
+    """Features of one labelled set's proteins from one cache, in the set's order.
 
-    def __init__(self, cache: EmbeddingCache, ids: Sequence[str], layer: int | None = None):
-        missing = [i for i in ids if i not in cache]
-        if missing:
+    Proteins are found by the content key of their sequence, so the labelled file's IDs
+    need not be the IDs the cache was built with (a DeepLocPro header's first word is
+    ``ID|location|group|fold``, its ID the accession alone).
+    """
+
+    def __init__(self, cache: EmbeddingCache, sequences: Sequence[str], layer: int | None = None,
+                 ids: Sequence[str] | None = None):
+        keys = [sequence_key(s) for s in sequences]
+        found = cache.has_keys(keys)
+        if not found.all():
+            missing = [ids[i] if ids is not None else sequences[i][:20] for i in np.flatnonzero(~found)]
             raise KeyError(
-                f"{len(missing)} of {len(ids)} proteins have no embedding in {cache.path} "
+                f"{len(missing)} of {len(keys)} proteins have no embedding in {cache.path} "
                 f"(first: {', '.join(missing[:5])}); run `embedcache extract` on the dataset file first"
             )
+        self._init(cache, cache.rows(keys=keys), layer)
+
+    @classmethod
+    def from_rows(cls, cache: EmbeddingCache, rows: np.ndarray, layer: int | None = None) -> FeatureSource:
+        source = cls.__new__(cls)
+        source._init(cache, rows, layer)
+        return source
+
+    def _init(self, cache: EmbeddingCache, rows: np.ndarray, layer: int | None) -> None:
         self.cache = cache
-        self.ids = list(ids)
+        self.rows = np.asarray(rows, dtype=np.int64)
         self.layer = layer
         self._pooled: np.ndarray | None = None
 
     def pooled(self) -> np.ndarray:
         if self._pooled is None:
-            self._pooled = self.cache.pooled(self.ids, self.layer).astype(np.float32)
+            self._pooled = self.cache.pooled_rows(self.rows, self.layer).astype(np.float32)
         return self._pooled
 
     def residues(self) -> CachedResidues:
-        return CachedResidues(self.cache, self.ids, self.layer)
+        return CachedResidues(self.cache, self.rows, self.layer)
 
     def for_input(self, kind: str):
         if kind == "pooled":

@@ -95,7 +95,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None)
     heads = build_heads(config)  # fail on a bad head name before any training
     results: list[MethodResult] = []
     with EmbeddingCache(config.cache) as cache:
-        features = FeatureSource(cache, data.ids, config.layer)
+        features = FeatureSource(cache, data.sequences, config.layer, ids=data.ids)
         cache_info = cache.info()
         for name, head in heads.items():
             result = cross_validate(head, data, features, splits, name)
@@ -144,7 +144,7 @@ def predict(run: Path | str, cache_path: Path | str, head: str | None = None, la
         raise FileNotFoundError(f"{run}: no saved models for head {head!r}")
     models = [Head.load(f) for f in files]
     with EmbeddingCache(cache_path) as cache:
-        features = FeatureSource(cache, cache.ids, layer if layer is not None else config.get("layer"))
+        features = FeatureSource.from_rows(cache, cache.rows(cache.ids), layer if layer is not None else config.get("layer"))
         X = features.for_input(models[0].input)
         total = np.zeros((len(cache.ids), len(classes)))
         for model in models:

@@ -93,7 +93,7 @@ def main() -> None:
         print(f"{threads} threads; 5 folds of ~{len(splits[0].test)} proteins\n")
 
         with EmbeddingCache(path) as cache:
-            features = FeatureSource(cache, data.ids)
+            features = FeatureSource(cache, data.sequences, ids=data.ids)
             start = time.perf_counter()
             features.pooled()
             print(f"read pooled matrix: {time.perf_counter() - start:.2f} s")

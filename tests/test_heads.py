@@ -65,7 +65,7 @@ def test_each_head_finds_a_planted_signal_and_not_a_shuffled_one(planted, name):
     data, cache_path, _ = planted
     splits = SimpleCV().split(data.folds)
     with EmbeddingCache(cache_path) as cache:
-        features = FeatureSource(cache, data.ids)
+        features = FeatureSource(cache, data.sequences, ids=data.ids)
         result = cross_validate(FAST[name], data, features, splits, name)
         accuracy = accuracy_score(data.labels, result.proba.argmax(1))
         assert accuracy >= 0.9, accuracy
@@ -80,7 +80,7 @@ def test_each_head_finds_a_planted_signal_and_not_a_shuffled_one(planted, name):
 def test_save_load_gives_identical_predictions(planted, name, tmp_path):
     data, cache_path, _ = planted
     with EmbeddingCache(cache_path) as cache:
-        features = FeatureSource(cache, data.ids)
+        features = FeatureSource(cache, data.sequences, ids=data.ids)
         X = features.for_input(FAST[name].input)
         train, val = np.arange(0, len(data), 2), np.arange(1, len(data), 2)
         from sklearn.base import clone
@@ -287,3 +287,16 @@ def test_training_batches_never_hold_a_single_protein():
     arrays = [np.random.default_rng(i).normal(size=(n, 8)).astype(np.float32) for i, n in enumerate([30, 5, 12])]
     head.fit(ArrayResidues(arrays), np.array([0, 1, 0]))  # batches of 1 would break batch norm
     assert head.predict_proba(ArrayResidues(arrays)).shape == (3, 2)
+
+
+def test_features_are_found_by_sequence_whatever_the_ids(tmp_path, tiny_weights):
+    """A DeepLocPro cache keys IDs by the header's first word; the dataset by accession."""
+    fasta = write_fasta(tmp_path / "d.fasta", {"P1|Cytoplasmic|negative|0": "MKTAYIAK", "P2|Periplasmic|positive|1": "MKVW",
+                                               "P3|Cytoplasmic|archaea|2": "MKTAYIAK"})
+    cache_path = tmp_path / "d.h5"
+    extract(fasta, cache_path, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    data = read_deeplocpro(fasta)
+    with EmbeddingCache(cache_path) as cache:
+        assert cache.ids[0] == "P1|Cytoplasmic|negative|0" and data.ids[0] == "P1"
+        X = FeatureSource(cache, data.sequences, ids=data.ids).pooled()
+        np.testing.assert_array_equal(X, cache.pooled(cache.ids).astype(np.float32))
