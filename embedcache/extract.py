@@ -34,13 +34,13 @@ DTYPES = ("float16", "float32")
 class ExtractConfig:
     """Everything that decides how a cache is made; saved in the cache's attributes."""
 
-    model: str | None = None  # ESM-2 name (esm2_t6_8M_UR50D ... esm2_t48_15B_UR50D), from $TORCH_HOME or downloaded
-    weights: str | None = None  # a local fair-esm .pt instead (or as well: then it must match `model`)
+    model: str | None = None  # ESM-2 name (esm2_t6_8M_UR50D ... esm2_t48_15B_UR50D) or unirep1900|unirep256|unirep64
+    weights: str | None = None  # a local fair-esm .pt or UniRep .npz instead (with `model`: must match it)
     layers: tuple[int, ...] = (-1,)  # 0 is the token embedding, -1 the last layer (with its final layer norm)
     long: str = "truncate"  # sequences over max_length: truncate (keep the N-terminus) | chunk | skip
     max_length: int | None = None  # residues per model window; None: the model's own (1022 for ESM-2)
     chunk_overlap: int = 256  # residues shared by neighbouring windows under --long chunk
-    toks_per_batch: int | None = None  # padded tokens per forward pass, BOS/EOS counted; None: 4096 GPU, 1024 CPU
+    toks_per_batch: int | None = None  # padded tokens per forward pass, BOS/EOS counted; None: the model's default
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     precision: str = "auto"  # compute: fp32 | bf16 | fp16 (GPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
@@ -116,6 +116,11 @@ def pick_precision(requested: str, device: torch.device) -> str:
 
 
 def load_backbone(config: ExtractConfig) -> Backbone:
+    """ESM-2 by default; UniRep for ``unirep1900|256|64`` or a ``.npz`` weights file."""
+    from .unirep import UniRepBackbone, is_unirep
+
+    if is_unirep(config.model, config.weights):
+        return UniRepBackbone.load(config.model, config.weights)
     return ESM2Backbone.load(config.model, config.weights, trust=config.trust_weights)
 
 
@@ -154,7 +159,7 @@ def extract(
         if backbone.max_residues and max_length > backbone.max_residues:
             log.warning("max_length %d exceeds the %d residues %s was trained on", max_length,
                         backbone.max_residues, backbone.architecture)
-        budget = config.toks_per_batch or (4096 if device.type == "cuda" else 1024)
+        budget = config.toks_per_batch or backbone.budget.get(device.type, 1024)
         provenance = _provenance(backbone, config, layers, max_length, command)
 
         unique: dict[str, Entry] = {}
@@ -228,15 +233,19 @@ class _Runner:
         windows = [item.entries[e].sequence[s:t] for e, s, t in item.windows]
         outputs = self._embed(windows)
         results = []
+        lead = self.backbone.leading_states
         for index, entry in enumerate(item.entries):
             mine = [(s, t, out) for (e, s, t), out in zip(item.windows, outputs) if e == index]
-            per_residue = {}
+            per_residue, pooled = {}, {}
             for layer in self.layers:
                 if len(mine) == 1:
-                    per_residue[layer] = mine[0][2][layer]
+                    states = mine[0][2][layer]
+                    per_residue[layer] = states[lead:]
                 else:
-                    per_residue[layer] = stitch([(s, t, out[layer]) for s, t, out in mine], entry.length)
-            pooled = {layer: rows.mean(axis=0, dtype=np.float64).astype(np.float32) for layer, rows in per_residue.items()}
+                    # Chunking exists for windowed models, which have no leading states.
+                    states = per_residue[layer] = stitch([(s, t, out[layer]) for s, t, out in mine], entry.length)
+                # Mean over residues, plus the leading states where the model defines it so.
+                pooled[layer] = states.mean(axis=0, dtype=np.float64).astype(np.float32)
             results.append(EmbeddedEntry(entry, per_residue, pooled))
         return results
 
@@ -259,10 +268,12 @@ class _Runner:
         return outputs
 
     def _forward(self, backbone: Backbone, chunk: list[str]) -> list[dict[int, np.ndarray]]:
+        """Per window {layer: (leading_states + len, D)}: leading states first, then residues."""
         with torch.inference_mode():
             reps = backbone.embed(chunk, self.layers)
             host = {layer: rep.float().cpu().numpy() for layer, rep in reps.items()}
-        return [{layer: host[layer][row, : len(seq)] for layer in self.layers} for row, seq in enumerate(chunk)]
+        keep = backbone.leading_states
+        return [{layer: host[layer][row, : keep + len(seq)] for layer in self.layers} for row, seq in enumerate(chunk)]
 
     def _after_oom(self, chunk: list[str], err: Exception) -> list[dict[int, np.ndarray]] | None:
         """Shrink the budget and ask for a retry (None), or embed a lone sequence on the CPU."""
