@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedcache.sequences import InputError, Record, read_fasta, read_table
+from embedcache.sequences import InputError, read_fasta, read_table
 
 DATASET_KINDS = ("deeplocpro", "csv", "deeploc1")
 
@@ -169,6 +169,7 @@ def detect_kind(path: Path | str) -> str:
 
 
 def load_labeled(path: Path | str, kind: str | None = None, **csv_options) -> LabeledSet:
+    """Read a labelled set; ``csv_options`` (id_col, seq_col, label_col, class_names) apply to CSV only."""
     kind = kind or detect_kind(path)
     if kind == "deeplocpro":
         return read_deeplocpro(path)
@@ -195,6 +196,3 @@ def merge(sets: list[LabeledSet], name: str) -> LabeledSet:
         None,
         {k: np.concatenate([s.extra[k] for s in sets]) for k in extra_keys},
     )
-
-
-__all__ = ["LabeledSet", "Record", "load_labeled", "read_deeplocpro", "read_labeled_csv", "read_deeploc1", "merge"]

@@ -51,11 +51,8 @@ class RunConfig:
 
 def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
     """The labelled set with the folds the config asks for, and a description of the folds."""
-    options = {}
-    if (config.kind or "").lower() == "csv" or str(config.data).lower().endswith((".csv", ".tsv")):
-        options = dict(id_col=config.id_col, seq_col=config.seq_col, label_col=config.label_col,
-                       class_names=config.class_names)
-    data = load_labeled(config.data, config.kind, **options)
+    data = load_labeled(config.data, config.kind, id_col=config.id_col, seq_col=config.seq_col,
+                        label_col=config.label_col, class_names=config.class_names)
     source = config.folds
     if source not in FOLD_SOURCES:
         raise ValueError(f"folds must be one of {FOLD_SOURCES}, not {source!r}")
