@@ -85,7 +85,7 @@ class AttentionHead(Head):
     def __init__(self, heads=8, hidden=64, dropout=0.25, conv_kernel=0, lr=3e-3, weight_decay=1e-2,
                  max_epochs=30, patience=5, batch_tokens=32768, max_batch=128, crop=1022, class_weight=None,
                  metric="macro_f1", threads=None, random_state=0):
-        self.heads = heads  # attention heads; each pools dim/heads channels
+        self.heads = heads  # attention heads, each pooling dim/heads channels (fewer if they do not divide dim)
         self.hidden = hidden  # width of the MLP's hidden layer
         self.dropout = dropout  # channel dropout on the input, and dropout in the MLP
         self.conv_kernel = conv_kernel  # 0: linear attention; 9: Light Attention's convolutions
@@ -114,7 +114,8 @@ class AttentionHead(Head):
         torch.manual_seed(self.random_state)
         rng = np.random.default_rng(self.random_state)
         self.n_features_in_ = X.dim
-        self.module_ = AttentionPooling(X.dim, len(self.classes_), self.heads, self.hidden, self.dropout,
+        self.heads_ = usable_heads(X.dim, self.heads)
+        self.module_ = AttentionPooling(X.dim, len(self.classes_), self.heads_, self.hidden, self.dropout,
                                         self.conv_kernel)
         optimiser = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         weight = None
@@ -194,6 +195,7 @@ class AttentionHead(Head):
             "state_dict": self.module_.state_dict(),
             "classes": self.classes_.tolist(),
             "n_features_in": self.n_features_in_,
+            "heads": self.heads_,
             "history": self.history_,
             "best_epoch": self.best_epoch_,
         }, path)
@@ -207,11 +209,20 @@ class AttentionHead(Head):
         head.n_features_in_ = data["n_features_in"]
         head.history_ = data["history"]
         head.best_epoch_ = data["best_epoch"]
-        head.module_ = AttentionPooling(head.n_features_in_, len(head.classes_), head.heads, head.hidden,
+        head.heads_ = data["heads"]
+        head.module_ = AttentionPooling(head.n_features_in_, len(head.classes_), head.heads_, head.hidden,
                                         head.dropout, head.conv_kernel)
         head.module_.load_state_dict(data["state_dict"])
         head.module_.eval()
         return head
+
+
+def usable_heads(dim: int, wanted: int) -> int:
+    """The largest number of attention heads, at most ``wanted``, that splits ``dim`` evenly."""
+    heads = max(h for h in range(1, max(1, wanted) + 1) if dim % h == 0)
+    if heads != wanted:
+        log.info("%d attention heads do not split %d dimensions evenly; using %d", wanted, dim, heads)
+    return heads
 
 
 def _as_residues(X) -> Residues:

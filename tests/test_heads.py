@@ -300,3 +300,14 @@ def test_features_are_found_by_sequence_whatever_the_ids(tmp_path, tiny_weights)
         assert cache.ids[0] == "P1|Cytoplasmic|negative|0" and data.ids[0] == "P1"
         X = FeatureSource(cache, data.sequences, ids=data.ids).pooled()
         np.testing.assert_array_equal(X, cache.pooled(cache.ids).astype(np.float32))
+
+
+def test_attention_heads_adapt_to_any_embedding_width(tmp_path):
+    from heads.attention import usable_heads
+
+    assert usable_heads(1900, 8) == 5 and usable_heads(320, 8) == 8 and usable_heads(7, 8) == 7
+    arrays = [np.random.default_rng(i).normal(size=(10 + i, 38)).astype(np.float32) for i in range(6)]
+    head = AttentionHead(heads=8, hidden=4, max_epochs=2, threads=1).fit(ArrayResidues(arrays), np.array([0, 1] * 3))
+    assert head.heads_ == 2  # 38 = 2 x 19
+    again = Head.load(head.save(tmp_path / "h.pt"))
+    np.testing.assert_array_equal(again.predict_proba(ArrayResidues(arrays)), head.predict_proba(ArrayResidues(arrays)))
