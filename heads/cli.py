@@ -44,7 +44,10 @@ def _class_names(value: str | None) -> dict | None:
 def common(func):
     options = [
         click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False), help="Embedding cache (embedcache extract)."),
-        click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled dataset file."),
+        click.option("--data", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="Labelled dataset file (repeat to merge several)."),
+        click.option("--test-data", type=click.Path(exists=True, dir_okay=False),
+                     help="A labelled file used only as the test set: train and validate on --data, test here."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write."),
         click.option("--scheme", type=click.Choice(SCHEMES), default="simple", show_default=True,
                      help="simple: K models; nested: K(K-1) models (DeepLocPro's), test probabilities averaged."),
@@ -73,7 +76,8 @@ def _run(heads: tuple[str, ...], kw: dict) -> None:
     logging.basicConfig(level=logging.DEBUG if kw.pop("verbose") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = kw.pop("out")
-    config = RunConfig(heads=heads, head_params=_params(kw.pop("settings")),
+    data = kw.pop("data")
+    config = RunConfig(data=data[0] if len(data) == 1 else tuple(data), heads=heads, head_params=_params(kw.pop("settings")),
                        class_names=_class_names(kw.pop("class_names")), **kw)
     try:
         summary = run_comparison(config, out)

@@ -8,6 +8,7 @@ is the same whatever order the file lists proteins in, and it is saved with ever
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,18 +182,24 @@ def load_labeled(path: Path | str, kind: str | None = None, **csv_options) -> La
 
 
 def merge(sets: list[LabeledSet], name: str) -> LabeledSet:
-    """Several files as one set (e.g. DeepLoc 1.0 validation + test), classes united."""
+    """Several files as one set (e.g. DeepLoc 1.0 validation + test), classes united.
+
+    Folds are kept when every set has them; an ID in two sets is an error.
+    """
+    ids = [i for s in sets for i in s.ids]
+    twice = [i for i, n in Counter(ids).items() if n > 1]
+    if twice:
+        raise ValueError(f"IDs appear in more than one of {', '.join(s.name for s in sets)}: {', '.join(twice[:5])}")
     classes = sorted(set().union(*(s.classes for s in sets)))
-    names = [s.classes[i] for s in sets for i in s.labels]
-    labels, classes = _encode(names, classes)
+    labels, classes = _encode([s.classes[i] for s in sets for i in s.labels], classes)
     extra_keys = set.intersection(*(set(s.extra) for s in sets)) if sets else set()
     return LabeledSet(
         name,
-        [i for s in sets for i in s.ids],
+        ids,
         [q for s in sets for q in s.sequences],
         labels,
         classes,
         np.concatenate([s.groups for s in sets]) if all(s.groups is not None for s in sets) else None,
-        None,
+        np.concatenate([s.folds for s in sets]) if all(s.folds is not None for s in sets) else None,
         {k: np.concatenate([s.extra[k] for s in sets]) for k in extra_keys},
     )

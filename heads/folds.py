@@ -46,13 +46,22 @@ class _Scheme:
     def pairs(self, fold_ids: list[int]) -> list[tuple[int, int]]:
         raise NotImplementedError
 
-    def split(self, folds: np.ndarray) -> list[Split]:
+    def split(self, folds: np.ndarray, test_fold: int | None = None) -> list[Split]:
+        """Every fold as the test fold in turn; or only ``test_fold`` (a held-out test set).
+
+        With a fixed test fold, ``simple`` trains one model (validation on the first other
+        fold) and ``nested`` one per other fold as validation, their probabilities averaged.
+        """
         folds = np.asarray(folds)
         fold_ids = sorted(int(f) for f in np.unique(folds) if f >= 0)
         if len(fold_ids) < 3:
             raise ValueError(f"{self.name} cross-validation needs at least 3 folds, found {len(fold_ids)}")
+        pairs = self.pairs(fold_ids)
+        if test_fold is not None:
+            others = [f for f in fold_ids if f != test_fold]
+            pairs = [(test_fold, others[0])] if self.name == "simple" else [(test_fold, v) for v in others]
         out = []
-        for test, val in self.pairs(fold_ids):
+        for test, val in pairs:
             out.append(Split(
                 test, val,
                 train=np.flatnonzero((folds >= 0) & (folds != test) & (folds != val)),

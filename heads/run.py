@@ -13,7 +13,9 @@ import pandas as pd
 
 from embedcache.store import EmbeddingCache
 
-from .datasets import LabeledSet, load_labeled
+from embedcache.sequences import sequence_key
+
+from .datasets import LabeledSet, load_labeled, merge
 from .estimators import Head, make_head
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
@@ -29,7 +31,7 @@ FOLD_SOURCES = ("auto", "file", "stratified", "homology")
 class RunConfig:
     """Everything a comparison depends on; saved as the run's config.json."""
 
-    data: str  # labelled dataset: DeepLocPro FASTA, DeepLoc 1.0 FASTA, or CSV with a label column
+    data: str | tuple[str, ...]  # labelled file(s): DeepLocPro FASTA, DeepLoc 1.0 FASTA, or CSV; several are merged
     cache: str  # embedcache file holding every protein of `data`
     heads: tuple[str, ...] = ("logreg",)  # logreg | lightgbm | attention
     scheme: str = "simple"  # simple: K models | nested: K(K-1) models, test probabilities averaged
@@ -40,6 +42,7 @@ class RunConfig:
     aligner: str = "mmseqs2"  # GraphPart's aligner: mmseqs2 | needle
     layer: int | None = None  # cache layer to use; None: the highest stored
     reference: str | None = None  # folder of model_{test}_{val}.csv probabilities from another tool
+    test_data: str | None = None  # a labelled file held out as the only test set (train and validate on `data`)
     head_params: dict = field(default_factory=dict)  # {"attention": {"max_epochs": 30}, ...}
     kind: str | None = None  # dataset reader; None: recognised from the file
     id_col: str | None = None  # CSV columns (recognised when None)
@@ -50,9 +53,12 @@ class RunConfig:
 
 
 def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
-    """The labelled set with the folds the config asks for, and a description of the folds."""
-    data = load_labeled(config.data, config.kind, id_col=config.id_col, seq_col=config.seq_col,
-                        label_col=config.label_col, class_names=config.class_names)
+    """The labelled set with the folds the config asks for, and a description of the folds.
+
+    With ``test_data``, its proteins form one more fold, the only one used for testing;
+    training proteins whose sequence also occurs in it are dropped first.
+    """
+    data = _read(config, config.data)
     source = config.folds
     if source not in FOLD_SOURCES:
         raise ValueError(f"folds must be one of {FOLD_SOURCES}, not {source!r}")
@@ -71,9 +77,24 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
         folds = part.folds
         info.update(k=config.k, threshold=config.threshold, aligner=config.aligner, removed=part.removed)
     data = data.with_folds(folds)
+    if config.test_data:
+        test = _read(config, config.test_data)
+        held_out = {sequence_key(s) for s in test.sequences}
+        keep = np.array([sequence_key(s) not in held_out for s in data.sequences])
+        test.folds = np.full(len(test), int(data.folds.max()) + 1)
+        info.update(test_data=str(config.test_data), test_fold=int(test.folds[0]), n_test=len(test),
+                    training_sequences_also_in_test_removed=int((~keep).sum()))
+        data = merge([data.subset(np.flatnonzero(keep)), test], f"{data.name}->{test.name}")
     info["sizes"] = {int(f): int((data.folds == f).sum()) for f in np.unique(data.folds)}
     info["n"] = len(data)
     return data, info
+
+
+def _read(config: RunConfig, paths: str | tuple[str, ...]) -> LabeledSet:
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    sets = [load_labeled(p, config.kind, id_col=config.id_col, seq_col=config.seq_col,
+                         label_col=config.label_col, class_names=config.class_names) for p in paths]
+    return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
 
 
 def build_heads(config: RunConfig) -> dict[str, Head]:
@@ -88,7 +109,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None)
     """Cross-validate every head on the same splits, add the reference, write the run."""
     out = Path(out)
     data, fold_info = load_data(config)
-    splits = scheme(config.scheme).split(data.folds)
+    splits = scheme(config.scheme).split(data.folds, fold_info.get("test_fold"))
     heads = build_heads(config)  # fail on a bad head name before any training
     results: list[MethodResult] = []
     with EmbeddingCache(config.cache) as cache:
@@ -115,6 +136,10 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None)
         "cache_provenance": prov,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if "test_fold" in fold_info:
+        notes.insert(1, f"trained and validated on {config.data}, tested only on {config.test_data} "
+                        f"({fold_info['n_test']} proteins; {fold_info['training_sequences_also_in_test_removed']} "
+                        "training sequences also in the test file were dropped)")
     summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
                         n_boot=config.n_boot)
     log.info("run written to %s", out)

@@ -311,3 +311,32 @@ def test_attention_heads_adapt_to_any_embedding_width(tmp_path):
     assert head.heads_ == 2  # 38 = 2 x 19
     again = Head.load(head.save(tmp_path / "h.pt"))
     np.testing.assert_array_equal(again.predict_proba(ArrayResidues(arrays)), head.predict_proba(ArrayResidues(arrays)))
+
+
+def test_held_out_test_fold_splits():
+    folds = np.repeat([0, 1, 2, 3, 9], 4)
+    nested = NestedCV().split(folds, test_fold=9)
+    assert [(s.test_fold, s.val_fold) for s in nested] == [(9, 0), (9, 1), (9, 2), (9, 3)]
+    assert all(set(folds[s.train]) == {0, 1, 2, 3} - {s.val_fold} for s in nested)
+    simple = SimpleCV().split(folds, test_fold=9)
+    assert [(s.test_fold, s.val_fold) for s in simple] == [(9, 0)]
+
+
+def test_train_on_one_file_test_on_another(planted, tmp_path):
+    data, cache, csv = planted
+    frame = pd.read_csv(csv)
+    test = frame.iloc[::4]
+    train = pd.concat([frame.drop(test.index), test.iloc[:3].assign(id=lambda f: f["id"] + "_copy")])
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test.to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(heads_main, [
+        "compare", "--cache", str(cache), "--data", str(tmp_path / "train.csv"), "--test-data", str(tmp_path / "test.csv"),
+        "--heads", "logreg", "--scheme", "nested", "--k", "3", "--out", str(out), "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    preds = pd.read_csv(out / "predictions.csv")
+    assert sorted(preds["id"]) == sorted(test["id"]) and (preds["test_fold"] == 3).all()
+    info = json.loads((out / "config.json").read_text())["folds_info"]
+    assert info["training_sequences_also_in_test_removed"] == 3 and info["n_test"] == len(test)
+    assert len(json.loads((out / "splits.json").read_text())["logreg"]) == 3
+    assert "tested only on" in (out / "comparison.md").read_text()
