@@ -151,7 +151,10 @@ class AttentionHead(Head):
                         record[f"val_{m}"] = score(val[1], pred, m, len(self.classes_))
                 record["seconds"] = time.perf_counter() - start
                 self.history_.append(record)
-                log.debug("epoch %d %s", epoch, record)
+                log.info("epoch %3d  train loss %.4f%s  %.1f s", epoch, record["train_loss"],
+                         "" if val is None else "  val loss {:.4f}  acc {:.3f}  macro-F1 {:.3f}  MCC {:.3f}".format(
+                             record["val_loss"], record["val_accuracy"], record["val_macro_f1"], record["val_mcc"]),
+                         record["seconds"])
                 if val is None:
                     continue
                 key = (record[f"val_{self.metric}"], -record["val_loss"])

@@ -133,23 +133,29 @@ def _dedupe_ids(data: LabeledSet, path: Path) -> LabeledSet:
     return data
 
 
-_DEEPLOC1 = re.compile(r"^(\S+)\s+([A-Za-z._/]+)-([MSU])(?:\s|$)")
+_DEEPLOC1 = re.compile(r"^(\S+)\s+([A-Za-z._/]+(?:-[A-Za-z._/]+)*)-([MSU])(?:\s|$)")
 
 
 def read_deeploc1(path: Path | str) -> LabeledSet:
-    """Headers ``>ACC Location-M/S/U [test|new_test_set]`` (DeepLoc 1.0 as Light Attention ships it)."""
+    """Headers ``>ACC Location-M/S/U [test|new_test_set]`` (DeepLoc 1.0 as Light Attention ships it).
+
+    23 proteins carry two locations (``Cytoplasm-Nucleus-U``); like Light Attention's loader,
+    whose setHARD results are the published ones, the first is the label. The full annotation
+    is kept in ``extra['annotation']``.
+    """
     path = Path(path)
     records = read_fasta(path)
-    locations, membrane = [], []
+    locations, membrane, annotation = [], [], []
     for number, rec in enumerate(records, 1):
         match = _DEEPLOC1.match(rec.header)
         if match is None:
             raise InputError(path, f"header {rec.header!r} is not 'ACC Location-M|S|U'", f"record {number}")
-        locations.append(match.group(2))
+        locations.append(match.group(2).split("-")[0])
         membrane.append(match.group(3))
+        annotation.append(match.group(2))
     labels, classes = _encode(locations)
     return LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels, classes,
-                      extra={"membrane": np.array(membrane)})
+                      extra={"membrane": np.array(membrane), "annotation": np.array(annotation)})
 
 
 def detect_kind(path: Path | str) -> str:

@@ -197,6 +197,10 @@ def test_dataset_readers_on_the_shared_files():
     assert np.bincount(csv.labels).tolist() == [1929, 1656]
     hard = read_deeploc1(SHARED_DATA / "deeploc1_light_attention" / "setHARD.fasta")
     assert len(hard) == 490 and hard.n_classes == 10 and set(hard.extra["membrane"]) == {"U"}
+    val = read_deeploc1(SHARED_DATA / "deeploc1_light_attention" / "deeploc_our_val_set.fasta")
+    dual = val.extra["annotation"] == "Cytoplasm-Nucleus"
+    assert dual.sum() == 23 and {val.classes[k] for k in val.labels[dual]} == {"Cytoplasm"}
+    assert np.bincount(val.labels)[val.classes.index("Nucleus")] == 476  # as SOURCES.md counts them
 
 
 @pytest.mark.skipif(shutil.which("mmseqs") is None, reason="MMseqs2 not installed (scripts/setup.sh installs it)")
