@@ -125,7 +125,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None)
     notes = [
         f"{len(data)} proteins, {data.n_classes} classes; folds: {fold_info}; scheme {config.scheme} "
         f"({len(splits)} models per head)",
-        f"embeddings: {prov.get('model')} ({prov.get('architecture')}), layer {config.layer or cache_info['layers'][-1]}, "
+        f"embeddings: {prov.get('model')} ({prov.get('architecture')}), layer {cache_info['layers'][-1] if config.layer is None else config.layer}, "
         f"weights sha256 {str(prov.get('weights_sha256'))[:12]}",
         "95% intervals: percentile bootstrap over proteins",
     ]
