@@ -467,6 +467,10 @@ class EmbeddingCache:
         self.attrs = {name: _jsonable(value) for name, value in f.attrs.items()}
         self.layers = [int(x) for x in np.atleast_1d(f.attrs["layers"])]
         self._offsets = f["sequences/offset"][:]
+        # Python ints slice h5py datasets faster than numpy ones, and looking a dataset up by
+        # path costs about as much as reading a small protein: keep both at hand.
+        self._bounds = self._offsets.tolist()
+        self._residue_sets: dict[int, h5py.Dataset] = {}
         self._status = f["sequences/status"][:]
         self._lengths = f["sequences/length"][:]
         all_ids = _strs(f["ids/id"])
@@ -557,20 +561,24 @@ class EmbeddingCache:
         rows = [int(r) for r in rows]
         if not rows:
             return []
-        data = self._file[f"L{self._layer(layer)}/per_residue"]
+        data, bounds = self._residues(layer), self._bounds
         lo, hi = min(rows), max(rows)
-        span = self._offsets[hi + 1] - self._offsets[lo]
-        if span <= 2 * sum(self._offsets[r + 1] - self._offsets[r] for r in rows):
-            slab = data[self._offsets[lo] : self._offsets[hi + 1]]
-            base = self._offsets[lo]
-            return [slab[self._offsets[r] - base : self._offsets[r + 1] - base] for r in rows]
-        return [data[self._offsets[r] : self._offsets[r + 1]] for r in rows]
+        if bounds[hi + 1] - bounds[lo] <= 2 * sum(bounds[r + 1] - bounds[r] for r in rows):
+            base = bounds[lo]
+            slab = data[base : bounds[hi + 1]]
+            return [slab[bounds[r] - base : bounds[r + 1] - base] for r in rows]
+        return [data[bounds[r] : bounds[r + 1]] for r in rows]
 
     # -- arrays --------------------------------------------------------------------------
+    def _residues(self, layer: int | None) -> h5py.Dataset:
+        layer = self._layer(layer)
+        if layer not in self._residue_sets:
+            self._residue_sets[layer] = self._file[f"L{layer}/per_residue"]
+        return self._residue_sets[layer]
+
     def per_residue(self, ident: str, layer: int | None = None) -> np.ndarray:
         row = self._row_of(ident)
-        data = self._file[f"L{self._layer(layer)}/per_residue"]
-        return data[self._offsets[row] : self._offsets[row + 1]]
+        return self._residues(layer)[self._bounds[row] : self._bounds[row + 1]]
 
     def pooled(self, ids: Sequence[str] | None = None, layer: int | None = None) -> np.ndarray:
         if isinstance(ids, str):
