@@ -30,6 +30,7 @@ keeps a second writer out.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
 import json
@@ -570,6 +571,10 @@ class EmbeddingCache:
         return [data[bounds[r] : bounds[r + 1]] for r in rows]
 
     # -- arrays --------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self._residues(None).shape[1])
+
     def _residues(self, layer: int | None) -> h5py.Dataset:
         layer = self._layer(layer)
         if layer not in self._residue_sets:
@@ -652,8 +657,6 @@ def write_arrays(
     must come with identical arrays (the first is kept). Written through the same crash-safe
     path as extraction.
     """
-    import datetime
-
     path = Path(path)
     arrays = iter(arrays)
     first = next(arrays)

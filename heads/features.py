@@ -55,7 +55,7 @@ class CachedResidues(Residues):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.layer = layer
         self.lengths = cache.n_residues_rows(self.rows)
-        self.dim = int(cache.info()["embed_dim"])
+        self.dim = cache.embed_dim
 
     def take(self, index):
         view = CachedResidues.__new__(CachedResidues)
