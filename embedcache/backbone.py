@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -146,8 +147,12 @@ class ESM2Backbone(Backbone):
             reps = self.forward(tokens, layers)
         return {layer: rep[:, 1:-1] for layer, rep in reps.items()}
 
-    def forward(self, tokens: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Representations {layer: (B, T, D)} over all tokens, as ``ESM2.forward`` returns them."""
+    def forward(self, tokens: torch.Tensor, layers: Sequence[int], checkpoint: bool = False) -> dict[int, torch.Tensor]:
+        """Representations {layer: (B, T, D)} over all tokens, as ``ESM2.forward`` returns them.
+
+        With ``checkpoint`` and gradients on, each layer's activations are recomputed in the
+        backward pass instead of kept (fine-tuning long proteins in less memory).
+        """
         model = self.model
         layers = set(layers)
         padding = tokens.eq(model.padding_idx)
@@ -163,13 +168,28 @@ class ESM2Backbone(Backbone):
         # SDPA's boolean mask marks the keys a query may attend to.
         attend = (~padding)[:, None, None, :] if padding.any() else None
         top = max(layers)
+        recompute = checkpoint and torch.is_grad_enabled()
         for index, layer in enumerate(model.layers[:top], 1):
-            x = self._layer(layer, x, attend)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(self._layer, layer, x, attend, use_reentrant=False)
+            else:
+                x = self._layer(layer, x, attend)
             if index in layers and index != model.num_layers:
                 out[index] = x
         if model.num_layers in layers:
             out[model.num_layers] = model.emb_layer_norm_after(x)
         return out
+
+    def residue_states(self, sequences: Sequence[str], checkpoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer states (B, max_len, D) aligned to residues and a (B, max_len) residue mask.
+
+        Runs with autograd (under the caller's autocast): this is the fine-tuning forward.
+        """
+        tokens = self.tokenize(sequences).to(self.device, non_blocking=True)
+        states = self.forward(tokens, [self.num_layers], checkpoint)[self.num_layers][:, 1:-1]
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        mask = torch.arange(states.shape[1], device=self.device)[None, :] < lengths[:, None]
+        return states, mask
 
     def _rotary_tables(self, length: int, attn, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (length, dtype, id(attn.rot_emb))
@@ -194,7 +214,14 @@ class ESM2Backbone(Backbone):
         cos, sin = self._rotary_tables(length, attn, q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=1 / math.sqrt(head_dim))
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+            # In training, CPU's bf16 flash-attention backward is ~1.6x slower than the fp32 one
+            # (autocast would cast the inputs back to bf16, hence off).
+            with torch.autocast("cpu", enabled=False):
+                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attend,
+                                                   scale=1 / math.sqrt(head_dim)).to(q.dtype)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=1 / math.sqrt(head_dim))
         x = x + attn.out_proj(o.transpose(1, 2).reshape(batch, length, dim))
         return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
 

@@ -6,7 +6,6 @@ import json
 import logging
 import shlex
 import sys
-from dataclasses import asdict
 
 import click
 

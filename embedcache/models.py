@@ -204,7 +204,7 @@ def _download(model: str, path: Path) -> None:
 def esm2_state_for_checkpoint(model: torch.nn.Module) -> dict:
     """A fair-esm checkpoint dict (``model`` + ``cfg``) for an in-memory ESM2."""
     state = {
-        "encoder.sentence_encoder." + key: value.detach().clone()
+        "encoder.sentence_encoder." + key: value.detach().to("cpu", copy=True)
         for key, value in model.state_dict().items()
         if not key.startswith("contact_head.regression")
     }

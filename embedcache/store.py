@@ -510,6 +510,10 @@ class EmbeddingCache:
     def sequence(self, ident: str) -> str:
         return self._file["sequences/sequence"].asstr()[self._row_of(ident)]
 
+    def sequences_rows(self, rows: Sequence[int]) -> list[str]:
+        data = self._file["sequences/sequence"].asstr()
+        return [data[int(r)] for r in rows]
+
     def key(self, ident: str) -> str:
         return self._file["sequences/key"][self._row_of(ident)].decode()
 

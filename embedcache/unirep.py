@@ -64,15 +64,18 @@ class MLSTMLayer(torch.nn.Module):
         """x (B, T, in) with rows sorted by ``steps`` (descending) -> hidden states (B, T, H).
 
         Row i is advanced for its first steps[i] positions only; later positions stay zero.
+        With gradients on, the same recurrence runs without in-place updates (for training).
         """
         batch, length, _ = x.shape
         # Input projections for every position at once: the recurrence only needs the rest.
         xm = x @ self.wmx
         xz = torch.addmm(self.b, x.reshape(-1, x.shape[-1]), self.wx).view(batch, length, -1)
+        active = (steps.unsqueeze(0) > torch.arange(length, device=steps.device).unsqueeze(1)).sum(1).tolist()
+        if torch.is_grad_enabled():
+            return self._differentiable(xm, xz, active)
         h = x.new_zeros(batch, self.hidden)
         c = x.new_zeros(batch, self.hidden)
         out = x.new_zeros(batch, length, self.hidden)
-        active = (steps.unsqueeze(0) > torch.arange(length).unsqueeze(1)).sum(1).tolist()
         for t in range(length):
             n = active[t]
             m = xm[:n, t] * (h[:n] @ self.wmh)
@@ -83,6 +86,35 @@ class MLSTMLayer(torch.nn.Module):
             c[:n] = c_new
             h[:n] = h_new
             out[:n, t] = h_new
+        return out
+
+    def _differentiable(self, xm: torch.Tensor, xz: torch.Tensor, active: list[int]) -> torch.Tensor:
+        """The recurrence of ``forward`` as new tensors per step, so autograd can keep each one."""
+        batch, length = xm.shape[:2]
+        h = xm.new_zeros(batch, self.hidden)
+        c = xm.new_zeros(batch, self.hidden)
+        # One tensor per step: the backward of indexing xm[:, t] would build a zero gradient of
+        # xm's full size at every step (quadratic in length); unbind's backward stacks once.
+        xm_steps, xz_steps = xm.unbind(1), xz.unbind(1)
+        states = []
+        for t in range(length):
+            n = active[t]
+            h, c = h[:n], c[:n]  # rows are sorted by length: the ended ones drop off the end
+            z = torch.addmm(xz_steps[t][:n], xm_steps[t][:n] * (h @ self.wmh), self.wh)
+            i, f, o, u = z.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(u)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            states.append(torch.nn.functional.pad(h, (0, 0, 0, batch - n)))
+        return torch.stack(states, dim=1)
+
+    def export(self, prefix: str) -> dict[str, np.ndarray]:
+        """Arrays in the original format: each matrix with column norms as gains reloads to itself."""
+        out = {}
+        for name in ("wmx", "wmh", "wx", "wh"):
+            w = getattr(self, name).detach().float().cpu().numpy()
+            out[f"{prefix}.{name}"] = w
+            out[f"{prefix}.g{name[1:]}"] = np.linalg.norm(w, axis=0)
+        out[f"{prefix}.b"] = self.b.detach().float().cpu().numpy()
         return out
 
 
@@ -102,6 +134,13 @@ class UniRep(torch.nn.Module):
             if index in layers:
                 out[index] = x
         return out
+
+
+    def export(self) -> dict[str, np.ndarray]:
+        arrays = {"embedding": self.embedding.detach().float().cpu().numpy()}
+        for index, layer in enumerate(self.layers):
+            arrays.update(layer.export(f"mlstm.{index}"))
+        return arrays
 
 
 def tokenize(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +231,27 @@ class UniRepBackbone(Backbone):
             reps = self.model(tokens.to(self.device), steps.to(self.device), layers)
         inverse = torch.tensor(np.argsort(order), device=self.device)
         return {layer: rep[inverse] for layer, rep in reps.items()}
+
+    def residue_states(self, sequences, checkpoint=False):
+        """Last-layer states (B, max_len, D), one per residue (the start step left out), and a mask."""
+        if checkpoint:
+            raise ValueError("gradient checkpointing is implemented for ESM-2, not UniRep")
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        tokens, steps = tokenize([sequences[i] for i in order])
+        states = self.model(tokens.to(self.device), steps.to(self.device), [self.num_layers])[self.num_layers]
+        inverse = torch.tensor(np.argsort(order), device=self.device)
+        states = states[inverse, 1:]
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        mask = torch.arange(states.shape[1], device=self.device)[None, :] < lengths[:, None]
+        return states, mask
+
+    def save(self, path: Path | str) -> Path:
+        """The (fine-tuned) weights as a UniRep .npz, for ``embedcache extract --weights``."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **self.model.export())
+        os.replace(tmp, path)
+        return path
 
 
 def is_unirep(model: str | None, weights: str | Path | None) -> bool:

@@ -27,7 +27,7 @@ from embedcache.extract import available_cores, torch_threads
 
 from .estimators import Head
 from .features import ArrayResidues, Residues, length_batches, pad
-from .metrics import score
+from .training import class_weights, describe_epoch, encode_labels, selection_key, validation_record
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class AttentionHead(Head):
     """Attention pooling + MLP trained on per-residue embeddings."""
 
     input = "per_residue"
+    file_suffix = ".pt"
 
     def __init__(self, heads=8, hidden=64, dropout=0.25, conv_kernel=0, lr=3e-3, weight_decay=1e-2,
                  max_epochs=30, patience=5, batch_tokens=32768, max_batch=128, crop=1022, class_weight=None,
@@ -104,13 +105,8 @@ class AttentionHead(Head):
     # -- training ------------------------------------------------------------------------
     def fit(self, X: Residues, y, eval_set=None):
         X = _as_residues(X)
-        y = np.asarray(y)
-        self.classes_ = np.unique(y if eval_set is None else np.concatenate([y, eval_set[1]]))
-        index = {c: i for i, c in enumerate(self.classes_)}
-        targets = np.array([index[v] for v in y])
-        val = None
-        if eval_set is not None:
-            val = (_as_residues(eval_set[0]), np.array([index[v] for v in eval_set[1]]))
+        self.classes_, targets, val_targets = encode_labels(y, eval_set)
+        val = None if eval_set is None else (_as_residues(eval_set[0]), val_targets)
         torch.manual_seed(self.random_state)
         rng = np.random.default_rng(self.random_state)
         self.n_features_in_ = X.dim
@@ -118,10 +114,7 @@ class AttentionHead(Head):
         self.module_ = AttentionPooling(X.dim, len(self.classes_), self.heads_, self.hidden, self.dropout,
                                         self.conv_kernel)
         optimiser = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        weight = None
-        if self.class_weight == "balanced":
-            counts = np.bincount(targets, minlength=len(self.classes_)).astype(np.float64)
-            weight = torch.tensor(len(targets) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+        weight = class_weights(targets, len(self.classes_), self.class_weight)
         batches = length_batches(np.minimum(X.lengths, self.crop or 1 << 30), self.batch_tokens, self.max_batch,
                                  min_size=2)
         self.history_ = []
@@ -143,21 +136,14 @@ class AttentionHead(Head):
                     seen += len(idx)
                 record = {"epoch": epoch, "train_loss": total / seen, "seconds": 0.0}
                 if val is not None:
-                    proba = self._proba(val[0])
-                    pred = proba.argmax(1)
-                    record["val_loss"] = float(F.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-12)),
-                                                          torch.from_numpy(val[1]), weight=weight))
-                    for m in ("accuracy", "macro_f1", "mcc"):
-                        record[f"val_{m}"] = score(val[1], pred, m, len(self.classes_))
+                    record.update(validation_record(self._proba(val[0]), val[1], weight))
                 record["seconds"] = time.perf_counter() - start
                 self.history_.append(record)
-                log.info("epoch %3d  train loss %.4f%s  %.1f s", epoch, record["train_loss"],
-                         "" if val is None else "  val loss {:.4f}  acc {:.3f}  macro-F1 {:.3f}  MCC {:.3f}".format(
-                             record["val_loss"], record["val_accuracy"], record["val_macro_f1"], record["val_mcc"]),
+                log.info("epoch %3d  train loss %.4f%s  %.1f s", epoch, record["train_loss"], describe_epoch(record),
                          record["seconds"])
                 if val is None:
                     continue
-                key = (record[f"val_{self.metric}"], -record["val_loss"])
+                key = selection_key(record, self.metric)
                 if best is None or key > best:
                     best, best_state, stale = key, copy.deepcopy(self.module_.state_dict()), 0
                     self.best_epoch_ = epoch

@@ -43,14 +43,16 @@ def _class_names(value: str | None) -> dict | None:
 
 def common(func):
     options = [
-        click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False), help="Embedding cache (embedcache extract)."),
+        click.option("--cache", type=click.Path(exists=True, dir_okay=False),
+                     help="Embedding cache (embedcache extract); frozen heads need it, finetune alone does not."),
         click.option("--data", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="Labelled dataset file (repeat to merge several)."),
         click.option("--test-data", type=click.Path(exists=True, dir_okay=False),
                      help="A labelled file used only as the test set: train and validate on --data, test here."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write."),
         click.option("--scheme", type=click.Choice(SCHEMES), default="simple", show_default=True,
-                     help="simple: K models; nested: K(K-1) models (DeepLocPro's), test probabilities averaged."),
+                     help="simple: K models; nested: K(K-1) models (DeepLocPro's), test probabilities averaged. "
+                          "Nested costs K(K-1) trainings per head: 20 fine-tunings of the backbone for K=5."),
         click.option("--folds", type=click.Choice(FOLD_SOURCES), default="auto", show_default=True,
                      help="The file's folds, stratified random ones, or GraphPart homology partitions."),
         click.option("--k", type=click.IntRange(min=3), default=5, show_default=True, help="Folds to build."),
@@ -63,7 +65,13 @@ def common(func):
         click.option("--id-col"), click.option("--seq-col"),
         click.option("--label-col", default="label", show_default=True),
         click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus."),
-        click.option("--set", "settings", multiple=True, help="Head parameter, e.g. attention.max_epochs=30 (repeatable)."),
+        click.option("--set", "settings", multiple=True,
+                     help="Head parameter, e.g. attention.max_epochs=30 or finetune.mode=lora (repeatable)."),
+        click.option("--model", help="finetune: official ESM-2 name [the backbone that built --cache]."),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+                     help="finetune: local fair-esm ESM-2 .pt file [the backbone that built --cache]."),
+        click.option("--lr", "lrs", type=float, multiple=True,
+                     help="finetune learning rate; repeat for a sweep (one method per value, same splits)."),
         click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True),
         click.option("--verbose", "-v", is_flag=True),
     ]
@@ -78,7 +86,7 @@ def _run(heads: tuple[str, ...], kw: dict) -> None:
     out = kw.pop("out")
     data = kw.pop("data")
     config = RunConfig(data=data[0] if len(data) == 1 else tuple(data), heads=heads, head_params=_params(kw.pop("settings")),
-                       class_names=_class_names(kw.pop("class_names")), **kw)
+                       class_names=_class_names(kw.pop("class_names")), lrs=tuple(kw.pop("lrs")), **kw)
     try:
         summary = run_comparison(config, out)
     except USER_ERRORS as err:
@@ -94,7 +102,7 @@ def main() -> None:
 
 
 @main.command("cv")
-@click.option("--head", type=click.Choice(["logreg", "lightgbm", "attention"]), required=True)
+@click.option("--head", type=click.Choice(["logreg", "lightgbm", "attention", "finetune"]), required=True)
 @common
 def cv_cmd(head, **kw) -> None:
     """Cross-validate one head."""
@@ -102,10 +110,16 @@ def cv_cmd(head, **kw) -> None:
 
 
 @main.command("compare")
-@click.option("--heads", default="logreg,lightgbm,attention", show_default=True, help="Comma-separated heads.")
+@click.option("--heads", default="logreg,lightgbm,attention", show_default=True,
+              help="Comma-separated heads: logreg, lightgbm, attention (frozen embeddings), finetune (ESM-2 end to end).")
 @common
 def compare_cmd(heads, **kw) -> None:
-    """Cross-validate several heads on the same splits (and a reference tool) in one table."""
+    """Cross-validate several heads on the same splits (and a reference tool) in one table.
+
+    finetune trains ESM-2 itself on every split (full, top layers or LoRA: --set finetune.mode=lora);
+    it saves a checkpoint after every epoch under OUT/work/, and the same command started again
+    resumes there.
+    """
     _run(tuple(h.strip() for h in heads.split(",") if h.strip()), kw)
 
 
@@ -122,3 +136,19 @@ def predict_cmd(run_dir, cache, out, head) -> None:
         raise click.ClickException(str(err)) from None
     frame.to_csv(out, sep="\t", index=False, float_format="%.5f")
     click.echo(f"{out}: {len(frame)} proteins, ensemble of {frame.attrs['models']} {frame.attrs['head']} models")
+
+
+@main.command("export-backbone")
+@click.option("--model", "model_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A fine-tuned model: OUT/models/finetune/SPLIT.finetune.pt of a run.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="fair-esm checkpoint to write (.pt).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Base weights, if no longer where training found them.")
+def export_backbone_cmd(model_file, out, weights) -> None:
+    """Write a fine-tuned ESM-2 (LoRA merged) for `embedcache extract --weights OUT`."""
+    from .finetune import FinetuneHead
+
+    try:
+        path = FinetuneHead.load(model_file, weights=weights).save_backbone(out)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{path}: fine-tuned backbone; build a cache with `embedcache extract --weights {path} ...`")

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class Head(ClassifierMixin, BaseEstimator):
-    input = "pooled"
+    input = "pooled"  # pooled | per_residue | sequence
+    file_suffix = ".joblib"
 
     def predict(self, X) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(1)]
@@ -38,6 +39,10 @@ class Head(ClassifierMixin, BaseEstimator):
     @staticmethod
     def load(path: Path | str) -> Head:
         path = Path(path)
+        if path.name.endswith(".finetune.pt"):
+            from .finetune import FinetuneHead
+
+            return FinetuneHead.load(path)
         if path.suffix == ".pt":
             from .attention import AttentionHead
 
@@ -161,8 +166,9 @@ class LightGBMHead(Head):
 
 def head_registry() -> dict[str, type[Head]]:
     from .attention import AttentionHead
+    from .finetune import FinetuneHead
 
-    return {"logreg": LogisticHead, "lightgbm": LightGBMHead, "attention": AttentionHead}
+    return {"logreg": LogisticHead, "lightgbm": LightGBMHead, "attention": AttentionHead, "finetune": FinetuneHead}
 
 
 def make_head(name: str, params: dict | None = None) -> Head:

@@ -58,15 +58,27 @@ def full_proba(head: Head, X, n_classes: int) -> np.ndarray:
 
 
 def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits: list[Split], name: str,
-                   keep_models: bool = True) -> MethodResult:
+                   keep_models: bool = True, model_dir: Path | None = None,
+                   work_dir: Path | None = None) -> MethodResult:
+    """Fit a fresh copy of ``head`` per split and predict its test fold.
+
+    With ``model_dir`` each model is saved as soon as it is fitted. Heads with a
+    ``checkpoint_dir`` parameter (fine-tuning) get ``work_dir/name/split`` for their per-epoch
+    checkpoints and logs, so a run that is started again resumes where it stopped.
+    """
     X = features.for_input(head.input)
     y = data.labels
     total = np.zeros((len(data), data.n_classes))
     count = np.zeros(len(data))
     result = MethodResult(name, np.full((len(data), data.n_classes), np.nan), np.full(len(data), -1))
+    if model_dir is not None:
+        model_dir.mkdir(parents=True, exist_ok=True)
     for number, split in enumerate(splits, 1):
         start = time.perf_counter()
-        model = clone(head).fit(X[split.train], y[split.train], eval_set=(X[split.val], y[split.val]))
+        model = clone(head)
+        if work_dir is not None and "checkpoint_dir" in model.get_params():
+            model.set_params(checkpoint_dir=str(work_dir / name / split.name))
+        model.fit(X[split.train], y[split.train], eval_set=(X[split.val], y[split.val]))
         total[split.test] += full_proba(model, X[split.test], data.n_classes)
         count[split.test] += 1
         result.folds[split.test] = split.test_fold
@@ -77,6 +89,8 @@ def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits
         if hasattr(model, "history_"):
             info["history"] = model.history_
         result.splits.append(info)
+        if model_dir is not None:
+            model.save(model_dir / f"{split.name}{model.file_suffix}")
         if keep_models:
             result.models.append((split, model))
         log.info("%s: split %d/%d (%s) in %.1f s", name, number, len(splits), split.name, seconds)

@@ -69,50 +69,70 @@ class CachedResidues(Residues):
 
 
 class FeatureSource:
-    """Features of one labelled set's proteins from one cache, in the set's order.
+    """What every kind of head reads for one labelled set's proteins, in the set's order.
 
-    Proteins are found by the content key of their sequence, so the labelled file's IDs
-    need not be the IDs the cache was built with (a DeepLocPro header's first word is
-    ``ID|location|group|fold``, its ID the accession alone).
+    Frozen heads read a cache: proteins are found by the content key of their sequence, so
+    the labelled file's IDs need not be the IDs the cache was built with (a DeepLocPro
+    header's first word is ``ID|location|group|fold``, its ID the accession alone).
+    Fine-tuning reads the sequences themselves, and needs no cache.
     """
 
-    def __init__(self, cache: EmbeddingCache, sequences: Sequence[str], layer: int | None = None,
+    def __init__(self, cache: EmbeddingCache | None, sequences: Sequence[str], layer: int | None = None,
                  ids: Sequence[str] | None = None):
-        keys = [sequence_key(s) for s in sequences]
-        found = cache.has_keys(keys)
-        if not found.all():
-            missing = [ids[i] if ids is not None else sequences[i][:20] for i in np.flatnonzero(~found)]
-            raise KeyError(
-                f"{len(missing)} of {len(keys)} proteins have no embedding in {cache.path} "
-                f"(first: {', '.join(missing[:5])}); run `embedcache extract` on the dataset file first"
-            )
-        self._init(cache, cache.rows(keys=keys), layer)
+        rows = None
+        if cache is not None:
+            keys = [sequence_key(s) for s in sequences]
+            found = cache.has_keys(keys)
+            if not found.all():
+                missing = [ids[i] if ids is not None else sequences[i][:20] for i in np.flatnonzero(~found)]
+                raise KeyError(
+                    f"{len(missing)} of {len(keys)} proteins have no embedding in {cache.path} "
+                    f"(first: {', '.join(missing[:5])}); run `embedcache extract` on the dataset file first"
+                )
+            rows = cache.rows(keys=keys)
+        self._init(cache, rows, layer, sequences)
 
     @classmethod
     def from_rows(cls, cache: EmbeddingCache, rows: np.ndarray, layer: int | None = None) -> FeatureSource:
+        """Rows of a cache, with the sequences it stores."""
         source = cls.__new__(cls)
-        source._init(cache, rows, layer)
+        source._init(cache, rows, layer, None)
         return source
 
-    def _init(self, cache: EmbeddingCache, rows: np.ndarray, layer: int | None) -> None:
+    def _init(self, cache: EmbeddingCache | None, rows: np.ndarray | None, layer: int | None,
+              sequences: Sequence[str] | None) -> None:
         self.cache = cache
-        self.rows = np.asarray(rows, dtype=np.int64)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.layer = layer
+        self._sequences = None if sequences is None else np.array(list(sequences), dtype=object)
         self._pooled: np.ndarray | None = None
+
+    def _need_cache(self, kind: str) -> EmbeddingCache:
+        if self.cache is None:
+            raise ValueError(f"heads that read {kind} embeddings need an embedding cache (--cache)")
+        return self.cache
 
     def pooled(self) -> np.ndarray:
         if self._pooled is None:
-            self._pooled = self.cache.pooled_rows(self.rows, self.layer).astype(np.float32)
+            self._pooled = self._need_cache("pooled").pooled_rows(self.rows, self.layer).astype(np.float32)
         return self._pooled
 
     def residues(self) -> CachedResidues:
-        return CachedResidues(self.cache, self.rows, self.layer)
+        return CachedResidues(self._need_cache("per-residue"), self.rows, self.layer)
+
+    def sequences(self) -> np.ndarray:
+        """The proteins' sequences as an object array (indexable by the splits' index arrays)."""
+        if self._sequences is None:
+            self._sequences = np.array(self.cache.sequences_rows(self.rows), dtype=object)
+        return self._sequences
 
     def for_input(self, kind: str):
         if kind == "pooled":
             return self.pooled()
         if kind == "per_residue":
             return self.residues()
+        if kind == "sequence":
+            return self.sequences()
         raise ValueError(f"unknown head input {kind!r}")
 
 

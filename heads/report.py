@@ -7,8 +7,9 @@ A run directory holds::
     metrics.json       every metric of every method (overall, per class, per group), intervals, tests
     comparison.md/.csv the side-by-side table
     splits.json        per split: sizes, time, what validation chose, training curves
-    plots/             confusion matrices, per-class F1, training curves (PNG)
+    plots/             metrics per method, confusion matrices, per-class F1, training curves (PNG)
     models/            fitted heads, one file per split (for `heads predict`)
+    work/              fine-tuning checkpoints and per-step/per-epoch logs and curves, per split
 """
 
 from __future__ import annotations
@@ -166,6 +167,24 @@ def plot_run(folder: Path, data: LabeledSet, results: list[MethodResult], metric
     ax.set_title("per-class F1")
     fig.tight_layout()
     fig.savefig(folder / "per_class_f1.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    # Headline metrics per method with their bootstrap intervals (a learning-rate sweep reads here).
+    keys = ("accuracy", "macro_f1", "mcc")
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) * len(keys) / 2), 4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        values = np.array([metrics[name][key] for key in keys])
+        ci = np.array([metrics[name]["ci95"][key] for key in keys]).T
+        ax.bar(np.arange(len(keys)) + k * width, values, width, label=name,
+               yerr=np.abs(ci - values), capsize=3)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, ["accuracy", "macro-F1", "MCC"])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (95% bootstrap interval)")
+    ax.legend(fontsize=8, ncol=min(4, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.set_title("methods on the same proteins and folds")
+    fig.tight_layout()
+    fig.savefig(folder / "comparison.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     # Training curves of heads that record them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedcache.store import EmbeddingCache
-
+from embedcache.models import ESM2_MODELS
+from embedcache.unirep import UNIREP_SIZES
 from embedcache.sequences import sequence_key
+from embedcache.store import EmbeddingCache
 
 from .datasets import LabeledSet, load_labeled, merge
 from .estimators import Head, make_head
@@ -32,9 +34,12 @@ class RunConfig:
     """Everything a comparison depends on; saved as the run's config.json."""
 
     data: str | tuple[str, ...]  # labelled file(s): DeepLocPro FASTA, DeepLoc 1.0 FASTA, or CSV; several are merged
-    cache: str  # embedcache file holding every protein of `data`
-    heads: tuple[str, ...] = ("logreg",)  # logreg | lightgbm | attention
+    cache: str | None = None  # embedcache file holding every protein of `data` (frozen heads need it)
+    heads: tuple[str, ...] = ("logreg",)  # logreg | lightgbm | attention | finetune
     scheme: str = "simple"  # simple: K models | nested: K(K-1) models, test probabilities averaged
+    model: str | None = None  # finetune's ESM-2 by name; with `weights` None: the cache's own backbone
+    weights: str | None = None  # finetune's ESM-2 as a local fair-esm .pt file
+    lrs: tuple[float, ...] = ()  # learning-rate sweep: one finetune method per value, on the same splits
     folds: str = "auto"  # auto (the file's, else stratified) | file | stratified | homology (GraphPart)
     k: int = 5  # folds to build when the file has none
     seed: int = 0  # for built folds and for every head's random_state
@@ -97,12 +102,35 @@ def _read(config: RunConfig, paths: str | tuple[str, ...]) -> LabeledSet:
     return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
 
 
-def build_heads(config: RunConfig) -> dict[str, Head]:
+def build_heads(config: RunConfig, cache_provenance: dict | None = None) -> dict[str, Head]:
+    """Method name -> head. With ``lrs`` the finetune head becomes one method per learning rate."""
     heads = {}
     for name in config.heads:
         params = {"random_state": config.seed, **config.head_params.get(name, {})}
-        heads[name] = make_head(name, params)
+        if name == "finetune":
+            params.update(_backbone_params(config, cache_provenance, params))
+            for lr in config.lrs or (None,):
+                method = name if lr is None else f"{name}_lr{lr:g}"
+                heads[method] = make_head(name, params if lr is None else {**params, "lr": lr})
+        else:
+            heads[name] = make_head(name, params)
     return heads
+
+
+def _backbone_params(config: RunConfig, provenance: dict | None, params: dict) -> dict:
+    """finetune's backbone: --model/--weights, else the weights that built the cache."""
+    if config.model or config.weights:
+        return {"model": config.model, "weights": config.weights}
+    if params.get("model") or params.get("weights"):
+        return {}
+    if provenance:
+        weights = provenance.get("weights")
+        if weights and Path(weights).is_file():
+            return {"weights": weights}
+        if provenance.get("model") in ESM2_MODELS or provenance.get("model") in UNIREP_SIZES:
+            return {"model": provenance["model"]}
+    raise ValueError("finetune needs a backbone: --model NAME or --weights PATH (the cache's own weights "
+                     "were not found)")
 
 
 def run_comparison(config: RunConfig, out: Path | str, title: str | None = None) -> dict:
@@ -110,14 +138,19 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None)
     out = Path(out)
     data, fold_info = load_data(config)
     splits = scheme(config.scheme).split(data.folds, fold_info.get("test_fold"))
-    heads = build_heads(config)  # fail on a bad head name before any training
     results: list[MethodResult] = []
-    with EmbeddingCache(config.cache) as cache:
+    with contextlib.ExitStack() as stack:
+        cache = stack.enter_context(EmbeddingCache(config.cache)) if config.cache else None
+        cache_info = cache.info() if cache else {"provenance": {}, "layers": [None]}
+        heads = build_heads(config, cache_info["provenance"])  # fail on a bad head name before any training
+        frozen = [n for n, h in heads.items() if h.input != "sequence"]
+        if frozen and cache is None:
+            raise ValueError(f"heads {', '.join(frozen)} read embeddings: give --cache")
         features = FeatureSource(cache, data.sequences, config.layer, ids=data.ids)
-        cache_info = cache.info()
         for name, head in heads.items():
-            result = cross_validate(head, data, features, splits, name)
-            _save_models(out / "models" / name, result)
+            # Sequence heads hold a whole backbone: saved as they finish, not kept in memory.
+            result = cross_validate(head, data, features, splits, name, keep_models=head.input != "sequence",
+                                    model_dir=out / "models" / name, work_dir=out / "work")
             results.append(result)
     if config.reference:
         results.append(read_reference(config.reference, data))
@@ -125,12 +158,20 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None)
     notes = [
         f"{len(data)} proteins, {data.n_classes} classes; folds: {fold_info}; scheme {config.scheme} "
         f"({len(splits)} models per head)",
-        f"embeddings: {prov.get('model')} ({prov.get('architecture')}), layer {cache_info['layers'][-1] if config.layer is None else config.layer}, "
-        f"weights sha256 {str(prov.get('weights_sha256'))[:12]}",
         "95% intervals: percentile bootstrap over proteins",
     ]
+    if cache is not None:
+        notes.insert(1, f"embeddings: {prov.get('model')} ({prov.get('architecture')}), layer "
+                        f"{cache_info['layers'][-1] if config.layer is None else config.layer}, "
+                        f"weights sha256 {str(prov.get('weights_sha256'))[:12]}")
+    for name, head in heads.items():
+        if head.input == "sequence":
+            p = head.get_params()
+            notes.append(f"{name}: fine-tuned {p['weights'] or p['model']} (mode {p['mode']}, lr {p['lr']:g}, "
+                         f"pooling {p['pooling']}); per-epoch logs and curves in work/{name}/")
     run_config = {
         **asdict(config),
+        "methods": {name: head.get_params() for name, head in heads.items()},
         "folds_info": fold_info,
         "splits": [s.name for s in splits],
         "cache_provenance": prov,
@@ -146,12 +187,6 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None)
     return summary
 
 
-def _save_models(folder: Path, result: MethodResult) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, model in result.models:
-        model.save(folder / f"{split.name}{'.pt' if model.input == 'per_residue' else '.joblib'}")
-
-
 def predict(run: Path | str, cache_path: Path | str, head: str | None = None, layer: int | None = None) -> pd.DataFrame:
     """Ensemble of a run's fold models on every protein of another cache."""
     run = Path(run)
@@ -164,18 +199,18 @@ def predict(run: Path | str, cache_path: Path | str, head: str | None = None, la
     files = sorted((run / "models" / head).glob("*.*"))
     if not files:
         raise FileNotFoundError(f"{run}: no saved models for head {head!r}")
-    models = [Head.load(f) for f in files]
     with EmbeddingCache(cache_path) as cache:
         features = FeatureSource.from_rows(cache, cache.rows(cache.ids), layer if layer is not None else config.get("layer"))
-        X = features.for_input(models[0].input)
         total = np.zeros((len(cache.ids), len(classes)))
-        for model in models:
-            proba = model.predict_proba(X)
+        for path in files:  # one at a time: a fine-tuned model holds a whole backbone
+            model = Head.load(path)
+            proba = model.predict_proba(features.for_input(model.input))
             total[:, np.asarray(model.classes_, dtype=np.int64)] += proba
-        proba = total / len(models)
+            del model
+        proba = total / len(files)
         frame = pd.DataFrame({"id": cache.ids, "prediction": [classes[k] for k in proba.argmax(1)]})
     for k, c in enumerate(classes):
         frame[f"p_{c}"] = proba[:, k]
     frame.attrs["head"] = head
-    frame.attrs["models"] = len(models)
+    frame.attrs["models"] = len(files)
     return frame

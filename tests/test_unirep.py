@@ -83,3 +83,41 @@ def test_missing_and_wrong_weights(tmp_path, monkeypatch):
         UniRepBackbone.load("unirep64")
     altered = UniRepBackbone.load(weights=folder / "model_weights.npz")  # an explicit file is the user's call
     assert altered.name == "model_weights"
+
+
+def test_training_recurrence_equals_the_inference_one():
+    """The autograd-friendly path (new tensors per step) computes what the in-place one does."""
+    backbone = UniRepBackbone.load("unirep64")
+    seqs = list(SEQUENCES.values())
+    with torch.inference_mode():
+        fast = backbone.embed(seqs, [backbone.num_layers])[backbone.num_layers]
+    states, mask = backbone.residue_states(seqs)
+    assert states.requires_grad
+    for i, seq in enumerate(seqs):
+        assert mask[i].sum() == len(seq)
+        torch.testing.assert_close(states[i, : len(seq)].detach(), fast[i, 1 : len(seq) + 1], atol=1e-6, rtol=0)
+    states[mask].sum().backward()
+    assert backbone.model.layers[0].wmh.grad.abs().sum() > 0
+
+
+def test_unirep_finetunes_and_exports_npz(tmp_path):
+    from heads.finetune import FinetuneHead
+
+    from test_finetune import motif_task
+
+    (X, y), (Xv, yv) = motif_task(60, 0), motif_task(20, 1)
+    head = FinetuneHead(model="unirep64", mode="top", top_layers=1, max_epochs=2, lr=3e-3, head_lr=3e-3,
+                        threads=1, batch_tokens=4096).fit(X, y, eval_set=(Xv, yv))
+    losses = [r["train_loss"] for r in head.history_]
+    assert losses[1] < losses[0]
+    with pytest.raises(ValueError, match="LoRA"):
+        FinetuneHead(model="unirep64", mode="lora").fit(X, y)
+    exported = head.save_backbone(tmp_path / "ft64.npz")
+    proteins = [str(s) for s in Xv[:4]]
+    with torch.no_grad():
+        states, _ = head.classifier_.backbone.residue_states(proteins)
+    fasta = write_fasta(tmp_path / "p.fasta", {f"p{i}": s for i, s in enumerate(proteins)})
+    extract(fasta, tmp_path / "ft.h5", ExtractConfig(weights=str(exported), dtype="float32", threads=1))
+    with EmbeddingCache(tmp_path / "ft.h5") as cache:
+        for i, seq in enumerate(proteins):
+            np.testing.assert_allclose(cache.per_residue(f"p{i}"), states[i, : len(seq)].numpy(), atol=1e-5)

@@ -1,0 +1,241 @@
+"""Fine-tuning: it learns, LoRA and top-k touch only what they should, resume, export, comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from embedcache.backbone import ESM2Backbone
+from embedcache.extract import ExtractConfig, extract
+from embedcache.models import load_esm2
+from embedcache.store import EmbeddingCache
+from heads.estimators import Head
+from heads.finetune import FinetuneHead, crop_sequence
+from heads.run import RunConfig, predict, run_comparison
+
+AMINO = np.array(list("ACDEFGHIKLMNPQRSTVY"))  # no W: the motif is made of it
+MOTIF = "WWCWW"
+
+
+def motif_task(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random proteins of 30-80 residues; class 1 carries MOTIF at a random place."""
+    rng = np.random.default_rng(seed)
+    sequences, labels = [], []
+    for i in range(n):
+        length = int(rng.integers(30, 80))
+        seq = "".join(rng.choice(AMINO, length))
+        if i % 2:
+            at = int(rng.integers(0, length - len(MOTIF)))
+            seq = seq[:at] + MOTIF + seq[at + len(MOTIF):]
+        sequences.append(seq)
+        labels.append(i % 2)
+    return np.array(sequences, dtype=object), np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return motif_task(120, 0), motif_task(40, 1)
+
+
+def quick(weights, **params) -> FinetuneHead:
+    settings = dict(weights=str(weights), max_epochs=4, lr=3e-3, head_lr=3e-3, batch_tokens=1024, patience=10,
+                    threads=1)
+    return FinetuneHead(**{**settings, **params})
+
+
+def test_crop_policies():
+    seq = "ABCDEFGHIJ"
+    assert crop_sequence(seq, 4, "n_terminal") == "ABCD"
+    assert crop_sequence(seq, 5, "ends") == "ABCIJ"
+    assert crop_sequence(seq, None, "ends") == seq and crop_sequence(seq, 20, "n_terminal") == seq
+    window = crop_sequence(seq, 4, "random", np.random.default_rng(0))
+    assert len(window) == 4 and window in seq
+    assert crop_sequence(seq, 4, "random") == "ABCD"  # no generator: prediction uses the start
+
+
+def test_full_finetuning_learns_a_motif(tiny_weights, task):
+    (X, y), (Xv, yv) = task
+    start = time.perf_counter()
+    head = quick(tiny_weights, mode="full").fit(X, y, eval_set=(Xv, yv))
+    seconds = time.perf_counter() - start
+    losses = [r["train_loss"] for r in head.history_]
+    assert losses[-1] < 0.5 * losses[0]
+    assert max(r["val_accuracy"] for r in head.history_) >= 0.85  # chance is 0.5
+    assert (head.predict(Xv) == yv).mean() >= 0.85  # the best epoch was restored
+    assert head.predict_proba(Xv).shape == (40, 2)
+    assert seconds < 30
+
+
+def trained_and_base(head: FinetuneHead, weights):
+    # The contact head is not in the checkpoint (fair-esm draws it afresh at every load) nor in use.
+    base = {k: v for k, v in load_esm2(weights=weights).model.state_dict().items() if not k.startswith("contact_head")}
+    trained = {k.replace("base_layer.", ""): v for k, v in head.classifier_.encoder.state_dict().items()
+               if "lora_" not in k and not k.startswith("contact_head")}
+    return trained, base
+
+
+def test_lora_trains_adapters_and_head_only(tiny_weights, task):
+    (X, y), (Xv, yv) = task
+    head = quick(tiny_weights, mode="lora", lora_rank=4).fit(X, y, eval_set=(Xv, yv))
+    trainable = {n for n, p in head.classifier_.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert any("lora_B" in n for n in trainable)
+    trained, base = trained_and_base(head, tiny_weights)
+    assert set(trained) == set(base)
+    assert all(torch.equal(trained[k], base[k]) for k in base)  # base weights untouched
+    lora_b = [p for n, p in head.classifier_.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # adapters moved away from their zero start
+    assert max(r["val_accuracy"] for r in head.history_) > 0.7
+
+
+def test_top_layers_mode_changes_only_the_top(tiny_weights, task):
+    (X, y), (Xv, yv) = task
+    head = quick(tiny_weights, mode="top", top_layers=1, max_epochs=1).fit(X, y, eval_set=(Xv, yv))
+    trained, base = trained_and_base(head, tiny_weights)
+    changed = {k for k in base if not torch.equal(trained[k], base[k])}
+    assert changed and all(k.startswith("layers.2.") or k.startswith("emb_layer_norm_after") for k in changed)
+
+
+def test_saved_backbone_gives_the_same_embeddings(tiny_weights, task, tmp_path):
+    (X, y), (Xv, yv) = task
+    head = quick(tiny_weights, mode="lora", lora_rank=4, max_epochs=1, pooling="attention").fit(X, y, eval_set=(Xv, yv))
+    exported = head.save_backbone(tmp_path / "finetuned.pt")
+    proteins = [str(s) for s in Xv[:6]]
+    with torch.no_grad():
+        states, mask = head.classifier_.backbone.residue_states(proteins)
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text("".join(f">p{i}\n{s}\n" for i, s in enumerate(proteins)))
+    extract(fasta, tmp_path / "ft.h5", ExtractConfig(weights=str(exported), dtype="float32", threads=1))
+    with EmbeddingCache(tmp_path / "ft.h5") as cache:
+        for i, seq in enumerate(proteins):
+            np.testing.assert_allclose(cache.per_residue(f"p{i}"), states[i, : len(seq)].numpy(), atol=1e-5)
+    base = ESM2Backbone.load(weights=tiny_weights)
+    assert not torch.allclose(base.residue_states(proteins[:1])[0], states[:1, : len(proteins[0])], atol=1e-4)
+    # The head itself saves and loads back with the same predictions.
+    again = Head.load(head.save(tmp_path / "m.finetune.pt"))
+    np.testing.assert_allclose(again.predict_proba(Xv), head.predict_proba(Xv), atol=1e-6)
+
+
+def test_resume_after_interruption_continues_from_the_saved_epoch(tiny_weights, task, tmp_path, monkeypatch, caplog):
+    (X, y), (Xv, yv) = task
+    whole = quick(tiny_weights, mode="full", max_epochs=3, checkpoint_dir=str(tmp_path / "whole")).fit(
+        X, y, eval_set=(Xv, yv))
+
+    saves = []
+    real_save = FinetuneHead._save_checkpoint
+
+    def crash_after_two(folder, state):
+        real_save(folder, state)
+        saves.append(state["epoch"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(FinetuneHead, "_save_checkpoint", staticmethod(crash_after_two))
+    folder = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        quick(tiny_weights, mode="full", max_epochs=3, checkpoint_dir=str(folder)).fit(X, y, eval_set=(Xv, yv))
+    saves.clear()
+    caplog.set_level("INFO", logger="heads.finetune")
+    resumed = quick(tiny_weights, mode="full", max_epochs=3, checkpoint_dir=str(folder)).fit(X, y, eval_set=(Xv, yv))
+    assert saves == [3]  # only the epoch that was missing ran
+    assert "2 epoch(s) done" in caplog.text
+    assert [r["epoch"] for r in resumed.history_] == [1, 2, 3]
+    assert pd.read_csv(folder / "epochs.csv")["epoch"].tolist() == [1, 2, 3]
+    steps = pd.read_csv(folder / "steps.csv")
+    assert steps["step"].tolist() == list(range(1, len(steps) + 1))
+    assert (folder / "curves.png").stat().st_size > 0
+    for a, b in zip(whole.history_, resumed.history_):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    np.testing.assert_allclose(resumed.predict_proba(Xv), whole.predict_proba(Xv), atol=1e-5)
+    # A finished run is not trained again.
+    saves.clear()
+    quick(tiny_weights, mode="full", max_epochs=3, checkpoint_dir=str(folder)).fit(X, y, eval_set=(Xv, yv))
+    assert saves == []
+
+
+def write_task_csv(path, sequences, labels):
+    pd.DataFrame({"id": [f"p{i}" for i in range(len(labels))], "sequence": sequences, "label": labels}).to_csv(
+        path, index=False)
+    return path
+
+
+def test_compare_frozen_and_finetuned_heads_with_an_lr_sweep(tiny_weights, tmp_path):
+    X, y = motif_task(100, 2)
+    data = write_task_csv(tmp_path / "motif.csv", X, y)
+    cache = tmp_path / "motif.h5"
+    extract(data, cache, ExtractConfig(weights=str(tiny_weights), threads=1))
+    config = RunConfig(data=str(data), cache=str(cache), heads=("logreg", "finetune"), k=3, lrs=(1e-3, 3e-3),
+                       class_names={"0": "plain", "1": "motif"}, n_boot=200,
+                       head_params={"finetune": {"max_epochs": 2, "head_lr": 3e-3, "threads": 1, "batch_tokens": 1024}})
+    out = tmp_path / "run"
+    summary = run_comparison(config, out)
+    table = summary["table"]
+    assert table["method"].tolist() == ["logreg", "finetune_lr0.001", "finetune_lr0.003"]
+    assert (table["n"] == 100).all()
+    assert any("finetune" in name and "logreg" in name for name in summary["tests"])
+    run_config = json.loads((out / "config.json").read_text())
+    assert run_config["methods"]["finetune_lr0.001"]["weights"] == str(tiny_weights)  # the cache's backbone
+    assert (out / "plots" / "comparison.png").exists()
+    assert (out / "plots" / "training_curves_finetune_lr0.003.png").exists()
+    models = sorted((out / "models" / "finetune_lr0.003").glob("*.finetune.pt"))
+    assert len(models) == 3
+    for split in ("test0_val1", "test1_val2", "test2_val0"):
+        assert (out / "work" / "finetune_lr0.003" / split / "epochs.csv").exists()
+    frame = predict(out, cache, head="finetune_lr0.003")
+    assert len(frame) == 100 and frame.attrs["models"] == 3
+    # Predictions of the saved ensemble on the cache's sequences equal the run's own test predictions
+    # only on average; here we check they are valid probabilities.
+    proba = frame[["p_motif", "p_plain"]].to_numpy()
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def test_finetune_without_a_cache_and_clear_errors(tiny_weights, tmp_path):
+    X, y = motif_task(60, 3)
+    data = write_task_csv(tmp_path / "m.csv", X, y)
+    params = {"finetune": {"max_epochs": 1, "threads": 1}}
+    summary = run_comparison(RunConfig(data=str(data), heads=("finetune",), k=3, weights=str(tiny_weights),
+                                       head_params=params, n_boot=100), tmp_path / "a")
+    assert summary["table"]["method"].tolist() == ["finetune"]
+    with pytest.raises(ValueError, match="give --cache"):
+        run_comparison(RunConfig(data=str(data), heads=("logreg", "finetune"), k=3, weights=str(tiny_weights),
+                                 head_params=params), tmp_path / "b")
+    with pytest.raises(ValueError, match="--model NAME or --weights PATH"):
+        run_comparison(RunConfig(data=str(data), heads=("finetune",), k=3, head_params=params), tmp_path / "c")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FinetuneHead(weights=str(tiny_weights), mode="partial").fit(X, y)
+
+
+def test_kill_and_rerun_resumes_the_comparison(tiny_weights, tmp_path):
+    """kill -9 of a real `heads cv --head finetune` run; the same command resumes it."""
+    X, y = motif_task(90, 4)
+    data = write_task_csv(tmp_path / "m.csv", X, y)
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", "from heads.cli import main; main()", "cv", "--head", "finetune",
+               "--data", str(data), "--k", "3", "--weights", str(tiny_weights), "--out", str(out),
+               "--set", "finetune.max_epochs=3", "--set", "finetune.threads=1", "--bootstrap", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = out / "work" / "finetune" / "test0_val1" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, process.stdout.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = torch.load(first, weights_only=True)["epoch"]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert f"{done} epoch(s) done" in finished.stderr
+    for split in ("test0_val1", "test1_val2", "test2_val0"):
+        epochs = pd.read_csv(out / "work" / "finetune" / split / "epochs.csv")["epoch"].tolist()
+        assert epochs == list(range(1, len(epochs) + 1))
+    assert (out / "comparison.md").exists()
