@@ -41,6 +41,7 @@ class Backbone(ABC):
     # the per-residue array (UniRep's start step); 0 for ESM-2, whose BOS is dropped.
     leading_states: int = 0
     budget = {"cpu": 1024, "cuda": 4096}  # default padded tokens per forward pass
+    train_budget = 4096  # default padded tokens per training batch (fine-tuning)
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")

@@ -181,6 +181,7 @@ class UniRepBackbone(Backbone):
     extra_tokens = 1  # the start token
     leading_states = 1  # the state after the start token belongs in h_avg
     budget = {"cpu": 16384, "cuda": 65536}  # a recurrent model wants many proteins per step
+    train_budget = 16384  # 2.3x the training throughput of 4096 on 2 CPU cores
 
     def __init__(self, arrays: dict[str, np.ndarray], name: str, source: str = "", sha256: str = ""):
         super().__init__()

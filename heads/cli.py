@@ -141,7 +141,7 @@ def predict_cmd(run_dir, cache, out, head) -> None:
 @main.command("export-backbone")
 @click.option("--model", "model_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A fine-tuned model: OUT/models/finetune/SPLIT.finetune.pt of a run.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="fair-esm checkpoint to write (.pt).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write: a fair-esm checkpoint (.pt) for ESM-2, .npz for UniRep.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Base weights, if no longer where training found them.")
 def export_backbone_cmd(model_file, out, weights) -> None:
     """Write a fine-tuned ESM-2 (LoRA merged) for `embedcache extract --weights OUT`."""

@@ -135,7 +135,7 @@ class FinetuneHead(Head):
     def __init__(self, model=None, weights=None, mode="full", top_layers=2, lora_rank=8, lora_alpha=16,
                  lora_dropout=0.05, lora_feed_forward=False, pooling="mean", dropout=0.1, attention_heads=8,
                  lr=1e-4, head_lr=1e-3, weight_decay=0.01, warmup=0.1, max_epochs=10, patience=3,
-                 batch_tokens=4096, max_batch=64, grad_accum=1, clip_norm=1.0, class_weight=None,
+                 batch_tokens=None, max_batch=64, grad_accum=1, clip_norm=1.0, class_weight=None,
                  crop=1022, crop_policy="n_terminal", precision="auto", grad_checkpointing=False,
                  metric="macro_f1", device="auto", threads=None, checkpoint_dir=None, trust_weights=False,
                  random_state=0):
@@ -156,7 +156,7 @@ class FinetuneHead(Head):
         self.warmup = warmup  # share of all optimiser steps spent warming up linearly
         self.max_epochs = max_epochs  # the learning rate decays linearly to 0 at the end of these
         self.patience = patience  # epochs without a better validation metric before stopping
-        self.batch_tokens = batch_tokens  # padded tokens per forward pass (the batch size)
+        self.batch_tokens = batch_tokens  # padded tokens per forward pass [ESM-2 4096, UniRep 16384]
         self.max_batch = max_batch  # proteins per forward pass at most
         self.grad_accum = grad_accum  # forward passes per optimiser step
         self.clip_norm = clip_norm  # gradient norm clipping; None: off
@@ -164,7 +164,7 @@ class FinetuneHead(Head):
         self.crop = crop  # residues per protein at most (ESM-2 saw 1022)
         self.crop_policy = crop_policy  # n_terminal | ends | random (window in training, start otherwise)
         self.precision = precision  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
-        self.grad_checkpointing = grad_checkpointing  # recompute layer activations: less memory, ~1/3 slower
+        self.grad_checkpointing = grad_checkpointing  # ESM-2: recompute layer activations (less memory, one more forward)
         self.metric = metric  # early stopping: accuracy | macro_f1 | mcc
         self.device = device  # auto | cpu | cuda | cuda:N
         self.threads = threads  # CPU threads [all available cores]
@@ -228,6 +228,9 @@ class FinetuneHead(Head):
         self.backbone_info_ = backbone.describe()
         return classifier
 
+    def _budget(self) -> int:
+        return self.batch_tokens or self.classifier_.backbone.train_budget
+
     def _optimiser(self, classifier: SequenceClassifier) -> torch.optim.Optimizer:
         groups: dict[tuple[float, float], list] = {}
         for name, p in classifier.named_parameters():
@@ -253,7 +256,7 @@ class FinetuneHead(Head):
         weight = class_weights(targets, len(self.classes_), self.class_weight)
         train_weight = None if weight is None else weight.to(device)
         lengths = np.array([min(len(s), self.crop or 1 << 30) for s in sequences]) + classifier.backbone.extra_tokens
-        batches = length_batches(lengths, self.batch_tokens, self.max_batch,
+        batches = length_batches(lengths, self._budget(), self.max_batch,
                                  min_size=2 if self.pooling == "attention" else 1)
         steps_per_epoch = math.ceil(len(batches) / self.grad_accum)
         total_steps = steps_per_epoch * self.max_epochs
@@ -410,7 +413,7 @@ class FinetuneHead(Head):
         lengths = np.array([len(s) for s in cropped]) + classifier.backbone.extra_tokens
         out = np.zeros((len(cropped), len(self.classes_)), dtype=np.float32)
         with torch.inference_mode():
-            for idx in length_batches(lengths, self.batch_tokens, self.max_batch):
+            for idx in length_batches(lengths, self._budget(), self.max_batch):
                 logits = classifier([cropped[i] for i in idx])
                 out[idx] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         return out

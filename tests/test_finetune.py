@@ -16,7 +16,7 @@ import torch
 
 from embedcache.backbone import ESM2Backbone
 from embedcache.extract import ExtractConfig, extract
-from embedcache.models import load_esm2
+from embedcache.models import build_tiny_esm2, load_esm2
 from embedcache.store import EmbeddingCache
 from heads.estimators import Head
 from heads.finetune import FinetuneHead, crop_sequence
@@ -239,3 +239,39 @@ def test_kill_and_rerun_resumes_the_comparison(tiny_weights, tmp_path):
         epochs = pd.read_csv(out / "work" / "finetune" / split / "epochs.csv")["epoch"].tolist()
         assert epochs == list(range(1, len(epochs) + 1))
     assert (out / "comparison.md").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_weights):
+    backbone = ESM2Backbone.load(weights=tiny_weights)
+    backbone.model.train()
+    proteins = ["MKTAYIAKQRQISFVKSHFSRQ", "MVLSPADKTNVKAAW", "W"]
+    grads = []
+    for checkpoint in (False, True):
+        backbone.model.zero_grad()
+        states, mask = backbone.residue_states(proteins, checkpoint=checkpoint)
+        (states[mask] ** 2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_export_backbone_command(tiny_weights, task, tmp_path):
+    from click.testing import CliRunner
+
+    from heads.cli import main
+
+    (X, y), (Xv, yv) = task
+    head = quick(tiny_weights, mode="lora", lora_rank=4, max_epochs=1).fit(X, y, eval_set=(Xv, yv))
+    saved = head.save(tmp_path / "m.finetune.pt")
+    result = CliRunner().invoke(main, ["export-backbone", "--model", str(saved), "--out", str(tmp_path / "ft.pt")])
+    assert result.exit_code == 0, result.output
+    exported = ESM2Backbone.load(weights=tmp_path / "ft.pt")
+    with torch.no_grad():
+        expected = head.classifier_.backbone.residue_states(["MKTAYIAKQR"])[0]
+        torch.testing.assert_close(exported.residue_states(["MKTAYIAKQR"])[0], expected, atol=1e-5, rtol=0)
+    other = tmp_path / "other.pt"
+    build_tiny_esm2(other, num_layers=3, embed_dim=32, attention_heads=4, seed=1)
+    result = CliRunner().invoke(main, ["export-backbone", "--model", str(saved), "--out", str(tmp_path / "x.pt"),
+                                       "--weights", str(other)])
+    assert result.exit_code == 1 and "was trained from weights with sha256" in result.output
