@@ -1,8 +1,28 @@
-"""Per-residue protein language model embeddings in a resumable, content-addressed HDF5 cache."""
+"""Per-residue protein language model embeddings in a resumable, content-addressed HDF5 cache.
 
-__version__ = "0.1.0"
+The package's top-level names are imported on first use, so that ``import embedcache.sequences``
+(reading and validating input) does not pay for torch.
+"""
 
-from .extract import ExtractConfig, ExtractSummary, extract  # noqa: E402
-from .store import CacheError, EmbeddingCache  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["CacheError", "EmbeddingCache", "ExtractConfig", "ExtractSummary", "extract", "__version__"]
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "CacheError": "embedcache.store",
+    "EmbeddingCache": "embedcache.store",
+    "ExtractConfig": "embedcache.extract",
+    "ExtractSummary": "embedcache.extract",
+    "extract": "embedcache.extract",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'embedcache' has no attribute {name!r}")

@@ -122,7 +122,7 @@ def test_saved_backbone_gives_the_same_embeddings(tiny_weights, task, tmp_path):
     assert not torch.allclose(base.residue_states(proteins[:1])[0], states[:1, : len(proteins[0])], atol=1e-4)
     # The head itself saves and loads back with the same predictions.
     again = Head.load(head.save(tmp_path / "m.finetune.pt"))
-    np.testing.assert_allclose(again.predict_proba(Xv), head.predict_proba(Xv), atol=1e-6)
+    np.testing.assert_allclose(again.predict_proba(Xv), head.predict_proba(Xv), atol=1e-5)
 
 
 def test_resume_after_interruption_continues_from_the_saved_epoch(tiny_weights, task, tmp_path, monkeypatch, caplog):
@@ -253,7 +253,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_weights):
         grads.append({n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5)
 
 
 def test_export_backbone_command(tiny_weights, task, tmp_path):

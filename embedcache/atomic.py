@@ -1,0 +1,121 @@
+"""One way to write a file: all of it or none of it.
+
+Every file the project writes (caches, parts, models, checkpoints, tables, figures) goes
+through :func:`atomic_path`: the caller writes a temporary file beside the target, which is
+fsynced and renamed over the target only when the writing finished. A crash, ``kill -9``, a
+signal or a full disk therefore leaves either the old file or the new one, never half of
+one, and a failed write removes its temporary file.
+
+A target that is a symbolic link is written through: the link stays and the file it points
+to is replaced, as an editor saving a linked file would do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+# errno values that mean "no room": a full disk, a quota, a file-size limit.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(OSError):
+    """Writing stopped because the disk (or a quota) is full; nothing was replaced."""
+
+
+def real_path(path: Path | str) -> Path:
+    """``path`` with every symbolic link resolved (the file itself need not exist yet)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def is_no_space(err: BaseException) -> bool:
+    """An OSError that says the disk is full, also when a library put errno only in its message."""
+    if not isinstance(err, OSError):
+        return False
+    if err.errno in NO_SPACE:
+        return True
+    text = str(err)
+    return any(os.strerror(code) in text for code in NO_SPACE) or "errno = 28" in text
+
+
+def disk_full_error(path: Path, err: BaseException) -> DiskFullError:
+    where = path.parent if path.parent.exists() else Path.cwd()
+    free = shutil.disk_usage(where).free
+    return DiskFullError(
+        errno.ENOSPC,
+        f"{path}: the disk is full ({format_bytes(free)} free in {where}); nothing was replaced. "
+        f"Free some space and run the same command again ({err.__class__.__name__}: {err})",
+    )
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def tmp_path_for(path: Path | str, keep_suffix: bool = False) -> Path:
+    """The temporary name :func:`atomic_path` uses for ``path`` (after resolving links)."""
+    target = real_path(path)
+    if keep_suffix and target.suffix:
+        return target.with_name(f"{target.stem}.tmp{target.suffix}")
+    return target.with_name(target.name + ".tmp")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` atomically.
+
+    ``keep_suffix`` keeps the target's suffix on the temporary name, for writers that pick
+    a format from it (matplotlib's ``savefig``, ``numpy.savez``). On any exception, including
+    KeyboardInterrupt and SystemExit, the temporary file is removed and ``path`` is left as
+    it was; a full disk is reported as :class:`DiskFullError`.
+    """
+    target = real_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(target, keep_suffix)
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"{tmp}: the writer did not create the file")
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if is_no_space(err) and not isinstance(err, DiskFullError):
+            raise disk_full_error(target, err) from None
+        raise
+    with contextlib.suppress(OSError):
+        fsync_dir(target.parent)
+
+
+def write_bytes(path: Path | str, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path | str, obj, **kwargs) -> Path:
+    kwargs.setdefault("indent", 2)
+    return write_text(path, json.dumps(obj, **kwargs) + "\n")
