@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -136,10 +138,14 @@ def homology_folds(
             f"GraphPart with {aligner} needs the '{binary}' program; install it (Debian: apt-get install "
             f"{'mmseqs2' if aligner == 'mmseqs2' else 'emboss'})"
         )
-    # GraphPart writes its temporary files into the working directory.
-    here = os.getcwd()
+    # GraphPart writes its temporary files into the working directory, and calls a helper script
+    # (mmseqs_fake_prefilter.sh) installed beside this Python, which is not on PATH when a virtual
+    # environment's python is run without activating it.
+    here, path = os.getcwd(), os.environ.get("PATH", "")
+    scripts = str(Path(sys.executable).parent)
     with tempfile.TemporaryDirectory(prefix="graphpart_") as tmp:
         os.chdir(tmp)
+        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
         try:
             parts = stratified_k_fold(
                 sequences=dict(zip(ids, sequences)),
@@ -154,6 +160,7 @@ def homology_folds(
             )
         finally:
             os.chdir(here)
+            os.environ["PATH"] = path
     fold_of = {ident: fold for fold, members in enumerate(parts) for ident in members}
     folds = np.array([fold_of.get(i, -1) for i in ids], dtype=np.int64)
     removed = int((folds < 0).sum())
