@@ -165,6 +165,14 @@ class InputText:
 
 
 _stdin_data: bytes | None = None
+_warned: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """Log a warning about an input once: detecting and reading the same file must not repeat it."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def _stdin_bytes() -> bytes:
@@ -224,16 +232,24 @@ _REFUSED = (
 
 
 def _decompress(name: str, data: bytes) -> tuple[bytes, str | None]:
-    for kind, matches, decompress in _DECOMPRESSORS:
-        if matches(data):
-            try:
-                return decompress(data), kind
-            except (EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as err:
-                if isinstance(err, EOFError) or "ended before the end-of-stream" in str(err):
-                    raise InputError(name, f"truncated {kind} data: the file ends before the compressed "
-                                           "stream does (an interrupted download or copy?)") from None
-                raise InputError(name, f"corrupt {kind} data ({err})") from None
-    return data, None
+    """The bytes inside any gzip/bz2/xz layers (a .gz of a .gz too), and the layers' names."""
+    layers: list[str] = []
+    for _ in range(4):
+        for kind, matches, decompress in _DECOMPRESSORS:
+            if matches(data):
+                break
+        else:
+            break
+        described = "-inside-".join([kind, *reversed(layers)])
+        try:
+            data = decompress(data)
+        except (EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as err:
+            if isinstance(err, EOFError) or "ended before the end-of-stream" in str(err):
+                raise InputError(name, f"truncated {described} data: the file ends before the compressed "
+                                       "stream does (an interrupted download or copy?)") from None
+            raise InputError(name, f"corrupt {described} data ({err})") from None
+        layers.append(kind)
+    return data, "-inside-".join(reversed(layers)) or None
 
 
 _WIDE_BOMS = (
@@ -361,13 +377,12 @@ def _choose_format(src: InputText, fmt: str | None) -> tuple[str, str | None]:
         )
     if content == "fasta":
         if by_suffix not in (None, "fasta"):
-            log.warning("%s: named %s but holds FASTA (lines start with '>'); reading it as FASTA",
-                        src.name, src.suffix)
+            _warn(f"{src.name}: named {src.suffix} but holds FASTA (lines start with '>'); reading it as FASTA")
         return "fasta", None
     sep = _table_separator(src, TABLE_SEPARATORS.get(src.suffix))
     if by_suffix == "fasta":
-        log.warning("%s: named %s but holds a table (no line starts with '>'); reading it as a table "
-                    "separated by %s", src.name, src.suffix, _SEP_NAMES.get(sep, repr(sep)))
+        _warn(f"{src.name}: named {src.suffix} but holds a table (no line starts with '>'); reading it as a "
+              f"table separated by {_SEP_NAMES.get(sep, repr(sep))}")
     return ("tsv" if sep == "\t" else "csv"), sep
 
 
@@ -384,8 +399,8 @@ def _table_separator(src: InputText, preferred: str | None, asked: bool = False)
         return preferred or ","
     if preferred is not None:
         origin = "format asked for" if asked else f"named {src.suffix}"
-        log.warning("%s: %s (separator: %s) but the header is separated by %s; reading it so",
-                    src.name, origin, _SEP_NAMES.get(preferred, repr(preferred)), _SEP_NAMES[sniffed])
+        _warn(f"{src.name}: {origin} (separator: {_SEP_NAMES.get(preferred, repr(preferred))}) but the header "
+              f"is separated by {_SEP_NAMES[sniffed]}; reading it so")
     return sniffed
 
 
@@ -510,7 +525,8 @@ def _parse_table(src: InputText, sep: str) -> Table:
             if len(fields) != len(columns):
                 raise InputError(
                     src.name,
-                    f"has {len(fields)} fields separated by {shown} but the header (line {header_line}) has "
+                    f"has {len(fields)} field{'s' if len(fields) != 1 else ''} separated by {shown} but the header "
+                    f"(line {header_line}) has "
                     f"{len(columns)}; quote fields that contain the separator",
                     f"row {start}",
                 )
@@ -521,7 +537,8 @@ def _parse_table(src: InputText, sep: str) -> Table:
                                    f"(near line {reader.line_num})") from None
     finally:
         csv.field_size_limit(limit)
-    assert columns is not None  # _first_line found a non-blank line
+    if columns is None:
+        raise InputError(src.name, f"line {first[0]} holds no column names (it reads {first[1][:40]!r})")
     named = [c for c in columns if c]
     twice = sorted({c for c in named if named.count(c) > 1})
     if twice:
@@ -547,6 +564,9 @@ def table_records(table: Table, id_col: str | None = None, seq_col: str | None =
         where = f"row {row}" + (f" (id {ident!r})" if ident else "")
         if not ident:
             raise InputError(table.name, f"empty ID in column {table.columns[id_index]!r}", where)
+        if "\n" in fields[seq_index]:
+            raise InputError(table.name, f"the {table.columns[seq_index]!r} field spans several lines "
+                                         "(a quote left open?)", where)
         sequence = clean_sequence(fields[seq_index].strip(_ASCII_SPACE), table.name, where)
         records.append(Record(ident, ident, sequence, row))
     return records
@@ -607,12 +627,17 @@ def drop_repeated_ids(records: list[Record], path: Path | str, *, unit: str = "l
             first[rec.id] = (number, rec)
             kept.append(rec)
         elif seen[1].sequence != rec.sequence:
-            if unit == "row":
-                here, there = f"row {rec.line}", f"row {seen[1].line}"
-            else:
-                here = f"record {number}" + (f" ({unit} {rec.line})" if rec.line else "")
-                there = f"record {seen[0]}" + (f" ({unit} {seen[1].line})" if seen[1].line else "")
-            raise InputError(path, f"duplicate ID {rec.id!r} with a different sequence than {there}", here)
+            raise InputError(
+                path,
+                f"duplicate ID {rec.id!r} with a different sequence than {_place(seen[0], seen[1], unit)}",
+                _place(number, rec, unit),
+            )
     if len(kept) < len(records):
         log.info("%s: %d repeated records (same ID and sequence) kept once", path, len(records) - len(kept))
     return kept
+
+
+def _place(number: int, rec: Record, unit: str) -> str:
+    if not rec.line:
+        return f"record {number}"
+    return f"row {rec.line}" if unit == "row" else f"record {number} ({unit} {rec.line})"

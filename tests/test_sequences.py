@@ -526,3 +526,34 @@ def test_labeled_csv_duplicate_id_names_file_rows(tmp_path):
     path = _fasta(tmp_path, b"id,sequence,label\n\nP1,MKT,a\nP1,MKV,b\n", "set.csv")
     with pytest.raises(InputError, match=r"ID 'P1' appears twice \(rows 3 and 4\)"):
         read_labeled_csv(path)
+
+
+def test_gzip_inside_gzip_is_read(tmp_path):
+    path = _fasta(tmp_path, _compress("gzip", _compress("bz2", FASTA_BYTES)), "in.fasta.bz2.gz")
+    assert _pairs(read_sequences(path)) == EXPECTED
+    truncated = _fasta(tmp_path, _compress("gzip", _compress("gzip", FASTA_BYTES)[:-6]), "t.fasta.gz.gz")
+    with pytest.raises(InputError, match="truncated gzip-inside-gzip data"):
+        read_sequences(truncated)
+
+
+def test_unclosed_quote_in_table_is_named(tmp_path):
+    path = _fasta(tmp_path, b'id,sequence\nP1,"MKT\nP2,MKV\n', "in.csv")
+    with pytest.raises(InputError, match=r"row 2 \(id 'P1'\): the 'sequence' field spans several lines \(a quote left open\?\)"):
+        read_sequences(path)
+
+
+def test_extract_cli_reads_standard_input(tmp_path, tiny_weights, monkeypatch):
+    from click.testing import CliRunner
+
+    import embedcache.sequences as sequences
+    from embedcache.cli import main
+    from embedcache.store import EmbeddingCache
+
+    monkeypatch.setattr(sequences, "_stdin_data", None)
+    out = tmp_path / "out.h5"
+    result = CliRunner().invoke(main, ["extract", "-", str(out), "--weights", str(tiny_weights), "--threads", "1",
+                                       "--quiet"], input=_compress("gzip", b"id;sequence\nP1;MKTAYIAK\nP2;mkv*\n"))
+    assert result.exit_code == 0, result.output
+    assert "2 IDs, 2 unique sequences" in result.output
+    with EmbeddingCache(out) as cache:
+        assert cache.key("P2") == sequence_key("MKV")
