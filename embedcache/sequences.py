@@ -1,7 +1,8 @@
 """Reading protein sequences from FASTA or CSV/TSV, validating them, and keying them by content.
 
 Every problem found in the input is reported as an :class:`InputError` naming the file,
-the record and the problem, before any output is written.
+the record and the problem, before any output is written. The path ``-`` reads standard input
+(a file literally named ``-`` is ``./-``).
 
 The input is judged as it is: nothing is changed before it is validated. A file (or ``-``,
 standard input, read once) is read whole; gzip, bzip2 and xz are recognised by their magic
@@ -161,7 +162,7 @@ class InputText:
     name: str  # the path as given, or "<stdin>"; every message starts with it
     text: str  # decoded UTF-8, byte-order mark skipped, line endings made "\n"
     suffix: str  # lower-case suffix that names the format (".fasta", ".csv"); "" for stdin
-    compression: str | None  # "gzip", "bz2" or "xz" when the bytes were compressed
+    compression: str | None  # "gzip", "bz2", "xz" ("bz2-inside-gzip" for layers) when compressed
 
 
 _stdin_data: bytes | None = None
