@@ -2,7 +2,7 @@
 
 Every problem found in the input is reported as an :class:`InputError` naming the file,
 the record and the problem, before any output is written. The path ``-`` reads standard input
-(a file literally named ``-`` is ``./-``).
+(the string ``"./-"`` names a file called ``-``).
 
 The input is judged as it is: nothing is changed before it is validated. A file (or ``-``,
 standard input, read once) is read whole; gzip, bzip2 and xz are recognised by their magic
