@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedcache.sequences import InputError, read_fasta, read_table
+from embedcache.sequences import InputError, detect_format, load_table, load_text, read_fasta, table_records
 
 DATASET_KINDS = ("deeplocpro", "csv", "deeploc1")
 
@@ -106,29 +106,29 @@ def read_labeled_csv(
 ) -> LabeledSet:
     """One protein per row; labels from ``label_col``, renamed through ``class_names`` if given."""
     path = Path(path)
-    records = read_table(path, id_col, seq_col)
-    frame = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".tab") else ",", dtype=str,
-                        keep_default_na=False)
-    if label_col not in frame.columns:
-        raise InputError(path, f"no label column {label_col!r}; columns are {list(frame.columns)}")
-    raw = [v.strip() for v in frame[label_col]]
-    for row, value in enumerate(raw, 2):
+    # One read serves records and labels, with the same decompression, decoding and delimiter.
+    table = load_table(path)
+    records = table_records(table, id_col, seq_col)
+    if label_col not in table.columns:
+        raise InputError(path, f"no label column {label_col!r}; columns are {table.columns}")
+    raw = [v.strip() for v in table.column(label_col)]
+    for row, value in zip(table.lines, raw):
         if not value:
             raise InputError(path, f"empty label in column {label_col!r}", f"row {row}")
     names = [class_names.get(v, v) for v in raw] if class_names else raw
     labels, classes = _encode(names)
     folds = None
     if fold_col is not None:
-        folds = np.array([int(v) for v in frame[fold_col]], dtype=np.int64)
+        folds = np.array([int(v) for v in table.column(fold_col)], dtype=np.int64)
     return _dedupe_ids(LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels,
-                                  classes, None, folds), path)
+                                  classes, None, folds), path, table.lines)
 
 
-def _dedupe_ids(data: LabeledSet, path: Path) -> LabeledSet:
+def _dedupe_ids(data: LabeledSet, path: Path, rows: list[int]) -> LabeledSet:
     seen: dict[str, int] = {}
     for i, ident in enumerate(data.ids):
         if ident in seen:
-            raise InputError(path, f"ID {ident!r} appears twice (rows {seen[ident] + 2} and {i + 2})")
+            raise InputError(path, f"ID {ident!r} appears twice (rows {rows[seen[ident]]} and {rows[i]})")
         seen[ident] = i
     return data
 
@@ -159,18 +159,19 @@ def read_deeploc1(path: Path | str) -> LabeledSet:
 
 
 def detect_kind(path: Path | str) -> str:
+    """From the content, as the sequence reader decides it (compression, encoding, delimiter)."""
     path = Path(path)
-    if path.suffix.lower() in (".csv", ".tsv", ".tab"):
+    if detect_format(path) != "fasta":
         return "csv"
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if line.startswith(">"):
-                first = line[1:].split()[0] if line[1:].strip() else ""
-                if first.count("|") in (2, 3):
-                    return "deeplocpro"
-                if _DEEPLOC1.match(line[1:]):
-                    return "deeploc1"
-                break
+    for line in load_text(path).text.split("\n"):
+        line = line.lstrip(" \t")
+        if line.startswith(">"):
+            first = line[1:].split()[0] if line[1:].strip() else ""
+            if first.count("|") in (2, 3):
+                return "deeplocpro"
+            if _DEEPLOC1.match(line[1:]):
+                return "deeploc1"
+            break
     raise InputError(path, "cannot tell the dataset format; headers should be 'ID|location|group|fold' "
                            "(DeepLocPro) or 'ACC Location-M/S/U' (DeepLoc 1.0), or give a CSV")
 
