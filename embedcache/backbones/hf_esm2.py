@@ -64,12 +64,20 @@ def cached_snapshot(hub_id: str) -> Path | None:
     return folder if (folder / WEIGHTS_FILE).is_file() else None
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    # Read at each call: huggingface_hub reads the variable once, when first imported.
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _download(hub_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     log.info("%s not in the Hugging Face cache %s; downloading it", hub_id, hub_cache_dir())
     try:
-        folder = Path(snapshot_download(hub_id, cache_dir=str(hub_cache_dir()), allow_patterns=_FILES))
+        folder = Path(snapshot_download(hub_id, cache_dir=str(hub_cache_dir()), allow_patterns=_FILES,
+                                        local_files_only=_offline()))
     except Exception as err:  # offline, unknown repository, gated, network: all mean the same here
         raise ModelLoadError(
             f"{hub_id} is not in the Hugging Face cache ({hub_cache_dir()}) and could not be downloaded "
