@@ -74,10 +74,15 @@ def _offline() -> bool:
 def _download(hub_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    if _offline():
+        raise ModelLoadError(
+            f"{hub_id} is not in the Hugging Face cache ({hub_cache_dir()}), and HF_HUB_OFFLINE forbids downloading "
+            "it. Download it where there is network (it lands in $HF_HOME/hub), or pass --weights DIRECTORY holding "
+            "config.json and model.safetensors."
+        )
     log.info("%s not in the Hugging Face cache %s; downloading it", hub_id, hub_cache_dir())
     try:
-        folder = Path(snapshot_download(hub_id, cache_dir=str(hub_cache_dir()), allow_patterns=_FILES,
-                                        local_files_only=_offline()))
+        folder = Path(snapshot_download(hub_id, cache_dir=str(hub_cache_dir()), allow_patterns=_FILES))
     except Exception as err:  # offline, unknown repository, gated, network: all mean the same here
         raise ModelLoadError(
             f"{hub_id} is not in the Hugging Face cache ({hub_cache_dir()}) and could not be downloaded "
