@@ -215,7 +215,8 @@ class Backbone(ABC):
             absolute = layer + self.num_layers + 1 if layer < 0 else layer
             if not 0 <= absolute <= self.num_layers:
                 raise ValueError(
-                    f"layer {layer} out of range for {self.architecture} (0..{self.num_layers}, or negative from the end)"
+                    f"layer {layer} out of range for {self.architecture} "
+                    f"(0..{self.num_layers}, or negative from the end)"
                 )
             resolved.append(absolute)
         return sorted(set(resolved))

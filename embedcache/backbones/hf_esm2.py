@@ -110,7 +110,8 @@ def _read_config(directory: Path) -> dict:
     if config.get("model_type") != "esm":
         raise ModelLoadError(f"{directory}: config.json has model_type {config.get('model_type')!r}, not 'esm'")
     if config.get("position_embedding_type") != "rotary" or config.get("is_folding_model"):
-        raise ModelLoadError(f"{directory}: an ESM model, but not ESM-2 (ESM-2 has rotary positions and no folding trunk)")
+        raise ModelLoadError(
+            f"{directory}: an ESM model, but not ESM-2 (ESM-2 has rotary positions and no folding trunk)")
     return config
 
 

@@ -201,7 +201,8 @@ def build_tiny_unirep(path: Path | str, hidden: int = 16, layers: int = 2, seed:
     arrays = {"embedding": rng.normal(0, 1, (26, 10)).astype(np.float32)}
     for index in range(layers):
         inputs = 10 if index == 0 else hidden
-        shapes = {"wmx": (inputs, hidden), "wmh": (hidden, hidden), "wx": (inputs, 4 * hidden), "wh": (hidden, 4 * hidden)}
+        shapes = {"wmx": (inputs, hidden), "wmh": (hidden, hidden),
+                  "wx": (inputs, 4 * hidden), "wh": (hidden, 4 * hidden)}
         for name, shape in shapes.items():
             arrays[f"mlstm.{index}.{name}"] = rng.normal(0, 1, shape).astype(np.float32)
             arrays[f"mlstm.{index}.g{name[1:]}"] = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
