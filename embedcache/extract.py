@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbone import PRECISIONS, Backbone, ESM2Backbone
+from .backbones import PRECISIONS, Backbone, pick_precision  # noqa: F401  (pick_precision: older import path)
 from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
 from .sequences import read_sequences
 from .store import CacheWriter, EmbeddedEntry
@@ -34,8 +34,8 @@ DTYPES = ("float16", "float32")
 class ExtractConfig:
     """Everything that decides how a cache is made; saved in the cache's attributes."""
 
-    model: str | None = None  # ESM-2 name (esm2_t6_8M_UR50D ... esm2_t48_15B_UR50D) or unirep1900|unirep256|unirep64
-    weights: str | None = None  # a local fair-esm .pt or UniRep .npz instead (with `model`: must match it)
+    model: str | None = None  # a name `embedcache models` lists (ESM-2, UniRep, a Hugging Face hub id)
+    weights: str | None = None  # a local file or Hugging Face directory, recognised by contents (with `model`: must match)
     layers: tuple[int, ...] = (-1,)  # 0 is the token embedding, -1 the last layer (with its final layer norm)
     long: str = "truncate"  # sequences over max_length: truncate (keep the N-terminus) | chunk | skip
     max_length: int | None = None  # residues per model window; None: the model's own (1022 for ESM-2)
@@ -107,21 +107,11 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def pick_precision(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
 def load_backbone(config: ExtractConfig) -> Backbone:
-    """ESM-2 by default; UniRep for ``unirep1900|256|64`` or a ``.npz`` weights file."""
-    from .unirep import UniRepBackbone, is_unirep
+    """The backbone ``config.model``/``config.weights`` name, through the registry."""
+    from . import backbones
 
-    if is_unirep(config.model, config.weights):
-        return UniRepBackbone.load(config.model, config.weights)
-    return ESM2Backbone.load(config.model, config.weights, trust=config.trust_weights)
+    return backbones.load_backbone(config.model, config.weights, trust=config.trust_weights)
 
 
 def extract(
@@ -149,12 +139,16 @@ def extract(
         backbone = load_backbone(config)
     device = pick_device(config.device)
     backbone.to(device)
-    backbone.set_precision(pick_precision(config.precision, device))
+    if config.long == "chunk" and not backbone.supports_chunking:
+        raise ValueError(f"--long chunk is not possible with {backbone.architecture}: its states carry everything "
+                         "before them, so windows embedded apart are not the protein's states. Use --long truncate "
+                         "or skip with --max-length, or leave --max-length unset to embed whole proteins")
+    backbone.set_precision(backbone.pick_precision(config.precision, device))
     threads = config.threads or available_cores()
     with torch_threads(threads):
         layers = backbone.resolve_layers(config.layers)
         max_length = config.max_length or backbone.max_residues
-        if config.long == "chunk" and config.chunk_overlap >= max_length:
+        if config.long == "chunk" and max_length is not None and config.chunk_overlap >= max_length:
             raise ValueError(f"chunk overlap ({config.chunk_overlap}) must be smaller than the window ({max_length})")
         if backbone.max_residues and max_length > backbone.max_residues:
             log.warning("max_length %d exceeds the %d residues %s was trained on", max_length,
@@ -167,9 +161,10 @@ def extract(
             if rec.key not in unique:
                 unique[rec.key] = classify(rec.key, rec.sequence, max_length, config.long)
         counts = {s: sum(1 for e in unique.values() if e.status == s) for s in Status}
+        limit = "max_length (none set)" if max_length is None else f"{max_length} residues"
         log.info(
-            "%s: %d records, %d unique sequences; longer than %d residues: %d truncated, %d chunked, %d skipped",
-            input_path, len(records), len(unique), max_length,
+            "%s: %d records, %d unique sequences; longer than %s: %d truncated, %d chunked, %d skipped",
+            input_path, len(records), len(unique), limit,
             counts[Status.TRUNCATED], counts[Status.CHUNKED], counts[Status.SKIPPED],
         )
         skipped = {k for k, e in unique.items() if e.status == Status.SKIPPED}

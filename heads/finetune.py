@@ -23,7 +23,6 @@ the pretrained weights), and trains backbone and classifier together:
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
@@ -41,8 +40,6 @@ from torch import nn
 
 from embedcache.backbone import Backbone
 from embedcache.extract import ExtractConfig, available_cores, load_backbone, pick_device, torch_threads
-from embedcache.models import save_esm2_checkpoint
-from embedcache.unirep import UniRepBackbone
 
 from .attention import AttentionPooling, usable_heads
 from .estimators import Head
@@ -186,44 +183,24 @@ class FinetuneHead(Head):
             raise ValueError("finetune grad_accum and max_epochs must be at least 1")
 
     def _build(self, n_classes: int) -> SequenceClassifier:
-        backbone = load_backbone(ExtractConfig(model=None if self.weights else self.model, weights=self.weights,
-                                               trust_weights=self.trust_weights))
-        if isinstance(backbone, UniRepBackbone):
-            if self.mode == "lora":
-                raise ValueError("LoRA adapts linear projections, which UniRep has none of; use mode full, top or frozen")
-            if self.grad_checkpointing:
-                raise ValueError("gradient checkpointing is implemented for ESM-2, not UniRep")
         device = pick_device(self.device)
-        backbone.to(device)
-        precision = self.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        backbone.set_precision(precision)
-        encoder = backbone.model
-        encoder.requires_grad_(self.mode == "full")
-        if self.mode == "top":
-            k = min(max(self.top_layers, 0), backbone.num_layers)
-            for layer in encoder.layers[backbone.num_layers - k:]:
-                layer.requires_grad_(True)
-            if hasattr(encoder, "emb_layer_norm_after"):  # ESM-2's last layer ends in this norm
-                encoder.emb_layer_norm_after.requires_grad_(True)
-        elif self.mode == "lora":
-            import peft
-
-            targets = ATTENTION_PROJECTIONS + (FEED_FORWARD if self.lora_feed_forward else [])
-            config = peft.LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                                     target_modules=targets, bias="none")
-            # Wraps the projections in place; the wrapper keeps merge_and_unload for export.
-            self.peft_model_ = peft.get_peft_model(encoder, config)
-        # The LM and contact heads are not part of classification.
-        for unused in (getattr(encoder, "lm_head", None), getattr(encoder, "contact_head", None)):
-            if unused is not None:
-                unused.requires_grad_(False)
-        if self.mode == "full" and hasattr(encoder, "embed_tokens"):
-            encoder.embed_tokens.requires_grad_(True)  # ESM-2's is tied to lm_head's weight
-        torch.manual_seed(self.random_state)
-        classifier = SequenceClassifier(backbone, n_classes, self.pooling, self.dropout, self.attention_heads,
-                                        grad_checkpointing=self.grad_checkpointing)
+        # LoRA's adapters and the classifier are drawn from random_state alone; the caller's
+        # torch generators are left as they were.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.random_state)
+            backbone = load_backbone(ExtractConfig(model=None if self.weights else self.model, weights=self.weights,
+                                                   trust_weights=self.trust_weights))
+            if self.grad_checkpointing and not backbone.supports_grad_checkpointing:
+                raise ValueError(f"gradient checkpointing is not implemented for {backbone.architecture} "
+                                 f"({backbone.family}); set finetune.grad_checkpointing=false")
+            backbone.to(device)
+            backbone.set_precision(backbone.pick_precision(self.precision, device, training=True))
+            torch.manual_seed(self.random_state)  # whatever loading drew from the generator
+            backbone.configure_training(self.mode, self.top_layers, lora={
+                "rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "feed_forward": self.lora_feed_forward})
+            classifier = SequenceClassifier(backbone, n_classes, self.pooling, self.dropout, self.attention_heads,
+                                            grad_checkpointing=self.grad_checkpointing)
         classifier.head.to(device)
         self.backbone_info_ = backbone.describe()
         return classifier
@@ -462,20 +439,10 @@ class FinetuneHead(Head):
         return head
 
     def save_backbone(self, path: Path | str) -> Path:
-        """The fine-tuned backbone for ``embedcache extract --weights``.
-
-        ESM-2: a fair-esm checkpoint (.pt, LoRA merged). UniRep: the original .npz format.
+        """The fine-tuned backbone (LoRA merged) in its family's own format, for ``embedcache extract --weights``:
+        a fair-esm checkpoint, UniRep .npz arrays, or a Hugging Face directory.
         """
-        backbone = self.classifier_.backbone
-        if isinstance(backbone, UniRepBackbone):
-            if Path(path).suffix != ".npz":
-                raise ValueError(f"{path}: UniRep weights are written as .npz")
-            return backbone.save(path)
-        encoder = self.classifier_.encoder
-        if self.mode == "lora":
-            # Merging rewrites the wrapped projections in place; the copy keeps this model intact.
-            encoder = copy.deepcopy(self.peft_model_).merge_and_unload()
-        return save_esm2_checkpoint(encoder, path)
+        return self.classifier_.backbone.export(path)
 
 
 def _append_csv(path: Path, rows: list[dict]) -> None:

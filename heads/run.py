@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedcache.models import ESM2_MODELS
-from embedcache.unirep import UNIREP_SIZES
+from embedcache.backbones import backbone_for_cache
 from embedcache.sequences import sequence_key
 from embedcache.store import EmbeddingCache
 
@@ -118,19 +117,16 @@ def build_heads(config: RunConfig, cache_provenance: dict | None = None) -> dict
 
 
 def _backbone_params(config: RunConfig, provenance: dict | None, params: dict) -> dict:
-    """finetune's backbone: --model/--weights, else the weights that built the cache."""
+    """finetune's backbone: --model/--weights, else the weights that built the cache (found by their sha256)."""
     if config.model or config.weights:
         return {"model": config.model, "weights": config.weights}
     if params.get("model") or params.get("weights"):
         return {}
-    if provenance:
-        weights = provenance.get("weights")
-        if weights and Path(weights).is_file():
-            return {"weights": weights}
-        if provenance.get("model") in ESM2_MODELS or provenance.get("model") in UNIREP_SIZES:
-            return {"model": provenance["model"]}
-    raise ValueError("finetune needs a backbone: --model NAME or --weights PATH (the cache's own weights "
-                     "were not found)")
+    if provenance and config.cache:
+        model, weights = backbone_for_cache(provenance, Path(config.cache))
+        return {"model": model, "weights": weights}
+    raise ValueError("finetune needs a backbone: --model NAME or --weights PATH (or a --cache, whose own weights "
+                     "are then used)")
 
 
 def run_comparison(config: RunConfig, out: Path | str, title: str | None = None) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedcache.backbone import ESM2Backbone
+from embedcache.backbone import Backbone, ESM2Backbone
 from embedcache.batching import Status, chunk_windows
 from embedcache.extract import ExtractConfig, extract
 from embedcache.models import load_esm2
@@ -211,22 +211,43 @@ def test_second_writer_is_refused(tmp_path, fasta, tiny_weights):
     extract(fasta, out, config(tiny_weights), progress=False)  # the lock is gone once released
 
 
-class _OOMBelow:
-    """Wraps a backbone; raises CUDA-style out-of-memory for batches above a token count."""
+class _FakeGPU(Backbone):
+    """A backbone that reports a CUDA device and runs out of memory there above ``max_tokens``
+    padded tokens; moved to the CPU (as the fallback's deep copy is) it embeds anything.
 
-    def __init__(self, inner, max_tokens, device="cuda"):
-        self.inner, self.max_tokens, self.calls = inner, max_tokens, []
-        self.device = torch.device(device)
+    ``log`` is a class attribute so that the deep copy reports into the same list.
+    """
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    log: list[tuple[str, str, int]] = []  # (device type, precision, batch size) per embed call
+
+    def __init__(self, inner, max_tokens):
+        super().__init__()
+        self.inner, self.max_tokens = inner, max_tokens
+        for name in ("name", "architecture", "source", "sha256", "num_layers", "embed_dim", "max_residues",
+                     "extra_tokens", "leading_states"):
+            setattr(self, name, getattr(inner, name))
+        self.device = torch.device("cuda")
+        self.precision = "bf16"
+
+    @classmethod
+    def load(cls, model=None, weights=None, trust=False):
+        raise NotImplementedError
+
+    def to(self, device):
+        self.device = torch.device(device)  # the wrapped model stays on the CPU, where it can run
+        return self
 
     def embed(self, sequences, layers):
-        tokens = len(sequences) * (max(map(len, sequences)) + 2)
-        self.calls.append(len(sequences))
-        if tokens > self.max_tokens:
+        _FakeGPU.log.append((self.device.type, self.precision, len(sequences)))
+        if self.device.type == "cuda" and len(sequences) * (max(map(len, sequences)) + 2) > self.max_tokens:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return self.inner.embed(sequences, layers)
+
+    def residue_states(self, sequences, checkpoint=False):
+        raise NotImplementedError
+
+    def export(self, path):
+        raise NotImplementedError
 
 
 def test_out_of_memory_halves_the_budget_then_falls_back_to_cpu(tmp_path, fasta, tiny_backbone):
@@ -237,16 +258,24 @@ def test_out_of_memory_halves_the_budget_then_falls_back_to_cpu(tmp_path, fasta,
     items = plan_work(entries, 4096, 2, 1022, 0)
     reference = [_Runner(tiny_backbone, [3], 4096).run(item) for item in items]
 
-    flaky = _OOMBelow(tiny_backbone, max_tokens=200)
-    runner = _Runner(flaky, [3], 4096)
-    runner._cpu = tiny_backbone  # what deepcopy(...).to("cpu") gives on a real GPU
+    _FakeGPU.log = []
+    gpu = _FakeGPU(tiny_backbone, max_tokens=100)
+    runner = _Runner(gpu, [3], 4096)
     results = [runner.run(item) for item in items]
+    too_long = [s for s in SEQUENCES.values() if len(s) + 2 > 100]
+    assert len(too_long) == 2
     assert runner.oom_retries > 0 and runner.budget < 4096
-    assert max(flaky.calls) > 1 and flaky.calls[-1] >= 1
+    on_gpu = [n for device, _, n in _FakeGPU.log if device == "cuda"]
+    assert max(on_gpu) > 1 and 1 in on_gpu  # halved down to single sequences first
+    # Each sequence that does not fit alone ran once more, on a CPU copy computing in fp32;
+    # the GPU backbone itself stayed where it was.
+    assert [entry for entry in _FakeGPU.log if entry[0] == "cpu"] == [("cpu", "fp32", 1)] * len(too_long)
+    assert gpu.device.type == "cuda" and gpu.precision == "bf16"
     for got, want in zip(results, reference):
         for g, w in zip(got, want):
             assert g.entry == w.entry
             np.testing.assert_allclose(g.per_residue[3], w.per_residue[3], atol=1e-5)
+            np.testing.assert_allclose(g.pooled[3], w.pooled[3], atol=1e-5)
 
 
 def _run_cli(args, **kw):

@@ -129,3 +129,23 @@ def test_backbone_layers_resolve(tiny_weights):
     assert backbone.resolve_layers([-1, 0, 2, 2]) == [0, 2, 3]
     with pytest.raises(ValueError, match="layer 4 out of range"):
         backbone.resolve_layers([4])
+
+
+def test_older_import_paths_give_the_registry_classes():
+    from embedcache import backbone, backbones, unirep
+
+    assert backbone.ESM2Backbone is backbones.FAMILIES["esm2"] and backbone.Backbone is backbones.Backbone
+    assert unirep.UniRepBackbone is backbones.FAMILIES["unirep"]
+    assert models.ModelLoadError is backbones.ModelLoadError
+
+
+def test_fair_esm_export_writes_the_same_weights(tmp_path, tiny_weights):
+    backbone = ESM2Backbone.load(weights=tiny_weights)
+    exported = ESM2Backbone.load(weights=backbone.export(tmp_path / "copy.weights"))
+    assert exported.describe()["weights"] == str((tmp_path / "copy.weights").resolve())
+    ours, theirs = backbone.module.state_dict(), exported.module.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("contact_head"))
+    # torch names the zip's folder after the file, so the bytes (and the sha256) differ with the name.
+    same = {k: v for k, v in backbone.identity().items() if k != "weights_sha256"}
+    assert same == {k: v for k, v in exported.identity().items() if k != "weights_sha256"}
+    assert same["family"] == "esm2" and same["pooling"] == "mean over residues"
