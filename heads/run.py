@@ -31,6 +31,7 @@ from .rundir import (
     RunDirectory,
     RunDirectoryError,
     backbone_identity,
+    canonical_json,
     check_identity,
     describe_identity,
     open_finished,
@@ -313,8 +314,8 @@ def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | No
                   threads: int | None = None) -> Path:
     """Embed a FASTA/CSV with the backbone and extraction settings of the run's cache.
 
-    The cache goes to ``embeddings_dir/<sha1 of the file and its column options>.h5``; a
-    complete one is reused, an interrupted one resumed.
+    The cache goes to ``embeddings_dir/<sha1 of the file, its column options and the settings>.h5``;
+    a complete one is reused, an interrupted one resumed.
     """
     from embedcache.extract import ExtractConfig, extract
 
@@ -330,8 +331,12 @@ def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | No
             f"{finished.path}: its cache was not made by `embedcache extract` ({describe_identity(identity)}), so "
             "the proteins cannot be embedded the same way here; embed them as the run's cache was and give --cache")
     records = read_sequences(sequences, None, id_col, seq_col)  # a bad file fails before any model is loaded
-    digest = hashlib.sha1(Path(sequences).read_bytes())
-    digest.update(f"\0{id_col}\0{seq_col}".encode())
+    # Named by the input and the embedding settings: runs of one backbone share a folder safely.
+    digest = hashlib.sha1()
+    with open(sequences, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    digest.update(f"\0{id_col}\0{seq_col}\0{canonical_json(identity)}".encode())
     target = Path(embeddings_dir or finished.path / "embeddings") / f"{digest.hexdigest()}.h5"
     if target.exists():
         with EmbeddingCache(target) as done:
