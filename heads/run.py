@@ -268,7 +268,13 @@ def predict(run: Path | str, cache_path: Path | str | None = None, head: str | N
                 cache_path = embed_for_run(finished, sequences, id_col, seq_col, embeddings_dir, device, threads)
             cache = stack.enter_context(EmbeddingCache(cache_path))
             if kind != "sequence":
-                check_identity(finished.config.get("backbone"), cache.attrs, run, Path(cache_path))
+                try:
+                    check_identity(finished.config.get("backbone"), cache.attrs, run, Path(cache_path))
+                except RunDirectoryError:
+                    if sequences is not None:  # made here from other weights: never reuse it
+                        cache.close()
+                        Path(cache_path).unlink(missing_ok=True)
+                    raise
             if cache.skipped_ids:
                 log.warning("%s: %d IDs have no embedding (longer than max_length, skipped) and get no prediction",
                             cache_path, len(cache.skipped_ids))

@@ -292,7 +292,8 @@ def test_an_interrupted_compare_resumes_and_another_command_is_refused(planted, 
     args = ["compare", "--cache", str(cache), "--data", str(csv), "--heads", "logreg,lightgbm", "--k", "3",
             "--out", str(out), *FAST, "--set", "lightgbm.n_estimators=20", "--set", "lightgbm.n_jobs=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, "-c", INTERRUPTED, *args], env=env, capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", INTERRUPTED, *args], env=env, capture_output=True, text=True,
+                            check=False)
     assert killed.returncode == 9, killed.stderr
     assert (out / "models" / "logreg").is_dir() and not (out / "models" / "manifest.json").exists()
     result = predict(out, cache, tmp_path / "p.tsv")
@@ -318,3 +319,19 @@ def test_identical_compares_give_identical_metrics(planted, tmp_path):
     assert first == second
     a, b = (json.loads((tmp_path / r / "config.json").read_text()) for r in "ab")
     assert a["fingerprint"] == b["fingerprint"]
+
+
+def test_proteins_held_out_as_the_test_file_are_not_training_data(planted, tmp_path):
+    csv, cache = planted
+    frame = pd.read_csv(csv)
+    test = frame.iloc[::4]
+    frame.drop(test.index).to_csv(tmp_path / "train.csv", index=False)
+    test.to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "run"
+    result = run_cli("cv", "--cache", cache, "--data", tmp_path / "train.csv", "--test-data", tmp_path / "test.csv",
+                     "--head", "logreg", "--k", 3, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert predict(out, cache, tmp_path / "p.tsv").exit_code == 0
+    pred = pd.read_csv(tmp_path / "p.tsv", sep="\t").set_index("id")
+    assert not pred.loc[test["id"], "in_training_data"].any()
+    assert pred.drop(test["id"])["in_training_data"].all()
