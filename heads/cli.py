@@ -7,13 +7,14 @@ import logging
 
 import click
 
+from embedcache.atomic import DiskFullError, atomic_path
 from embedcache.sequences import InputError
 from embedcache.store import CacheError
 
 from .folds import SCHEMES
 from .run import FOLD_SOURCES, RunConfig, predict, run_comparison
 
-USER_ERRORS = (InputError, CacheError, ValueError, KeyError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (InputError, CacheError, ValueError, KeyError, FileNotFoundError, RuntimeError, DiskFullError)
 
 
 def _params(values: tuple[str, ...]) -> dict:
@@ -49,7 +50,10 @@ def common(func):
                      help="Labelled dataset file (repeat to merge several)."),
         click.option("--test-data", type=click.Path(exists=True, dir_okay=False),
                      help="A labelled file used only as the test set: train and validate on --data, test here."),
-        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write."),
+        click.option("--out", required=True, type=click.Path(file_okay=False),
+                     help="Run directory: new, empty, or holding this same run (which then resumes)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Delete the run --out holds (other settings, data or embeddings) and write this one."),
         click.option("--scheme", type=click.Choice(SCHEMES), default="simple", show_default=True,
                      help="simple: K models; nested: K(K-1) models (DeepLocPro's), test probabilities averaged. "
                           "Nested costs K(K-1) trainings per head: 20 fine-tunings of the backbone for K=5."),
@@ -80,15 +84,20 @@ def common(func):
     return func
 
 
-def _run(heads: tuple[str, ...], kw: dict) -> None:
-    logging.basicConfig(level=logging.DEBUG if kw.pop("verbose") else logging.INFO,
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _run(heads: tuple[str, ...], kw: dict) -> None:
+    _logging(kw.pop("verbose"))
     out = kw.pop("out")
+    overwrite = kw.pop("overwrite")
     data = kw.pop("data")
     config = RunConfig(data=data[0] if len(data) == 1 else tuple(data), heads=heads, head_params=_params(kw.pop("settings")),
                        class_names=_class_names(kw.pop("class_names")), lrs=tuple(kw.pop("lrs")), **kw)
     try:
-        summary = run_comparison(config, out)
+        summary = run_comparison(config, out, overwrite=overwrite)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from None
     table = summary["table"]
@@ -125,17 +134,44 @@ def compare_cmd(heads, **kw) -> None:
 
 @main.command("predict")
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A run directory.")
-@click.option("--cache", required=True, type=click.Path(exists=True, dir_okay=False), help="Cache of the proteins to predict.")
+@click.option("--cache", type=click.Path(exists=True, dir_okay=False),
+              help="Embedding cache of the proteins, made with the run's backbone and extraction settings.")
+@click.option("--sequences", type=click.Path(exists=True, dir_okay=False),
+              help="FASTA or CSV/TSV of the proteins: embedded with the run's backbone and settings "
+                   "(cached in RUN/embeddings/ and reused).")
+@click.option("--id-col", help="--sequences CSV: ID column [recognised].")
+@click.option("--seq-col", help="--sequences CSV: sequence column [recognised].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV of predictions.")
 @click.option("--head", help="Which head's fold models [the run's best by macro-F1].")
-def predict_cmd(run_dir, cache, out, head) -> None:
-    """Predict new proteins with the ensemble of a run's fold models."""
+@click.option("--embeddings", "embeddings_dir", type=click.Path(file_okay=False),
+              help="Folder for the caches --sequences builds [RUN/embeddings].")
+@click.option("--device", default="auto", show_default=True, help="--sequences: where to embed (cpu, cuda, cuda:N).")
+@click.option("--threads", type=click.IntRange(min=1), help="--sequences: torch CPU threads [cores available].")
+@click.option("--verbose", "-v", is_flag=True)
+def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embeddings_dir, device, threads,
+                verbose) -> None:
+    """Predict proteins with the ensemble of a run's fold models.
+
+    Give the proteins as a cache of the run's own backbone (--cache) or as a FASTA/CSV file
+    (--sequences), which is embedded the way the run's cache was. Only the model files the
+    run recorded are used, each checked against its sha256. The column in_training_data
+    marks proteins whose sequence the run trained on.
+    """
+    _logging(verbose)
+    if (cache is None) == (sequences is None):
+        raise click.UsageError("give the proteins with --cache C.h5 or with --sequences FILE (one of them)")
+    if sequences is None and (id_col or seq_col):
+        raise click.UsageError("--id-col and --seq-col apply to --sequences")
     try:
-        frame = predict(run_dir, cache, head)
+        frame = predict(run_dir, cache, head, sequences=sequences, id_col=id_col, seq_col=seq_col,
+                        embeddings_dir=embeddings_dir, device=device, threads=threads)
+        with atomic_path(out) as tmp:
+            frame.to_csv(tmp, sep="\t", index=False, float_format="%.5f")
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from None
-    frame.to_csv(out, sep="\t", index=False, float_format="%.5f")
-    click.echo(f"{out}: {len(frame)} proteins, ensemble of {frame.attrs['models']} {frame.attrs['head']} models")
+    seen = int(frame["in_training_data"].sum())
+    click.echo(f"{out}: {len(frame)} proteins ({seen} with a sequence from the run's training data), "
+               f"ensemble of {frame.attrs['models']} {frame.attrs['head']} models")
 
 
 @main.command("export-backbone")

@@ -19,10 +19,14 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
+from embedcache.atomic import atomic_path
+from embedcache.models import sha256_of
+
 from .datasets import LabeledSet
 from .estimators import Head
 from .features import FeatureSource
 from .folds import Split
+from .rundir import SavedModel
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class MethodResult:
     folds: np.ndarray  # test fold of each row
     splits: list[dict] = field(default_factory=list)  # per split: folds, sizes, seconds, what validation chose
     models: list[tuple[Split, Head]] = field(default_factory=list)
+    saved: list[SavedModel] = field(default_factory=list)  # model files written, for the run's manifest
 
     def predicted(self) -> np.ndarray:
         return ~np.isnan(self.proba).any(1)
@@ -90,13 +95,20 @@ def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits
             info["history"] = model.history_
         result.splits.append(info)
         if model_dir is not None:
-            model.save(model_dir / f"{split.name}{model.file_suffix}")
+            result.saved.append(save_model(model, model_dir / f"{split.name}{model.file_suffix}", name, split.name))
         if keep_models:
             result.models.append((split, model))
         log.info("%s: split %d/%d (%s) in %.1f s", name, number, len(splits), split.name, seconds)
     done = count > 0
     result.proba[done] = total[done] / count[done, None]
     return result
+
+
+def save_model(model: Head, path: Path, method: str, split: str) -> SavedModel:
+    """Write a fitted head whole or not at all, and record what was written."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return SavedModel(method, split, path, sha256_of(path), [int(c) for c in model.classes_], model.input)
 
 
 def read_reference(directory: Path | str, data: LabeledSet, name: str = "reference") -> MethodResult:

@@ -2,24 +2,27 @@
 
 A run directory holds::
 
-    config.json        the run's settings, class names and versions
+    config.json        the run's settings, class names, backbone identity and fingerprint;
+                       written last, with the manifest's sha256: a run without it did not finish
     predictions.csv    one row per protein and method: truth, fold, prediction, probabilities
     metrics.json       every metric of every method (overall, per class, per group), intervals, tests
     comparison.md/.csv the side-by-side table
     splits.json        per split: sizes, time, what validation chose, training curves
     plots/             metrics per method, confusion matrices, per-class F1, training curves (PNG)
-    models/            fitted heads, one file per split (for `heads predict`)
+    models/            fitted heads, one file per split, manifest.json (file, sha256, classes of
+                       each) and training_keys.txt (for `heads predict`)
     work/              fine-tuning checkpoints and per-step/per-epoch logs and curves, per split
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from embedcache.atomic import atomic_path, write_json, write_text
 
 from .datasets import LabeledSet
 from .evaluate import MethodResult
@@ -37,7 +40,8 @@ def method_metrics(result: MethodResult, data: LabeledSet, n_boot: int = 1000, s
     return out
 
 
-def paired_tests(results: list[MethodResult], data: LabeledSet, baseline: str, n_boot: int = 1000) -> dict:
+def paired_tests(results: list[MethodResult], data: LabeledSet, baseline: str, n_boot: int = 1000,
+                 seed: int = 0) -> dict:
     """Each method against ``baseline`` on the proteins both predicted."""
     base = next(r for r in results if r.name == baseline)
     tests = {}
@@ -50,8 +54,8 @@ def paired_tests(results: list[MethodResult], data: LabeledSet, baseline: str, n
         tests[f"{other.name} vs {baseline}"] = {
             "n": int(mask.sum()),
             "mcnemar": mcnemar(y, a, b),
-            "macro_f1_difference": paired_bootstrap(y, a, b, data.n_classes, "macro_f1", n_boot),
-            "accuracy_difference": paired_bootstrap(y, a, b, data.n_classes, "accuracy", n_boot),
+            "macro_f1_difference": paired_bootstrap(y, a, b, data.n_classes, "macro_f1", n_boot, seed),
+            "accuracy_difference": paired_bootstrap(y, a, b, data.n_classes, "accuracy", n_boot, seed),
         }
     return tests
 
@@ -88,33 +92,42 @@ def markdown_table(table: pd.DataFrame, title: str, notes: list[str]) -> str:
 
 
 def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodResult], title: str,
-              notes: list[str] | None = None, baseline: str | None = None, n_boot: int = 1000) -> dict:
+              notes: list[str] | None = None, baseline: str | None = None, n_boot: int = 1000,
+              seed: int = 0) -> dict:
+    """Every output of a run; config.json last (its ``manifest_sha256`` marks a finished run).
+
+    metrics.json depends only on the predictions, ``n_boot`` and ``seed``: no times, no dates.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {r.name: method_metrics(r, data, n_boot) for r in results}
+    metrics = {r.name: method_metrics(r, data, n_boot, seed) for r in results}
     if baseline is None and len(results) > 1:
         # Compare everything with the best method by macro-F1.
         baseline = max(metrics, key=lambda n: metrics[n]["macro_f1"])
-    tests = paired_tests(results, data, baseline, n_boot) if baseline else {}
+    tests = paired_tests(results, data, baseline, n_boot, seed) if baseline else {}
     table = comparison_table(metrics)
     notes = list(notes or [])
     for name, test in tests.items():
         d = test["macro_f1_difference"]
         notes.append(f"{name}: macro-F1 difference {d['difference']:+.3f} (95% CI {d['ci95'][0]:+.3f} to "
                      f"{d['ci95'][1]:+.3f}, paired bootstrap p={d['p_value']:.3f}); McNemar p={test['mcnemar']['p_value']:.3g}")
-    _write_json(out / "config.json", {**config, "classes": data.classes})
     _write_json(out / "metrics.json", {"methods": metrics, "paired_tests": tests})
     _write_json(out / "splits.json", {r.name: r.splits for r in results})
-    pd.concat([r.frame(data) for r in results]).to_csv(out / "predictions.csv", index=False)
-    table.to_csv(out / "comparison.csv", index=False)
-    (out / "comparison.md").write_text(markdown_table(table, title, notes))
+    with atomic_path(out / "predictions.csv") as tmp:
+        pd.concat([r.frame(data) for r in results]).to_csv(tmp, index=False)
+    with atomic_path(out / "comparison.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text(out / "comparison.md", markdown_table(table, title, notes))
     plot_run(out / "plots", data, results, metrics)
+    write_config(out, config, data.classes)
     return {"metrics": metrics, "tests": tests, "table": table}
 
 
+def write_config(out: Path, config: dict, classes: list[str]) -> None:
+    _write_json(out / "config.json", {**config, "classes": classes})
+
+
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    tmp.replace(path)
+    write_json(path, obj, default=_json_default)
 
 
 def _json_default(obj):
@@ -151,7 +164,7 @@ def plot_run(folder: Path, data: LabeledSet, results: list[MethodResult], metric
         ax.set_xlabel("predicted")
     axes[0][0].set_ylabel("true")
     fig.tight_layout()
-    fig.savefig(folder / "confusion_matrices.png", dpi=120, bbox_inches="tight")
+    _savefig(fig, folder / "confusion_matrices.png")
     plt.close(fig)
 
     # Per-class F1, one bar per method.
@@ -166,7 +179,7 @@ def plot_run(folder: Path, data: LabeledSet, results: list[MethodResult], metric
     ax.legend(fontsize=8, ncol=min(4, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.25))
     ax.set_title("per-class F1")
     fig.tight_layout()
-    fig.savefig(folder / "per_class_f1.png", dpi=120, bbox_inches="tight")
+    _savefig(fig, folder / "per_class_f1.png")
     plt.close(fig)
 
     # Headline metrics per method with their bootstrap intervals (a learning-rate sweep reads here).
@@ -184,7 +197,7 @@ def plot_run(folder: Path, data: LabeledSet, results: list[MethodResult], metric
     ax.legend(fontsize=8, ncol=min(4, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.set_title("methods on the same proteins and folds")
     fig.tight_layout()
-    fig.savefig(folder / "comparison.png", dpi=120, bbox_inches="tight")
+    _savefig(fig, folder / "comparison.png")
     plt.close(fig)
 
     # Training curves of heads that record them.
@@ -208,5 +221,10 @@ def plot_run(folder: Path, data: LabeledSet, results: list[MethodResult], metric
             metric_ax.legend(fontsize=7)
         fig.suptitle(result.name)
         fig.tight_layout()
-        fig.savefig(folder / f"training_curves_{result.name}.png", dpi=120, bbox_inches="tight")
+        _savefig(fig, folder / f"training_curves_{result.name}.png")
         plt.close(fig)
+
+
+def _savefig(fig, path: Path) -> None:
+    with atomic_path(path, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 
+from embedcache.atomic import real_path
 from embedcache.backbones import backbone_for_cache
-from embedcache.sequences import sequence_key
+from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
 from .datasets import LabeledSet, load_labeled, merge
@@ -21,7 +24,20 @@ from .estimators import Head, make_head
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
 from .folds import homology_folds, scheme, stratified_folds
-from .report import write_run
+from .report import write_config, write_run
+from .rundir import (
+    FinishedRun,
+    RunDirectory,
+    RunDirectoryError,
+    backbone_identity,
+    canonical_json,
+    check_identity,
+    describe_identity,
+    open_finished,
+    run_fingerprint,
+    write_manifest,
+    write_training_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +145,13 @@ def _backbone_params(config: RunConfig, provenance: dict | None, params: dict) -
                      "are then used)")
 
 
-def run_comparison(config: RunConfig, out: Path | str, title: str | None = None) -> dict:
-    """Cross-validate every head on the same splits, add the reference, write the run."""
+def run_comparison(config: RunConfig, out: Path | str, title: str | None = None, overwrite: bool = False) -> dict:
+    """Cross-validate every head on the same splits, add the reference, write the run.
+
+    ``out`` must be new, empty, or hold this same run (same fingerprint), which then resumes:
+    finished methods are computed again, fine-tuning continues from its checkpoints. Another
+    run there is refused unless ``overwrite``, which deletes it first.
+    """
     out = Path(out)
     data, fold_info = load_data(config)
     splits = scheme(config.scheme).split(data.folds, fold_info.get("test_fold"))
@@ -142,71 +163,201 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None)
         frozen = [n for n, h in heads.items() if h.input != "sequence"]
         if frozen and cache is None:
             raise ValueError(f"heads {', '.join(frozen)} read embeddings: give --cache")
+        if cache is not None and config.layer is not None and config.layer not in cache.layers:
+            raise ValueError(f"layer {config.layer} is not in {cache.path}; stored layers: {cache.layers}")
         features = FeatureSource(cache, data.sequences, config.layer, ids=data.ids)
+        prov = cache_info["provenance"]
+        layer = cache_info["layers"][-1] if config.layer is None else config.layer
+        identity = backbone_identity(prov, layer) if cache is not None else None
+        methods = {name: head.get_params() for name, head in heads.items()}
+        fingerprint = run_fingerprint(_fingerprint_settings(config), identity, methods, data)
+        inputs = [*([config.data] if isinstance(config.data, str) else config.data), config.test_data,
+                  config.cache, config.reference, config.weights]
+        run_dir = stack.enter_context(RunDirectory(out, fingerprint, overwrite, inputs))
+
+        notes = [
+            f"{len(data)} proteins, {data.n_classes} classes; folds: {fold_info}; scheme {config.scheme} "
+            f"({len(splits)} models per head)",
+            "95% intervals: percentile bootstrap over proteins",
+        ]
+        if cache is not None:
+            notes.insert(1, f"embeddings: {prov.get('model')} ({prov.get('architecture')}), layer {layer}, "
+                            f"weights sha256 {str(prov.get('weights_sha256'))[:12]}")
+        for name, head in heads.items():
+            if head.input == "sequence":
+                p = head.get_params()
+                notes.append(f"{name}: fine-tuned {p['weights'] or p['model']} (mode {p['mode']}, lr {p['lr']:g}, "
+                             f"pooling {p['pooling']}); per-epoch logs and curves in work/{name}/")
+        run_config = {
+            **asdict(config),
+            "methods": methods,
+            "folds_info": fold_info,
+            "splits": [s.name for s in splits],
+            "cache_provenance": prov,
+            "cache_path": str(real_path(config.cache)) if config.cache else None,
+            "backbone": identity,
+            "fingerprint": fingerprint,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        # Written first so that an interrupted run is recognised (and resumed) by its fingerprint;
+        # without manifest_sha256 it does not count as finished.
+        write_config(out, run_config, data.classes)
         for name, head in heads.items():
             # Sequence heads hold a whole backbone: saved as they finish, not kept in memory.
             result = cross_validate(head, data, features, splits, name, keep_models=head.input != "sequence",
                                     model_dir=out / "models" / name, work_dir=out / "work")
             results.append(result)
-    if config.reference:
-        results.append(read_reference(config.reference, data))
-    prov = cache_info["provenance"]
-    notes = [
-        f"{len(data)} proteins, {data.n_classes} classes; folds: {fold_info}; scheme {config.scheme} "
-        f"({len(splits)} models per head)",
-        "95% intervals: percentile bootstrap over proteins",
-    ]
-    if cache is not None:
-        notes.insert(1, f"embeddings: {prov.get('model')} ({prov.get('architecture')}), layer "
-                        f"{cache_info['layers'][-1] if config.layer is None else config.layer}, "
-                        f"weights sha256 {str(prov.get('weights_sha256'))[:12]}")
-    for name, head in heads.items():
-        if head.input == "sequence":
-            p = head.get_params()
-            notes.append(f"{name}: fine-tuned {p['weights'] or p['model']} (mode {p['mode']}, lr {p['lr']:g}, "
-                         f"pooling {p['pooling']}); per-epoch logs and curves in work/{name}/")
-    run_config = {
-        **asdict(config),
-        "methods": {name: head.get_params() for name, head in heads.items()},
-        "folds_info": fold_info,
-        "splits": [s.name for s in splits],
-        "cache_provenance": prov,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if "test_fold" in fold_info:
-        notes.insert(1, f"trained and validated on {config.data}, tested only on {config.test_data} "
-                        f"({fold_info['n_test']} proteins; {fold_info['training_sequences_also_in_test_removed']} "
-                        "training sequences also in the test file were dropped)")
-    summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
-                        n_boot=config.n_boot)
-    log.info("run written to %s", out)
+        if config.reference:
+            results.append(read_reference(config.reference, data))
+        if "test_fold" in fold_info:
+            notes.insert(1, f"trained and validated on {config.data}, tested only on {config.test_data} "
+                            f"({fold_info['n_test']} proteins; {fold_info['training_sequences_also_in_test_removed']} "
+                            "training sequences also in the test file were dropped)")
+        trained = sorted({int(i) for s in splits for i in (*s.train, *s.val)})
+        keys = write_training_keys(out, (sequence_key(data.sequences[i]) for i in trained))
+        saved = [model for result in results for model in result.saved]
+        run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys)
+        summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
+                            n_boot=config.n_boot, seed=config.seed)
+    log.info("run written to %s%s", out, " (resumed)" if run_dir.resumed else "")
     return summary
 
 
-def predict(run: Path | str, cache_path: Path | str, head: str | None = None, layer: int | None = None) -> pd.DataFrame:
-    """Ensemble of a run's fold models on every protein of another cache."""
+def _fingerprint_settings(config: RunConfig) -> dict:
+    """The config without the paths of inputs the fingerprint covers by content."""
+    return {k: v for k, v in asdict(config).items() if k not in ("data", "test_data", "cache")}
+
+
+def predict(run: Path | str, cache_path: Path | str | None = None, head: str | None = None, *,
+            sequences: Path | str | None = None, id_col: str | None = None, seq_col: str | None = None,
+            embeddings_dir: Path | str | None = None, device: str = "auto",
+            threads: int | None = None) -> pd.DataFrame:
+    """Ensemble of a run's fold models on every protein of a cache, or of a FASTA/CSV file.
+
+    Only the model files the run's manifest lists are loaded, each after its sha256 is
+    checked. A cache must hold embeddings of the run's own backbone and settings. A sequence
+    file is embedded with them into ``embeddings_dir`` (default RUN/embeddings/), one cache
+    per input file, reused when asked again. The frame's ``in_training_data`` says whether a
+    protein's sequence was among the run's training (or validation) sequences.
+    """
+    if (cache_path is None) == (sequences is None):
+        raise ValueError("give the proteins to predict as an embedding cache or as a sequence file (one of them)")
     run = Path(run)
-    config = json.loads((run / "config.json").read_text())
-    classes = config["classes"]
+    finished = open_finished(run)
+    classes = finished.classes
     if head is None:
-        metrics = json.loads((run / "metrics.json").read_text())["methods"]
-        trained = [n for n in metrics if (run / "models" / n).is_dir()]
-        head = max(trained, key=lambda n: metrics[n]["macro_f1"])
-    files = sorted((run / "models" / head).glob("*.*"))
-    if not files:
-        raise FileNotFoundError(f"{run}: no saved models for head {head!r}")
-    with EmbeddingCache(cache_path) as cache:
-        features = FeatureSource.from_rows(cache, cache.rows(cache.ids), layer if layer is not None else config.get("layer"))
-        total = np.zeros((len(cache.ids), len(classes)))
-        for path in files:  # one at a time: a fine-tuned model holds a whole backbone
+        head = _best_method(finished)
+    entries = finished.models(head)
+    kind = entries[0]["input"]
+    training = finished.training_keys()
+    if cache_path is not None and not h5py.is_hdf5(cache_path):
+        raise ValueError(f"{cache_path}: not an HDF5 embedding cache; to predict the proteins of a FASTA or CSV "
+                         "file, give it as --sequences (they are embedded with the run's backbone)")
+    with contextlib.ExitStack() as stack:
+        if kind == "sequence" and sequences is not None:
+            # Fine-tuned models read residues, not embeddings: nothing to embed.
+            records = read_sequences(sequences, None, id_col, seq_col)
+            ids, keys = [r.id for r in records], [r.key for r in records]
+            features = FeatureSource(None, [r.sequence for r in records])
+        else:
+            if sequences is not None:
+                cache_path = embed_for_run(finished, sequences, id_col, seq_col, embeddings_dir, device, threads)
+            cache = stack.enter_context(EmbeddingCache(cache_path))
+            if kind != "sequence":
+                try:
+                    check_identity(finished.config.get("backbone"), cache.attrs, run, Path(cache_path))
+                except RunDirectoryError:
+                    if sequences is not None:  # made here from other weights: never reuse it
+                        cache.close()
+                        Path(cache_path).unlink(missing_ok=True)
+                    raise
+            if cache.skipped_ids:
+                log.warning("%s: %d IDs have no embedding (longer than max_length, skipped) and get no prediction",
+                            cache_path, len(cache.skipped_ids))
+            ids = cache.ids
+            keys = [cache.key(i) for i in ids]
+            layer = (finished.config.get("backbone") or {}).get("layer")
+            features = FeatureSource.from_rows(cache, cache.rows(ids), layer)
+        total = np.zeros((len(ids), len(classes)))
+        for entry in entries:  # one at a time: a fine-tuned model holds a whole backbone
+            path = run / "models" / entry["file"]
             model = Head.load(path)
-            proba = model.predict_proba(features.for_input(model.input))
-            total[:, np.asarray(model.classes_, dtype=np.int64)] += proba
+            columns = np.asarray(model.classes_, dtype=np.int64)
+            if [classes[k] for k in columns] != entry["classes"] or model.input != entry["input"]:
+                raise RunDirectoryError(f"{path}: holds a model of classes {columns.tolist()} ({model.input}); the "
+                                        f"manifest says {entry['classes']} ({entry['input']})")
+            total[:, columns] += model.predict_proba(features.for_input(model.input))
             del model
-        proba = total / len(files)
-        frame = pd.DataFrame({"id": cache.ids, "prediction": [classes[k] for k in proba.argmax(1)]})
+        proba = total / len(entries)
+    frame = pd.DataFrame({"id": ids, "prediction": [classes[k] for k in proba.argmax(1)],
+                          "in_training_data": [k in training for k in keys]})
     for k, c in enumerate(classes):
         frame[f"p_{c}"] = proba[:, k]
     frame.attrs["head"] = head
-    frame.attrs["models"] = len(files)
+    frame.attrs["models"] = len(entries)
+    frame.attrs["cache"] = None if cache_path is None else str(cache_path)
     return frame
+
+
+def _best_method(finished: FinishedRun) -> str:
+    path = finished.path / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())["methods"]
+    except (OSError, ValueError, KeyError) as err:
+        raise RunDirectoryError(f"{path}: cannot be read ({err}); name the head with --head") from None
+    scored = [n for n in finished.methods if n in metrics]
+    if not scored:
+        raise RunDirectoryError(f"{finished.path}: no saved models of a scored method; name the head with --head")
+    return max(scored, key=lambda n: metrics[n]["macro_f1"])
+
+
+def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | None = None,
+                  seq_col: str | None = None, embeddings_dir: Path | str | None = None, device: str = "auto",
+                  threads: int | None = None) -> Path:
+    """Embed a FASTA/CSV with the backbone and extraction settings of the run's cache.
+
+    The cache goes to ``embeddings_dir/<sha1 of the file, its column options and the settings>.h5``;
+    a complete one is reused, an interrupted one resumed.
+    """
+    from embedcache.extract import ExtractConfig, extract
+
+    identity = finished.config.get("backbone")
+    prov = finished.config.get("cache_provenance") or {}
+    if identity is None:
+        raise RunDirectoryError(f"{finished.path}: the run was trained without an embedding cache; "
+                                "its frozen heads cannot embed new proteins")
+    settings = prov.get("config")
+    settings = json.loads(settings) if isinstance(settings, str) else settings
+    if not isinstance(settings, dict):
+        raise RunDirectoryError(
+            f"{finished.path}: its cache was not made by `embedcache extract` ({describe_identity(identity)}), so "
+            "the proteins cannot be embedded the same way here; embed them as the run's cache was and give --cache")
+    records = read_sequences(sequences, None, id_col, seq_col)  # a bad file fails before any model is loaded
+    # Named by the input and the embedding settings: runs of one backbone share a folder safely.
+    digest = hashlib.sha1()
+    with open(sequences, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    digest.update(f"\0{id_col}\0{seq_col}\0{canonical_json(identity)}".encode())
+    target = Path(embeddings_dir or finished.path / "embeddings") / f"{digest.hexdigest()}.h5"
+    if target.exists():
+        with EmbeddingCache(target) as done:
+            known = set(done.ids) | set(done.skipped_ids)
+            if all(r.id in known for r in records):
+                log.info("%s: embeddings of %s already there", target, sequences)
+                return target
+    model, weights = backbone_for_cache(prov, Path(finished.config.get("cache_path") or finished.config["cache"]))
+    config = ExtractConfig(
+        model=model, weights=weights, layers=(int(identity["layer"]),), long=prov.get("long_policy", "truncate"),
+        max_length=_int_or_none(prov.get("max_length")), chunk_overlap=int(prov.get("chunk_overlap") or 0),
+        precision=prov.get("precision", "auto"), dtype=prov.get("dtype", "float16"), device=device, threads=threads,
+        trust_weights=bool(settings.get("trust_weights", False)),
+    )
+    log.info("embedding %s with the run's backbone (%s) into %s", sequences, describe_identity(identity), target)
+    extract(sequences, target, config, id_col=id_col, seq_col=seq_col, progress=False,
+            command=f"heads predict --run {finished.path} --sequences {sequences}")
+    return target
+
+
+def _int_or_none(value) -> int | None:
+    return None if value in (None, "none") else int(value)

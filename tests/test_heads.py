@@ -242,6 +242,10 @@ def test_cli_compare_writes_a_complete_run_and_predicts(planted, tmp_path):
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 2 * len(data) and set(preds["method"]) == {"logreg", "attention"}
     assert len(list((out / "models" / "logreg").glob("*.joblib"))) == 3
+    manifest = json.loads((out / "models" / "manifest.json").read_text())
+    assert sorted((m["method"], m["split"]) for m in manifest["models"]) == sorted(
+        (method, f"test{t}_val{(t + 1) % 3}") for method in ("logreg", "attention") for t in range(3))
+    assert config["backbone"]["weights_sha256"] == config["cache_provenance"]["weights_sha256"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["paired_tests"]) == 1
     table = (out / "comparison.md").read_text()
@@ -252,6 +256,12 @@ def test_cli_compare_writes_a_complete_run_and_predicts(planted, tmp_path):
     assert result.exit_code == 0, result.output
     pred = pd.read_csv(tmp_path / "p.tsv", sep="\t")
     assert len(pred) == len(data) and (pred[["p_class0", "p_class1", "p_class2"]].sum(axis=1) - 1).abs().max() < 1e-4
+    assert pred["in_training_data"].all()  # every protein was in some fold's training data
+    # Without --head: the best method by macro-F1, from its own files.
+    result = runner.invoke(heads_main, ["predict", "--run", str(out), "--cache", str(cache), "--out", str(tmp_path / "q.tsv")])
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]
+    best = max(metrics, key=lambda n: metrics[n]["macro_f1"])
+    assert result.exit_code == 0 and f"ensemble of 3 {best} models" in result.output
 
 
 def test_cli_errors_are_messages(tmp_path, planted):
@@ -265,6 +275,17 @@ def test_cli_errors_are_messages(tmp_path, planted):
     result = runner.invoke(heads_main, ["cv", "--cache", str(cache), "--data", str(other), "--head", "logreg",
                                         "--out", str(tmp_path / "r2")])
     assert result.exit_code == 1 and "3 of 3 proteins have no embedding" in result.output
+    assert not (tmp_path / "r2").exists()  # refused before anything was written
+    result = runner.invoke(heads_main, ["cv", "--cache", str(cache), "--data", str(csv), "--head", "logreg",
+                                        "--folds", "stratified", "--k", "3", "--set", "logreg.Cs=[1.0]",
+                                        "--bootstrap", "100", "--out", str(tmp_path / "r3")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(heads_main, ["cv", "--cache", str(cache), "--data", str(csv), "--head", "logreg",
+                                        "--folds", "stratified", "--k", "4", "--out", str(tmp_path / "r3")])
+    assert result.exit_code == 1 and "holds another run" in result.output and "Traceback" not in result.output
+    result = runner.invoke(heads_main, ["predict", "--run", str(tmp_path / "r3"), "--cache", str(cache),
+                                        "--out", str(tmp_path / "p.tsv"), "--head", "attention"])
+    assert result.exit_code == 1 and "no saved models for head 'attention'" in result.output
 
 
 def test_bootstrap_metrics_from_confusion_equal_scikit_learn():
