@@ -19,6 +19,7 @@ from embedcache.extract import ExtractConfig, extract
 from embedcache.models import build_tiny_esm2, load_esm2
 from embedcache.store import EmbeddingCache
 from heads.estimators import Head
+from heads import training
 from heads.finetune import FinetuneHead, crop_sequence
 from heads.run import RunConfig, predict, run_comparison
 
@@ -131,7 +132,7 @@ def test_resume_after_interruption_continues_from_the_saved_epoch(tiny_weights, 
         X, y, eval_set=(Xv, yv))
 
     saves = []
-    real_save = FinetuneHead._save_checkpoint
+    real_save = training.save_checkpoint
 
     def crash_after_two(folder, state):
         real_save(folder, state)
@@ -139,12 +140,12 @@ def test_resume_after_interruption_continues_from_the_saved_epoch(tiny_weights, 
         if len(saves) == 2:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(FinetuneHead, "_save_checkpoint", staticmethod(crash_after_two))
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_two)
     folder = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         quick(tiny_weights, mode="full", max_epochs=3, checkpoint_dir=str(folder)).fit(X, y, eval_set=(Xv, yv))
     saves.clear()
-    caplog.set_level("INFO", logger="heads.finetune")
+    caplog.set_level("INFO", logger="heads.training")
     resumed = quick(tiny_weights, mode="full", max_epochs=3, checkpoint_dir=str(folder)).fit(X, y, eval_set=(Xv, yv))
     assert saves == [3]  # only the epoch that was missing ran
     assert "2 epoch(s) done" in caplog.text
