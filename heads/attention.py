@@ -7,8 +7,9 @@ attention-weighted sum with a masked max over residues; a small MLP classifies t
 neighbouring residues, as in Light Attention (much more compute per residue).
 
 Padding never enters a pooling step: softmax logits and max inputs at padded positions are
-set to -inf. Training reads length-bucketed batches from the cache, stops early on a
-validation metric and restores the best epoch.
+set to -inf. Training reads length-bucketed batches from the cache in the loop every torch
+head shares (:func:`heads.training.train`): early stopping on a validation metric, the best
+epoch restored, and with ``checkpoint_dir`` per-epoch checkpoints that a fit resumes from.
 """
 
 from __future__ import annotations

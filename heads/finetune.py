@@ -12,13 +12,11 @@ the pretrained weights), and trains backbone and classifier together:
   share a forward pass instead of being padded to the longest of a random batch.
 * AdamW (no decay on biases and norms), linear warm-up then linear decay, gradient
   accumulation and clipping, optional class weights, bf16 autocast, gradient checkpointing.
-* Early stopping on a validation metric; the best epoch's weights are restored at the end.
-* With ``checkpoint_dir`` every finished epoch is saved atomically (``last.pt``); a fit with the
-  same settings and data continues after the last saved epoch, so a crash (kill -9) costs at
-  most the epoch in progress. Each epoch's shuffling and dropout are seeded from
-  ``random_state`` and the epoch number, so a resumed fit follows the uninterrupted one.
-  The same folder receives ``steps.csv`` (loss and learning rate per optimiser step),
-  ``epochs.csv`` (training and validation loss and metrics per epoch) and ``curves.png``.
+* Training runs in the loop every torch head shares (:func:`heads.training.train`): early
+  stopping on a validation metric with the best epoch restored, and with ``checkpoint_dir``
+  an atomic checkpoint after every epoch that a fit with the same settings and data resumes
+  from, so a crash (kill -9) costs at most the epoch in progress; ``steps.csv``,
+  ``epochs.csv`` and ``curves.png`` in the same folder.
 """
 
 from __future__ import annotations

@@ -150,6 +150,10 @@ class Outcome:
     steps: list[dict]
 
 
+# curves.png costs about a second to draw: redrawn after an epoch only when this long has passed, and at the end.
+PLOT_EVERY_S = 60.0
+
+
 def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprint: str = "",
           description: str = "") -> Outcome:
     """Train ``task`` (see the module docstring); the module ends in eval mode with the best epoch's weights."""
@@ -179,6 +183,7 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
             (folder / name).unlink(missing_ok=True)
 
     steps_per_epoch = None
+    plotted = time.monotonic()
     for epoch in range(start_epoch, schedule.max_epochs + 1):
         started = time.perf_counter()
         rng = np.random.default_rng(epoch_seed(seed, epoch))
@@ -248,7 +253,10 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
                 state.update(trainable=best_state or task.state(), best_state=None)
             else:
                 state.update(trainable=task.state(), best_state=best_state, optimizer=optimiser.state_dict())
-            write_logs(folder, step_rows, history)
+            plot = finished or time.monotonic() - plotted > PLOT_EVERY_S
+            write_logs(folder, step_rows, history, plot)
+            if plot:
+                plotted = time.monotonic()
             save_checkpoint(folder, state)
         if stop:
             break
@@ -298,10 +306,10 @@ def _load_checkpoint(folder: Path, fingerprint: str, task: Task) -> dict | None:
 
 
 # -- logs and curves -----------------------------------------------------------------------
-def write_logs(folder: Path, steps: list[dict], epochs: list[dict]) -> None:
+def write_logs(folder: Path, steps: list[dict], epochs: list[dict], plot: bool = True) -> None:
     write_csv(folder / "steps.csv", steps)
     write_csv(folder / "epochs.csv", epochs)
-    if steps and epochs:
+    if plot and steps and epochs:
         plot_curves(folder / "curves.png", steps, epochs)
 
 
