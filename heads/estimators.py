@@ -166,7 +166,8 @@ class LightGBMHead(Head):
         return self
 
     def predict_proba(self, X):
-        return self.model_.predict_proba(check_pooled(self, X, fitting=False))
+        X = check_pooled(self, X, fitting=False)
+        return self.model_.predict_proba(X)
 
     def selection_summary(self):
         return {"best_iteration": self.best_iteration_}

@@ -276,3 +276,26 @@ def test_export_backbone_command(tiny_weights, task, tmp_path):
     result = CliRunner().invoke(main, ["export-backbone", "--model", str(saved), "--out", str(tmp_path / "x.pt"),
                                        "--weights", str(other)])
     assert result.exit_code == 1 and "was trained from weights with sha256" in result.output
+
+
+def test_finetuning_leaves_the_callers_random_state_alone_and_repeats_exactly(tiny_weights, task):
+    (X, y), (Xv, yv) = task
+    torch.manual_seed(11)
+    np.random.seed(11)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    first = quick(tiny_weights, mode="full", max_epochs=1, dropout=0.3).fit(X[:40], y[:40], eval_set=(Xv, yv))
+    first.predict_proba(Xv)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1])
+    torch.rand(3)
+    second = quick(tiny_weights, mode="full", max_epochs=1, dropout=0.3).fit(X[:40], y[:40], eval_set=(Xv, yv))
+    np.testing.assert_array_equal(first.predict_proba(Xv), second.predict_proba(Xv))
+
+
+def test_finetune_parameters_are_checked_before_the_backbone_loads(tiny_weights):
+    from heads.registry import make_head
+
+    with pytest.raises(ValueError, match="finetune parameter warmup must be a number in \\[0, 1\\)"):
+        make_head("finetune", {"weights": str(tiny_weights), "warmup": 2})
+    with pytest.raises(ValueError, match="finetune has no parameter 'learning_rate'"):
+        make_head("finetune", {"weights": str(tiny_weights), "learning_rate": 1e-3})
