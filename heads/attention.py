@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,8 +29,18 @@ from embedcache.atomic import atomic_path
 from embedcache.extract import available_cores, torch_threads
 from embedcache.store import CONTENT_SETTINGS
 
-from .base import (METRIC, Head, check_finite_batch, check_labels, check_width, class_weight_check, integer, number,
-                   path_check, seed_check)
+from .base import (
+    METRIC,
+    Head,
+    check_finite_batch,
+    check_labels,
+    check_width,
+    class_weight_check,
+    integer,
+    number,
+    path_check,
+    seed_check,
+)
 from .features import ArrayResidues, CachedResidues, Residues, length_batches, pad
 from .training import Schedule, Task, class_weights, isolated_rng, seed_from, train
 
@@ -96,7 +107,7 @@ class AttentionHead(Head):
     input = "per_residue"
     file_suffix = ".pt"
     fitted_attributes = ("classes_", "module_")
-    constraints = {
+    constraints: ClassVar[dict] = {
         "heads": integer(1), "hidden": integer(1), "dropout": number(0, 1, high_open=True),
         "conv_kernel": _conv_kernel_check, "lr": number(0, low_open=True), "weight_decay": number(0),
         "max_epochs": integer(1), "patience": integer(1), "batch_tokens": integer(1), "max_batch": integer(2),

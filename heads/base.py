@@ -30,7 +30,6 @@ from typing import ClassVar
 import joblib
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from embedcache import __version__
@@ -129,7 +128,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def from_saved(cls, data, path: Path, **options) -> Head:
         head = data["head"] if isinstance(data, dict) else data
         if not isinstance(head, cls):
-            raise ValueError(f"{path}: holds {type(head).__name__}, not a {cls.__name__}")
+            raise ValueError(f"{path}: holds {type(head).__name__}, not a {cls.__name__}")  # noqa: TRY004 (a file, not an argument)
         if not hasattr(head, "n_features_in_") and hasattr(getattr(head, "model_", None), "n_features_in_"):
             head.n_features_in_ = head.model_.n_features_in_  # saved before heads recorded it
         return head
@@ -145,7 +144,7 @@ def read_saved(path: Path) -> tuple[str, object]:
 
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a damaged file fails in many ways (zip, pickle, storage)
+        except Exception as err:  # noqa: BLE001 (a damaged file fails in many ways: zip, pickle, storage)
             raise ValueError(f"{path}: not a readable saved head ({type(err).__name__}: {err})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a saved head")
@@ -153,7 +152,7 @@ def read_saved(path: Path) -> tuple[str, object]:
         return kind, data
     try:
         data = joblib.load(path)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (as above)
         raise ValueError(f"{path}: not a readable saved head ({type(err).__name__}: {err})") from None
     if isinstance(data, dict) and "kind" in data:
         return data["kind"], data

@@ -5,12 +5,21 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from typing import ClassVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .base import (METRIC, Head, check_labels, check_pooled, class_weight_check, integer, number, one_of,
-                   seed_check)
+from .base import (
+    METRIC,
+    Head,
+    check_labels,
+    check_pooled,
+    class_weight_check,
+    integer,
+    number,
+    seed_check,
+)
 from .metrics import score
 
 log = logging.getLogger(__name__)
@@ -37,7 +46,7 @@ class LogisticHead(Head):
 
     kind = "logreg"
     fitted_attributes = ("classes_", "model_", "scaler_")
-    constraints = {"Cs": _cs_check, "class_weight": class_weight_check(allow_dict=True),
+    constraints: ClassVar[dict] = {"Cs": _cs_check, "class_weight": class_weight_check(allow_dict=True),
                    "max_iter": integer(1), "metric": METRIC, "random_state": seed_check}
 
     def __init__(self, Cs=(0.001, 0.01, 0.1, 1.0, 10.0), class_weight=None, max_iter=2000,
@@ -105,7 +114,7 @@ class LightGBMHead(Head):
 
     kind = "lightgbm"
     fitted_attributes = ("classes_", "model_")
-    constraints = {
+    constraints: ClassVar[dict] = {
         "n_estimators": integer(1), "learning_rate": number(0, low_open=True), "num_leaves": integer(2),
         "min_child_samples": integer(1), "colsample_bytree": number(0, 1, low_open=True),
         "subsample": number(0, 1, low_open=True), "reg_lambda": number(0), "max_bin": integer(2),

@@ -28,21 +28,21 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedcache.atomic import atomic_path, write_json
 from embedcache.backbone import Backbone
 from embedcache.extract import ExtractConfig, available_cores, load_backbone, pick_device, torch_threads
 from embedcache.models import save_esm2_checkpoint
 from embedcache.unirep import UniRepBackbone
 
-from embedcache.atomic import atomic_path, write_json
-
 from .attention import AttentionPooling, usable_heads
-from .base import (METRIC, Head, boolean, check_labels, class_weight_check, integer, number, one_of, path_check)
+from .base import METRIC, Head, boolean, check_labels, class_weight_check, integer, number, one_of, path_check
 from .features import length_batches
 from .training import Schedule, Task, class_weights, isolated_rng, train
 
@@ -130,7 +130,7 @@ class FinetuneHead(Head):
     input = "sequence"
     file_suffix = ".finetune.pt"
     fitted_attributes = ("classes_", "classifier_")
-    constraints = {
+    constraints: ClassVar[dict] = {
         "model": lambda v: None if v is None or isinstance(v, str) else "a model name or null",
         "weights": path_check, "mode": one_of(*MODES), "top_layers": integer(1), "lora_rank": integer(1),
         "lora_alpha": number(0, low_open=True), "lora_dropout": number(0, 1, high_open=True),

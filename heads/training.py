@@ -35,17 +35,12 @@ from torch import nn
 
 from embedcache.atomic import atomic_path, write_text
 
-from .base import VALIDATION_METRICS, check_labels
+from .base import VALIDATION_METRICS
 from .metrics import score
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
-
-
-def encode_labels(y, eval_set=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """classes_ (every label seen in training or validation), training targets, validation targets."""
-    return check_labels(y, eval_set)
 
 
 def class_weights(targets: np.ndarray, n_classes: int, mode: str | None) -> torch.Tensor | None:
@@ -291,7 +286,7 @@ def _load_checkpoint(folder: Path, fingerprint: str, task: Task) -> dict | None:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or "epoch" not in saved or "trainable" not in saved:
             raise ValueError("not a training checkpoint")
-    except Exception as err:  # a damaged file fails in many ways (zip, pickle, storage)
+    except Exception as err:  # noqa: BLE001 (a damaged file fails in many ways: zip, pickle, storage)
         log.warning("%s cannot be read (%s: %s); training from the start", path, type(err).__name__, err)
         return None
     if saved.get("fingerprint") != fingerprint:

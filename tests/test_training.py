@@ -40,7 +40,8 @@ def whole(task, tmp_path_factory):
 
 
 def attention(**params) -> AttentionHead:
-    settings = dict(heads=2, hidden=8, max_epochs=3, patience=10, batch_tokens=200, threads=1, dropout=0.2)
+    settings = {"heads": 2, "hidden": 8, "max_epochs": 3, "patience": 10, "batch_tokens": 200, "threads": 1,
+                "dropout": 0.2}
     return AttentionHead(**{**settings, **params})
 
 
