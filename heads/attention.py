@@ -42,7 +42,7 @@ from .base import (
     seed_check,
 )
 from .features import ArrayResidues, CachedResidues, Residues, length_batches, pad
-from .training import Schedule, Task, class_weights, isolated_rng, seed_from, train
+from .training import Schedule, Task, class_weights, isolated_rng, seed_from, seed_torch, train
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class AttentionHead(Head):
         lengths = np.minimum(X.lengths, self.crop or 1 << 30)
         batches = length_batches(lengths, self.batch_tokens, self.max_batch, min_size=2)
         with isolated_rng(), torch_threads(self.threads or available_cores()):
-            torch.manual_seed(seed)
+            seed_torch(seed)
             self.module_ = module = AttentionPooling(X.dim, len(classes), self.heads_, self.hidden, self.dropout,
                                                      self.conv_kernel)
 

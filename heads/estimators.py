@@ -37,6 +37,17 @@ def _cs_check(value) -> str | None:
     return "a non-empty list of positive numbers"
 
 
+def weights_by_index(class_weight, classes: np.ndarray):
+    """``{label: weight}`` as ``{class index: weight}`` (heads train on class indices)."""
+    if not isinstance(class_weight, dict):
+        return class_weight
+    index = {c: i for i, c in enumerate(classes.tolist())}
+    unknown = [k for k in class_weight if k not in index]
+    if unknown:
+        raise ValueError(f"class_weight names labels {unknown} that are not among the labels {classes.tolist()}")
+    return {index[k]: w for k, w in class_weight.items()}
+
+
 class LogisticHead(Head):
     """Multinomial logistic regression on standardised pooled embeddings.
 
@@ -77,9 +88,7 @@ class LogisticHead(Head):
         if eval_set is None:
             Cs = [Cs[len(Cs) // 2]]
         # Trained on class indices, so that any label type (strings too) scores the same way.
-        weights = self.class_weight
-        if isinstance(weights, dict):
-            weights = {int(np.searchsorted(classes, k)): w for k, w in weights.items()}
+        weights = weights_by_index(self.class_weight, classes)
         model = LogisticRegression(max_iter=self.max_iter, class_weight=weights,
                                    random_state=self.random_state, warm_start=True)
         self.validation_scores_ = {}
@@ -146,9 +155,7 @@ class LightGBMHead(Head):
         self.validate_params()
         X = check_pooled(self, X, fitting=True)
         classes, targets, val_targets = check_labels(y, eval_set, len(X))
-        weights = self.class_weight
-        if isinstance(weights, dict):
-            weights = {int(np.searchsorted(classes, k)): w for k, w in weights.items()}
+        weights = weights_by_index(self.class_weight, classes)
         self.model_ = lgb.LGBMClassifier(
             n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
             min_child_samples=self.min_child_samples, colsample_bytree=self.colsample_bytree,

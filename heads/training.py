@@ -99,11 +99,27 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] % (1 << 63))
 
 
+def seed_torch(seed: int, device: torch.device | str | None = None) -> None:
+    """Seed the generators this fit draws from: the CPU's, and the training device's.
+
+    Not ``torch.manual_seed``, which also seeds every CUDA device (queued until CUDA starts,
+    where it would change the caller's stream after the fit).
+    """
+    torch.random.default_generator.manual_seed(seed)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.default_generators[_cuda_index(device)].manual_seed(seed)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @contextlib.contextmanager
 def isolated_rng(device: torch.device | str | None = None) -> Iterator[None]:
     """Seeding inside leaves the caller's torch (CPU and this CUDA device) RNG state as it was."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    devices = [device.index or 0] if device.type == "cuda" else []
+    devices = [_cuda_index(device)] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         yield
 
@@ -182,7 +198,7 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
     for epoch in range(start_epoch, schedule.max_epochs + 1):
         started = time.perf_counter()
         rng = np.random.default_rng(epoch_seed(seed, epoch))
-        torch.manual_seed(epoch_seed(seed, epoch))
+        seed_torch(epoch_seed(seed, epoch), task.device)
         task.module.train()
         epoch_steps = task.steps(rng)
         steps_per_epoch = len(epoch_steps)
