@@ -169,13 +169,19 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
           description: str = "") -> Outcome:
     """Train ``task`` (see the module docstring); the module ends in eval mode with the best epoch's weights."""
     optimiser = torch.optim.AdamW(task.param_groups)
-    for group in optimiser.param_groups:
-        group["peak_lr"] = group["lr"]
+    peaks = [group["lr"] for group in optimiser.param_groups]  # the schedule scales these
     history: list[dict] = []
     step_rows: list[dict] = []
     best, best_state, stale, best_epoch, start_epoch, step = None, None, 0, 0, 1, 0
     seed = schedule.seed
     saved = _load_checkpoint(folder, fingerprint, task) if folder else None
+    if saved is not None and not saved["finished"]:
+        try:
+            optimiser.load_state_dict(saved["optimizer"])
+        except (KeyError, ValueError) as err:
+            log.warning("%s holds an optimiser state that does not fit (%s); training from the start",
+                        folder / CHECKPOINT, err)
+            saved = None
     if saved is not None:
         task.load_state(saved["trainable"])
         history, step_rows = list(saved["history"]), list(saved.get("steps", []))
@@ -184,8 +190,6 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
         best_state, stale, step = saved["best_state"], saved["stale"], saved["step"]
         seed = saved.get("seed", seed)
         start_epoch = schedule.max_epochs + 1 if saved["finished"] else saved["epoch"] + 1
-        if not saved["finished"]:
-            optimiser.load_state_dict(saved["optimizer"])
         log.info("resuming from %s: %d epoch(s) done%s", folder / CHECKPOINT, saved["epoch"],
                  ", training had finished" if saved["finished"] else "")
     elif folder:
@@ -208,8 +212,8 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
         tokens, reported = 0, started
         for batches in epoch_steps:
             factor = lr_factor(step, total_steps, warm, schedule.decay)
-            for group in optimiser.param_groups:
-                group["lr"] = group["peak_lr"] * factor
+            for group, peak in zip(optimiser.param_groups, peaks):
+                group["lr"] = peak * factor
             optimiser.zero_grad(set_to_none=True)
             summed, proteins = [], 0
             n_step = sum(_size(b) for b in batches)
