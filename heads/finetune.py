@@ -44,7 +44,7 @@ from embedcache.unirep import UniRepBackbone
 from .attention import AttentionPooling, usable_heads
 from .base import METRIC, Head, boolean, check_labels, class_weight_check, integer, number, one_of, path_check
 from .features import length_batches
-from .training import Schedule, Task, class_weights, isolated_rng, train
+from .training import Schedule, Task, class_weights, isolated_rng, seed_torch, train
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,10 @@ class FinetuneHead(Head):
         val = None if eval_set is None else [str(s) for s in eval_set[0]]
         folder = Path(self.checkpoint_dir) if self.checkpoint_dir else None
         fingerprint = self._fingerprint(sequences, targets, None if val is None else (val, val_targets))
-        with isolated_rng(pick_device(self.device)):
+        device = pick_device(self.device)
+        with isolated_rng(device):
+            # Before building: LoRA adapters draw their initial weights as they are attached.
+            seed_torch(self.random_state, device)
             self.classes_ = classes
             self.classifier_ = classifier = self._build(len(classes))
             with torch_threads(self.threads or available_cores()):

@@ -299,3 +299,13 @@ def test_finetune_parameters_are_checked_before_the_backbone_loads(tiny_weights)
         make_head("finetune", {"weights": str(tiny_weights), "warmup": 2})
     with pytest.raises(ValueError, match="finetune has no parameter 'learning_rate'"):
         make_head("finetune", {"weights": str(tiny_weights), "learning_rate": 1e-3})
+
+
+def test_lora_fits_do_not_depend_on_the_callers_random_state(tiny_weights, task):
+    (X, y), (Xv, yv) = task
+    fits = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        head = quick(tiny_weights, mode="lora", lora_rank=4, max_epochs=1).fit(X[:40], y[:40], eval_set=(Xv, yv))
+        fits.append(head.predict_proba(Xv))
+    np.testing.assert_array_equal(fits[0], fits[1])
