@@ -7,29 +7,47 @@ attention-weighted sum with a masked max over residues; a small MLP classifies t
 neighbouring residues, as in Light Attention (much more compute per residue).
 
 Padding never enters a pooling step: softmax logits and max inputs at padded positions are
-set to -inf. Training reads length-bucketed batches from the cache, stops early on a
-validation metric and restores the best epoch.
+set to -inf. Training reads length-bucketed batches from the cache in the loop every torch
+head shares (:func:`heads.training.train`): early stopping on a validation metric, the best
+epoch restored, and with ``checkpoint_dir`` per-epoch checkpoints that a fit resumes from.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
 import logging
-import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedcache.atomic import atomic_path
 from embedcache.extract import available_cores, torch_threads
+from embedcache.store import CONTENT_SETTINGS
 
-from .estimators import Head
-from .features import ArrayResidues, Residues, length_batches, pad
-from .training import class_weights, describe_epoch, encode_labels, selection_key, validation_record
+from .base import (
+    METRIC,
+    Head,
+    check_finite_batch,
+    check_labels,
+    check_width,
+    class_weight_check,
+    integer,
+    number,
+    path_check,
+    seed_check,
+)
+from .features import ArrayResidues, CachedResidues, Residues, length_batches, pad
+from .training import Schedule, Task, class_weights, isolated_rng, seed_from, seed_torch, train
 
 log = logging.getLogger(__name__)
+
+# Settings that change neither the result nor the meaning of a checkpoint.
+_RUNTIME_PARAMS = {"checkpoint_dir", "threads"}
 
 
 class AttentionPooling(nn.Module):
@@ -77,86 +95,103 @@ class AttentionPooling(nn.Module):
         return self.classifier(self.pool(x, mask)[0])
 
 
+def _conv_kernel_check(v) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and (v == 0 or (v > 0 and v % 2)) else \
+        "0 (no convolution) or an odd positive number (a window centred on each residue)"
+
+
 class AttentionHead(Head):
     """Attention pooling + MLP trained on per-residue embeddings."""
 
+    kind = "attention"
     input = "per_residue"
     file_suffix = ".pt"
+    fitted_attributes = ("classes_", "module_")
+    constraints: ClassVar[dict] = {
+        "heads": integer(1), "hidden": integer(1), "dropout": number(0, 1, high_open=True),
+        "conv_kernel": _conv_kernel_check, "lr": number(0, low_open=True), "weight_decay": number(0),
+        "max_epochs": integer(1), "patience": integer(1), "batch_tokens": integer(1), "max_batch": integer(2),
+        "crop": integer(1, none_ok=True), "class_weight": class_weight_check(), "metric": METRIC,
+        "threads": integer(1, none_ok=True), "checkpoint_dir": path_check, "random_state": seed_check,
+    }
 
     def __init__(self, heads=8, hidden=64, dropout=0.25, conv_kernel=0, lr=3e-3, weight_decay=1e-2,
                  max_epochs=30, patience=5, batch_tokens=32768, max_batch=128, crop=1022, class_weight=None,
-                 metric="macro_f1", threads=None, random_state=0):
+                 metric="macro_f1", threads=None, checkpoint_dir=None, random_state=0):
         self.heads = heads  # attention heads, each pooling dim/heads channels (fewer if they do not divide dim)
         self.hidden = hidden  # width of the MLP's hidden layer
         self.dropout = dropout  # channel dropout on the input, and dropout in the MLP
-        self.conv_kernel = conv_kernel  # 0: linear attention; 9: Light Attention's convolutions
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_epochs = max_epochs
+        self.conv_kernel = conv_kernel  # 0: linear attention; odd, e.g. 9: Light Attention's convolutions
+        self.lr = lr  # AdamW learning rate (constant)
+        self.weight_decay = weight_decay  # AdamW weight decay
+        self.max_epochs = max_epochs  # epochs at most
         self.patience = patience  # epochs without a better validation metric before stopping
         self.batch_tokens = batch_tokens  # padded residues per batch
-        self.max_batch = max_batch
-        self.crop = crop  # residues per protein seen in training (N-terminal part); None: all
-        self.class_weight = class_weight  # None or "balanced" (weights the loss by inverse class frequency)
+        self.max_batch = max_batch  # proteins per batch at most
+        self.crop = crop  # residues per protein seen in training (N-terminal part); null: all
+        self.class_weight = class_weight  # null or 'balanced' (weights the loss by inverse class frequency)
         self.metric = metric  # validation metric for early stopping: accuracy | macro_f1 | mcc
-        self.threads = threads
-        self.random_state = random_state
+        self.threads = threads  # CPU threads [all available cores]
+        self.checkpoint_dir = checkpoint_dir  # per-epoch checkpoints and training logs; enables resume
+        self.random_state = random_state  # seed of initial weights, shuffling and dropout; null: fresh each fit
 
     # -- training ------------------------------------------------------------------------
     def fit(self, X: Residues, y, eval_set=None):
+        self.validate_params()
         X = _as_residues(X)
-        self.classes_, targets, val_targets = encode_labels(y, eval_set)
-        val = None if eval_set is None else (_as_residues(eval_set[0]), val_targets)
-        torch.manual_seed(self.random_state)
-        rng = np.random.default_rng(self.random_state)
+        if len(X) == 0:
+            raise ValueError("attention head got no proteins")
+        classes, targets, val_targets = check_labels(y, eval_set, len(X))
+        val = None
+        if eval_set is not None:
+            val = _as_residues(eval_set[0])
+            if val.dim != X.dim:
+                raise ValueError(f"validation embeddings are {val.dim}-dimensional, training ones {X.dim}")
+        self.classes_ = classes
         self.n_features_in_ = X.dim
         self.heads_ = usable_heads(X.dim, self.heads)
-        self.module_ = AttentionPooling(X.dim, len(self.classes_), self.heads_, self.hidden, self.dropout,
-                                        self.conv_kernel)
-        optimiser = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        weight = class_weights(targets, len(self.classes_), self.class_weight)
-        batches = length_batches(np.minimum(X.lengths, self.crop or 1 << 30), self.batch_tokens, self.max_batch,
-                                 min_size=2)
-        self.history_ = []
-        best, best_state, stale = None, None, 0
-        with torch_threads(self.threads or available_cores()):
-            for epoch in range(1, self.max_epochs + 1):
-                start = time.perf_counter()
-                self.module_.train()
-                total, seen = 0.0, 0
-                for b in rng.permutation(len(batches)):
-                    idx = batches[b]
-                    x, mask = pad(X.read(idx), self.crop)
-                    logits = self.module_(torch.from_numpy(x), torch.from_numpy(mask))
-                    loss = F.cross_entropy(logits, torch.from_numpy(targets[idx]), weight=weight)
-                    optimiser.zero_grad()
-                    loss.backward()
-                    optimiser.step()
-                    total += loss.item() * len(idx)
-                    seen += len(idx)
-                record = {"epoch": epoch, "train_loss": total / seen, "seconds": 0.0}
-                if val is not None:
-                    record.update(validation_record(self._proba(val[0]), val[1], weight))
-                record["seconds"] = time.perf_counter() - start
-                self.history_.append(record)
-                log.info("epoch %3d  train loss %.4f%s  %.1f s", epoch, record["train_loss"], describe_epoch(record),
-                         record["seconds"])
-                if val is None:
-                    continue
-                key = selection_key(record, self.metric)
-                if best is None or key > best:
-                    best, best_state, stale = key, copy.deepcopy(self.module_.state_dict()), 0
-                    self.best_epoch_ = epoch
-                else:
-                    stale += 1
-                    if stale >= self.patience:
-                        break
-        if best_state is not None:
-            self.module_.load_state_dict(best_state)
-        else:
-            self.best_epoch_ = len(self.history_)
-        self.module_.eval()
+        seed = seed_from(self.random_state)
+        folder = Path(self.checkpoint_dir) if self.checkpoint_dir else None
+        fingerprint = self._fingerprint(X, targets, val, val_targets) if folder else ""
+        weight = class_weights(targets, len(classes), self.class_weight)
+        lengths = np.minimum(X.lengths, self.crop or 1 << 30)
+        batches = length_batches(lengths, self.batch_tokens, self.max_batch, min_size=2)
+        with isolated_rng(), torch_threads(self.threads or available_cores()):
+            seed_torch(seed)
+            self.module_ = module = AttentionPooling(X.dim, len(classes), self.heads_, self.hidden, self.dropout,
+                                                     self.conv_kernel)
+
+            def loss(idx, rng):
+                x, mask = pad(_read(X, idx), self.crop)
+                logits = module(torch.from_numpy(x), torch.from_numpy(mask))
+                target = torch.from_numpy(targets[idx])
+                return F.cross_entropy(logits, target, weight=weight, reduction="sum"), len(idx), int(mask.sum())
+
+            def load_state(state):
+                module.load_state_dict(state)
+
+            task = Task(module=module, param_groups=[{"params": list(module.parameters()), "lr": self.lr,
+                                                      "weight_decay": self.weight_decay}],
+                        steps=lambda rng: [[batches[b]] for b in rng.permutation(len(batches))],
+                        loss=loss, state=module.state_dict, load_state=load_state,
+                        predict=None if val is None else (lambda: self._proba(val)), val_targets=val_targets,
+                        val_weight=weight)
+            outcome = train(task, Schedule(max_epochs=self.max_epochs, patience=self.patience, metric=self.metric,
+                                           seed=seed), folder, fingerprint)
+        self.history_ = outcome.history
+        self.best_epoch_ = outcome.best_epoch
         return self
+
+    def _fingerprint(self, X: Residues, targets, val, val_targets) -> str:
+        """Settings and data of a fit, so a checkpoint is resumed only by the same fit."""
+        params = {k: v for k, v in self.get_params().items() if k not in _RUNTIME_PARAMS}
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+        for view, labels in ((X, targets), (val, val_targets)):
+            if view is None:
+                continue
+            digest.update(residues_identity(view).encode())
+            digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
     # -- prediction ----------------------------------------------------------------------
     def _proba(self, X: Residues) -> np.ndarray:
@@ -164,12 +199,16 @@ class AttentionHead(Head):
         out = np.zeros((len(X), len(self.classes_)), dtype=np.float32)
         with torch.inference_mode():
             for idx in length_batches(np.minimum(X.lengths, self.crop or 1 << 30), self.batch_tokens, self.max_batch):
-                x, mask = pad(X.read(idx), self.crop)
+                x, mask = pad(_read(X, idx), self.crop)
                 out[idx] = torch.softmax(self.module_(torch.from_numpy(x), torch.from_numpy(mask)), dim=1).numpy()
         return out
 
     def predict_proba(self, X):
+        self.check_fitted()
         X = _as_residues(X)
+        check_width(self, X.dim)
+        if len(X) == 0:
+            return np.zeros((0, len(self.classes_)), dtype=np.float32)
         with torch_threads(self.threads or available_cores()):
             return self._proba(X)
 
@@ -178,22 +217,26 @@ class AttentionHead(Head):
 
     # -- persistence ---------------------------------------------------------------------
     def save(self, path):
+        self.check_fitted()
         path = Path(path)
-        torch.save({
-            "params": self.get_params(),
-            "state_dict": self.module_.state_dict(),
-            "classes": self.classes_.tolist(),
-            "n_features_in": self.n_features_in_,
-            "heads": self.heads_,
-            "history": self.history_,
-            "best_epoch": self.best_epoch_,
-        }, path)
+        with atomic_path(path) as tmp:
+            torch.save({
+                **self.payload(),
+                "params": self.get_params(),
+                "state_dict": self.module_.state_dict(),
+                "classes": self.classes_.tolist(),
+                "n_features_in": self.n_features_in_,
+                "heads": self.heads_,
+                "history": self.history_,
+                "best_epoch": self.best_epoch_,
+            }, tmp)
         return path
 
     @classmethod
-    def load(cls, path):
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        head = cls(**data["params"])
+    def from_saved(cls, data, path, **options):
+        params = dict(data["params"])
+        params.setdefault("checkpoint_dir", None)
+        head = cls(**{k: v for k, v in params.items() if k in cls.param_names()})
         head.classes_ = np.array(data["classes"])
         head.n_features_in_ = data["n_features_in"]
         head.history_ = data["history"]
@@ -204,6 +247,32 @@ class AttentionHead(Head):
         head.module_.load_state_dict(data["state_dict"])
         head.module_.eval()
         return head
+
+
+def residues_identity(view: Residues) -> str:
+    """What a set of per-residue arrays is: a cache's settings and sequences, or the arrays' bytes.
+
+    A cache is content-addressed (the same weights, settings and sequence give the same
+    arrays), so its rows are identified without reading them.
+    """
+    digest = hashlib.sha256()
+    if isinstance(view, CachedResidues):
+        settings = {k: view.cache.attrs.get(k) for k in CONTENT_SETTINGS}
+        digest.update(json.dumps({"settings": settings, "layer": view.layer}, sort_keys=True, default=str).encode())
+        digest.update("\n".join(view.cache.sequences_rows(view.rows)).encode())
+    else:
+        for start in range(0, len(view), 256):
+            for a in view.read(range(start, min(len(view), start + 256))):
+                digest.update(np.ascontiguousarray(a).tobytes())
+                digest.update(str(a.shape).encode())
+    digest.update(np.asarray(view.lengths, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _read(X: Residues, idx) -> list[np.ndarray]:
+    arrays = X.read(idx)
+    check_finite_batch(arrays, idx)
+    return arrays
 
 
 def usable_heads(dim: int, wanted: int) -> int:

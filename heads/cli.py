@@ -12,6 +12,7 @@ from embedcache.sequences import InputError
 from embedcache.store import CacheError
 
 from .folds import SCHEMES
+from .registry import HEADS, param_table
 from .run import FOLD_SOURCES, RunConfig, predict, run_comparison
 
 USER_ERRORS = (InputError, CacheError, ValueError, KeyError, FileNotFoundError, RuntimeError, DiskFullError)
@@ -25,6 +26,12 @@ def _params(values: tuple[str, ...]) -> dict:
         head, dot, name = key.partition(".")
         if not sep or not dot:
             raise click.BadParameter(f"{item!r} is not HEAD.PARAM=VALUE")
+        if head not in HEADS:
+            raise click.BadParameter(f"{item!r}: unknown head {head!r}; heads are {', '.join(HEADS)}")
+        try:
+            HEADS[head].check_param_names({name: None})
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -111,7 +118,7 @@ def main() -> None:
 
 
 @main.command("cv")
-@click.option("--head", type=click.Choice(["logreg", "lightgbm", "attention", "finetune"]), required=True)
+@click.option("--head", type=click.Choice(list(HEADS)), required=True)
 @common
 def cv_cmd(head, **kw) -> None:
     """Cross-validate one head."""
@@ -188,3 +195,18 @@ def export_backbone_cmd(model_file, out, weights) -> None:
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{path}: fine-tuned backbone; build a cache with `embedcache extract --weights {path} ...`")
+
+
+@main.command("params")
+@click.argument("head", required=False, type=click.Choice(list(HEADS)))
+def params_cmd(head) -> None:
+    """List every parameter of every head (or of HEAD), its default and meaning; set them with --set HEAD.PARAM=VALUE."""
+    rows = param_table(head)
+    width = max(len(r["param"]) for r in rows)
+    current = None
+    for row in rows:
+        if row["head"] != current:
+            current = row["head"]
+            click.echo(f"{'' if current == rows[0]['head'] else chr(10)}{current} ({HEADS[current].__name__})")
+        default = json.dumps(row["default"]) if not isinstance(row["default"], tuple) else json.dumps(list(row["default"]))
+        click.echo(f"  {row['param']:<{width}}  {default:<10}  {row['meaning']}")

@@ -115,6 +115,13 @@ def read_labeled_csv(
     for row, value in zip(table.lines, raw):
         if not value:
             raise InputError(path, f"empty label in column {label_col!r}", f"row {row}")
+    if class_names:
+        found = sorted(set(raw))
+        unmatched = [k for k in class_names if k not in set(raw)]
+        if unmatched:
+            shown = ", ".join(map(repr, found[:20])) + (f" and {len(found) - 20} more" if len(found) > 20 else "")
+            raise InputError(path, f"--class-names {', '.join(map(repr, unmatched))} match no value of column "
+                                   f"{label_col!r}; its values are {shown}")
     names = [class_names.get(v, v) for v in raw] if class_names else raw
     labels, classes = _encode(names)
     folds = None

@@ -1,57 +1,51 @@
-"""Heads that learn from frozen embeddings, in scikit-learn's estimator conventions.
-
-Parameters live in ``__init__``; what is learned ends in ``_`` and is set by ``fit``, which
-returns ``self``; ``predict_proba`` gives one column per entry of ``classes_``. ``fit``
-takes an optional ``eval_set=(X_val, y_val)``, used for model selection and early stopping
-(never for the weights themselves). ``input`` says what X is: a pooled matrix, or a
-:class:`heads.features.Residues` view of per-residue arrays.
-"""
+"""Heads on pooled embeddings: logistic regression and LightGBM (see :mod:`heads.base`)."""
 
 from __future__ import annotations
 
 import copy
 import inspect
 import logging
-from pathlib import Path
+from typing import ClassVar
 
-import joblib
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
 from threadpoolctl import threadpool_limits
 
+from .base import (
+    METRIC,
+    Head,
+    check_labels,
+    check_pooled,
+    class_weight_check,
+    integer,
+    number,
+    seed_check,
+)
 from .metrics import score
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Head", "LightGBMHead", "LogisticHead"]
 
-class Head(ClassifierMixin, BaseEstimator):
-    input = "pooled"  # pooled | per_residue | sequence
-    file_suffix = ".joblib"
 
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+def _cs_check(value) -> str | None:
+    try:
+        values = list(value)
+    except TypeError:
+        values = None
+    if values and all(number(0, low_open=True)(c) is None for c in values):
+        return None
+    return "a non-empty list of positive numbers"
 
-    def save(self, path: Path | str) -> Path:
-        path = Path(path)
-        joblib.dump(self, path)
-        return path
 
-    @staticmethod
-    def load(path: Path | str) -> Head:
-        path = Path(path)
-        if path.name.endswith(".finetune.pt"):
-            from .finetune import FinetuneHead
-
-            return FinetuneHead.load(path)
-        if path.suffix == ".pt":
-            from .attention import AttentionHead
-
-            return AttentionHead.load(path)
-        return joblib.load(path)
-
-    def selection_summary(self) -> dict:
-        """What validation chose, for the run's record."""
-        return {}
+def weights_by_index(class_weight, classes: np.ndarray):
+    """``{label: weight}`` as ``{class index: weight}`` (heads train on class indices)."""
+    if not isinstance(class_weight, dict):
+        return class_weight
+    index = {c: i for i, c in enumerate(classes.tolist())}
+    unknown = [k for k in class_weight if k not in index]
+    if unknown:
+        raise ValueError(f"class_weight names labels {unknown} that are not among the labels {classes.tolist()}")
+    return {index[k]: w for k, w in class_weight.items()}
 
 
 class LogisticHead(Head):
@@ -61,15 +55,21 @@ class LogisticHead(Head):
     go from strong to weak regularisation, each warm-started from the last.
     """
 
+    kind = "logreg"
+    fitted_attributes = ("classes_", "model_", "scaler_")
+    constraints: ClassVar[dict] = {"Cs": _cs_check, "class_weight": class_weight_check(allow_dict=True),
+                   "max_iter": integer(1), "metric": METRIC, "random_state": seed_check}
+
     def __init__(self, Cs=(0.001, 0.01, 0.1, 1.0, 10.0), class_weight=None, max_iter=2000,
                  metric="macro_f1", random_state=0):
-        self.Cs = Cs
-        self.class_weight = class_weight
-        self.max_iter = max_iter
-        self.metric = metric
-        self.random_state = random_state
+        self.Cs = Cs  # inverse regularisation strengths tried; validation picks one (without it: the middle one)
+        self.class_weight = class_weight  # null, 'balanced' (inverse class frequency) or {label: weight}
+        self.max_iter = max_iter  # lbfgs iterations per fit at most
+        self.metric = metric  # what picks C on the validation set: accuracy | macro_f1 | mcc
+        self.random_state = random_state  # seed of the solver's (rare) random choices
 
     def fit(self, X, y, eval_set=None):
+        self.validate_params()
         # These matrices are small: two BLAS threads contending with torch's pool ran lbfgs 14x
         # slower than one (10.5 vs 0.75 ms per iteration at 680 x 320, 6 classes).
         with threadpool_limits(1, user_api="blas"):
@@ -79,34 +79,40 @@ class LogisticHead(Head):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
-        X = np.asarray(X, dtype=np.float32)
-        self.scaler_ = StandardScaler().fit(X)
-        Xs = self.scaler_.transform(X)
+        X = check_pooled(self, X, fitting=True)
+        classes, targets, val_targets = check_labels(y, eval_set, len(X))
+        X_val = None if eval_set is None else check_pooled(self, eval_set[0], fitting=False, validation=True)
+        scaler = StandardScaler().fit(X)
+        Xs = scaler.transform(X)
         Cs = sorted(self.Cs)
         if eval_set is None:
             Cs = [Cs[len(Cs) // 2]]
-        model = LogisticRegression(max_iter=self.max_iter, class_weight=self.class_weight,
+        # Trained on class indices, so that any label type (strings too) scores the same way.
+        weights = weights_by_index(self.class_weight, classes)
+        model = LogisticRegression(max_iter=self.max_iter, class_weight=weights,
                                    random_state=self.random_state, warm_start=True)
         self.validation_scores_ = {}
         best = None
         for C in Cs:
             model.set_params(C=C)
-            model.fit(Xs, y)
+            model.fit(Xs, targets)
             if eval_set is not None:
-                pred = model.classes_[model.predict_proba(self.scaler_.transform(eval_set[0])).argmax(1)]
-                value = score(np.asarray(eval_set[1]), pred, self.metric, int(max(y.max(), np.max(eval_set[1])) + 1))
+                pred = model.classes_[model.predict_proba(scaler.transform(X_val)).argmax(1)]
+                value = score(val_targets, pred, self.metric, len(classes))
                 self.validation_scores_[C] = value
                 if best is None or value > best[0]:
                     best = (value, C, copy.deepcopy(model))
             else:
                 best = (None, C, copy.deepcopy(model))
         _, self.C_, self.model_ = best
-        self.classes_ = self.model_.classes_
+        self.scaler_ = scaler
+        self.classes_ = classes[self.model_.classes_]
         return self
 
     def predict_proba(self, X):
+        X = check_pooled(self, X, fitting=False)
         with threadpool_limits(1, user_api="blas"):
-            return self.model_.predict_proba(self.scaler_.transform(np.asarray(X, dtype=np.float32)))
+            return self.model_.predict_proba(self.scaler_.transform(X))
 
     def selection_summary(self):
         return {"C": self.C_, "validation_scores": {str(k): v for k, v in self.validation_scores_.items()}}
@@ -115,64 +121,69 @@ class LogisticHead(Head):
 class LightGBMHead(Head):
     """Gradient-boosted trees on pooled embeddings; boosting stops early on the validation loss."""
 
+    kind = "lightgbm"
+    fitted_attributes = ("classes_", "model_")
+    constraints: ClassVar[dict] = {
+        "n_estimators": integer(1), "learning_rate": number(0, low_open=True), "num_leaves": integer(2),
+        "min_child_samples": integer(1), "colsample_bytree": number(0, 1, low_open=True),
+        "subsample": number(0, 1, low_open=True), "reg_lambda": number(0), "max_bin": integer(2),
+        "early_stopping_rounds": integer(1), "class_weight": class_weight_check(allow_dict=True),
+        "n_jobs": integer(1, none_ok=True), "random_state": seed_check,
+    }
+
     def __init__(self, n_estimators=500, learning_rate=0.1, num_leaves=15, min_child_samples=20,
                  colsample_bytree=0.3, subsample=0.8, reg_lambda=1.0, max_bin=63, early_stopping_rounds=25,
                  class_weight=None, n_jobs=None, random_state=0):
         self.n_estimators = n_estimators  # upper bound on boosting rounds; early stopping usually ends sooner
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
+        self.learning_rate = learning_rate  # shrinkage of each tree's contribution
+        self.num_leaves = num_leaves  # leaves per tree at most
+        self.min_child_samples = min_child_samples  # proteins per leaf at least
         self.colsample_bytree = colsample_bytree  # share of embedding dimensions each tree sees
-        self.subsample = subsample
-        self.reg_lambda = reg_lambda
+        self.subsample = subsample  # share of proteins each tree sees (drawn anew for every tree)
+        self.reg_lambda = reg_lambda  # L2 penalty on leaf values
         self.max_bin = max_bin  # histogram bins per feature: 63 trains ~2x faster than 255 at no loss here
-        self.early_stopping_rounds = early_stopping_rounds
-        self.class_weight = class_weight
-        self.n_jobs = n_jobs
-        self.random_state = random_state
+        self.early_stopping_rounds = early_stopping_rounds  # rounds without a better validation loss before stopping
+        self.class_weight = class_weight  # null, 'balanced' (inverse class frequency) or {label: weight}
+        self.n_jobs = n_jobs  # threads [all available cores]
+        self.random_state = random_state  # seed of row and column sampling
 
     def fit(self, X, y, eval_set=None):
         import lightgbm as lgb
 
         from embedcache.extract import available_cores
 
+        self.validate_params()
+        X = check_pooled(self, X, fitting=True)
+        classes, targets, val_targets = check_labels(y, eval_set, len(X))
+        weights = weights_by_index(self.class_weight, classes)
         self.model_ = lgb.LGBMClassifier(
             n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
             min_child_samples=self.min_child_samples, colsample_bytree=self.colsample_bytree,
             subsample=self.subsample, subsample_freq=1, reg_lambda=self.reg_lambda, max_bin=self.max_bin,
-            class_weight=self.class_weight, n_jobs=self.n_jobs or available_cores(),
+            class_weight=weights, n_jobs=self.n_jobs or available_cores(),
             random_state=self.random_state, verbose=-1,
         )
         callbacks = []
         kwargs = {}
         if eval_set is not None:
-            X_val, y_val = np.asarray(eval_set[0], dtype=np.float32), np.asarray(eval_set[1])
-            if "eval_X" in inspect.signature(self.model_.fit).parameters:  # lightgbm >= 4.7
-                kwargs.update(eval_X=(X_val,), eval_y=(y_val,))
-            else:
-                kwargs["eval_set"] = [(X_val, y_val)]
-            callbacks.append(lgb.early_stopping(self.early_stopping_rounds, verbose=False))
-        self.model_.fit(np.asarray(X, dtype=np.float32), y, callbacks=callbacks, **kwargs)
-        self.classes_ = self.model_.classes_
+            X_val = check_pooled(self, eval_set[0], fitting=False, validation=True)
+            # Validation proteins of a class absent from training cannot be scored by these trees.
+            seen = np.isin(val_targets, targets)
+            X_val, y_val = X_val[seen], val_targets[seen]
+            if len(y_val):
+                if "eval_X" in inspect.signature(self.model_.fit).parameters:  # lightgbm >= 4.7
+                    kwargs.update(eval_X=(X_val,), eval_y=(y_val,))
+                else:
+                    kwargs["eval_set"] = [(X_val, y_val)]
+                callbacks.append(lgb.early_stopping(self.early_stopping_rounds, verbose=False))
+        self.model_.fit(X, targets, callbacks=callbacks, **kwargs)
+        self.classes_ = classes[self.model_.classes_]
         self.best_iteration_ = int(self.model_.best_iteration_ or self.n_estimators)
         return self
 
     def predict_proba(self, X):
-        return self.model_.predict_proba(np.asarray(X, dtype=np.float32))
+        X = check_pooled(self, X, fitting=False)
+        return self.model_.predict_proba(X)
 
     def selection_summary(self):
         return {"best_iteration": self.best_iteration_}
-
-
-def head_registry() -> dict[str, type[Head]]:
-    from .attention import AttentionHead
-    from .finetune import FinetuneHead
-
-    return {"logreg": LogisticHead, "lightgbm": LightGBMHead, "attention": AttentionHead, "finetune": FinetuneHead}
-
-
-def make_head(name: str, params: dict | None = None) -> Head:
-    registry = head_registry()
-    if name not in registry:
-        raise ValueError(f"unknown head {name!r}; choose from {', '.join(registry)}")
-    return registry[name](**(params or {}))

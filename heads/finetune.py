@@ -12,47 +12,42 @@ the pretrained weights), and trains backbone and classifier together:
   share a forward pass instead of being padded to the longest of a random batch.
 * AdamW (no decay on biases and norms), linear warm-up then linear decay, gradient
   accumulation and clipping, optional class weights, bf16 autocast, gradient checkpointing.
-* Early stopping on a validation metric; the best epoch's weights are restored at the end.
-* With ``checkpoint_dir`` every finished epoch is saved atomically (``last.pt``); a fit with the
-  same settings and data continues after the last saved epoch, so a crash (kill -9) costs at
-  most the epoch in progress. Each epoch's shuffling and dropout are seeded from
-  ``random_state`` and the epoch number, so a resumed fit follows the uninterrupted one.
-  The same folder receives ``steps.csv`` (loss and learning rate per optimiser step),
-  ``epochs.csv`` (training and validation loss and metrics per epoch) and ``curves.png``.
+* Training runs in the loop every torch head shares (:func:`heads.training.train`): early
+  stopping on a validation metric with the best epoch restored, and with ``checkpoint_dir``
+  an atomic checkpoint after every epoch that a fit with the same settings and data resumes
+  from, so a crash (kill -9) costs at most the epoch in progress; ``steps.csv``,
+  ``epochs.csv`` and ``curves.png`` in the same folder.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import math
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedcache.atomic import atomic_path, write_json
 from embedcache.backbone import Backbone
 from embedcache.extract import ExtractConfig, available_cores, load_backbone, pick_device, torch_threads
 
 from .attention import AttentionPooling, usable_heads
-from .estimators import Head
+from .base import METRIC, Head, boolean, check_labels, class_weight_check, integer, number, one_of, path_check
 from .features import length_batches
-from .training import class_weights, describe_epoch, encode_labels, selection_key, validation_record
+from .training import Schedule, Task, class_weights, isolated_rng, seed_torch, train
 
 log = logging.getLogger(__name__)
 
 MODES = ("full", "top", "lora", "frozen")
 POOLINGS = ("mean", "attention")
 CROPS = ("n_terminal", "ends", "random")
-ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-FEED_FORWARD = ["fc1", "fc2"]
 # Settings that change neither the result nor the meaning of a checkpoint.
 _RUNTIME_PARAMS = {"checkpoint_dir", "threads", "device", "trust_weights"}
 
@@ -126,8 +121,26 @@ class FinetuneHead(Head):
     ``embedcache extract``. UniRep trains in modes full, top (its top mLSTM layers) and frozen.
     """
 
+    kind = "finetune"
     input = "sequence"
     file_suffix = ".finetune.pt"
+    fitted_attributes = ("classes_", "classifier_")
+    constraints: ClassVar[dict] = {
+        "model": lambda v: None if v is None or isinstance(v, str) else "a model name or null",
+        "weights": path_check, "mode": one_of(*MODES), "top_layers": integer(1), "lora_rank": integer(1),
+        "lora_alpha": number(0, low_open=True), "lora_dropout": number(0, 1, high_open=True),
+        "lora_feed_forward": boolean, "pooling": one_of(*POOLINGS), "dropout": number(0, 1, high_open=True),
+        "attention_heads": integer(1), "lr": number(0, low_open=True), "head_lr": number(0, low_open=True),
+        "weight_decay": number(0), "warmup": number(0, 1, high_open=True), "max_epochs": integer(1),
+        "patience": integer(1), "batch_tokens": integer(1, none_ok=True), "max_batch": integer(1),
+        "grad_accum": integer(1), "clip_norm": number(0, low_open=True, none_ok=True),
+        "class_weight": class_weight_check(), "crop": integer(1, none_ok=True), "crop_policy": one_of(*CROPS),
+        "precision": one_of("auto", "fp32", "bf16"), "grad_checkpointing": boolean, "metric": METRIC,
+        "device": lambda v: None if isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps")
+        else "auto, cpu, cuda or cuda:N",
+        "threads": integer(1, none_ok=True), "checkpoint_dir": path_check, "trust_weights": boolean,
+        "random_state": integer(0),
+    }
 
     def __init__(self, model=None, weights=None, mode="full", top_layers=2, lora_rank=8, lora_alpha=16,
                  lora_dropout=0.05, lora_feed_forward=False, pooling="mean", dropout=0.1, attention_heads=8,
@@ -140,9 +153,9 @@ class FinetuneHead(Head):
         self.weights = weights  # or a local fair-esm .pt file (this wins over `model` for loading)
         self.mode = mode  # full | top | lora | frozen
         self.top_layers = top_layers  # layers trained in mode "top" (from the top)
-        self.lora_rank = lora_rank
+        self.lora_rank = lora_rank  # rank of the LoRA adapters
         self.lora_alpha = lora_alpha  # LoRA scales its update by alpha / rank
-        self.lora_dropout = lora_dropout
+        self.lora_dropout = lora_dropout  # dropout on the LoRA adapters' input
         self.lora_feed_forward = lora_feed_forward  # adapters on fc1/fc2 too, not only q/k/v/out
         self.pooling = pooling  # mean | attention (the attention head's pooling module)
         self.dropout = dropout  # before the classifier
@@ -167,27 +180,20 @@ class FinetuneHead(Head):
         self.threads = threads  # CPU threads [all available cores]
         self.checkpoint_dir = checkpoint_dir  # per-epoch checkpoints and training logs; enables resume
         self.trust_weights = trust_weights  # allow pickled objects in the weights file
-        self.random_state = random_state
+        self.random_state = random_state  # seed of the classifier's initial weights, shuffling, crops and dropout
 
     # -- set-up --------------------------------------------------------------------------
-    def _check_params(self) -> None:
-        for name, value, allowed in (("mode", self.mode, MODES), ("pooling", self.pooling, POOLINGS),
-                                     ("crop_policy", self.crop_policy, CROPS),
-                                     ("precision", self.precision, ("auto", "fp32", "bf16")),
-                                     ("metric", self.metric, ("accuracy", "macro_f1", "mcc"))):
-            if value not in allowed:
-                raise ValueError(f"finetune {name} must be one of {allowed}, not {value!r}")
+    def validate_params(self) -> None:
+        super().validate_params()
         if self.model is None and self.weights is None:
             raise ValueError("finetune needs a backbone: --model NAME or --weights PATH")
-        if self.grad_accum < 1 or self.max_epochs < 1:
-            raise ValueError("finetune grad_accum and max_epochs must be at least 1")
 
     def _build(self, n_classes: int) -> SequenceClassifier:
         device = pick_device(self.device)
         # LoRA's adapters and the classifier are drawn from random_state alone; the caller's
         # torch generators are left as they were.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.random_state)
+        with isolated_rng(device):
+            seed_torch(self.random_state, device)
             backbone = load_backbone(ExtractConfig(model=None if self.weights else self.model, weights=self.weights,
                                                    trust_weights=self.trust_weights))
             if self.grad_checkpointing and not backbone.supports_grad_checkpointing:
@@ -195,7 +201,7 @@ class FinetuneHead(Head):
                                  f"({backbone.family}); set finetune.grad_checkpointing=false")
             backbone.to(device)
             backbone.set_precision(backbone.pick_precision(self.precision, device, training=True))
-            torch.manual_seed(self.random_state)  # whatever loading drew from the generator
+            seed_torch(self.random_state, device)  # whatever loading drew from the generator
             backbone.configure_training(self.mode, self.top_layers, lora={
                 "rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
                 "feed_forward": self.lora_feed_forward})
@@ -208,7 +214,66 @@ class FinetuneHead(Head):
     def _budget(self) -> int:
         return self.batch_tokens or self.classifier_.backbone.train_budget
 
-    def _optimiser(self, classifier: SequenceClassifier) -> torch.optim.Optimizer:
+    # -- training ------------------------------------------------------------------------
+    def fit(self, X, y, eval_set=None):
+        self.validate_params()
+        sequences = [str(s) for s in X]
+        if not sequences:
+            raise ValueError("finetune got no proteins")
+        classes, targets, val_targets = check_labels(y, eval_set, len(sequences))
+        val = None if eval_set is None else [str(s) for s in eval_set[0]]
+        folder = Path(self.checkpoint_dir) if self.checkpoint_dir else None
+        fingerprint = self._fingerprint(sequences, targets, None if val is None else (val, val_targets))
+        device = pick_device(self.device)
+        with isolated_rng(device):
+            # Before building: LoRA adapters draw their initial weights as they are attached.
+            seed_torch(self.random_state, device)
+            self.classes_ = classes
+            self.classifier_ = classifier = self._build(len(classes))
+            with torch_threads(self.threads or available_cores()):
+                outcome = self._train(classifier, sequences, targets, val, val_targets, folder, fingerprint)
+        self.history_ = outcome.history
+        self.best_epoch_ = outcome.best_epoch
+        return self
+
+    def _train(self, classifier, sequences, targets, val, val_targets, folder, fingerprint):
+        device = classifier.backbone.device
+        extra = classifier.backbone.extra_tokens
+        weight = class_weights(targets, len(self.classes_), self.class_weight)
+        train_weight = None if weight is None else weight.to(device)
+        lengths = np.array([min(len(s), self.crop or 1 << 30) for s in sequences]) + extra
+        batches = length_batches(lengths, self._budget(), self.max_batch,
+                                 min_size=2 if self.pooling == "attention" else 1)
+
+        def steps(rng):
+            order = rng.permutation(len(batches))
+            return [[batches[b] for b in order[i:i + self.grad_accum]] for i in range(0, len(order), self.grad_accum)]
+
+        def loss(idx, rng):
+            batch = [crop_sequence(sequences[i], self.crop, self.crop_policy, rng) for i in idx]
+            logits = classifier(batch)
+            target = torch.from_numpy(targets[idx]).to(device)
+            return (F.cross_entropy(logits, target, weight=train_weight, reduction="sum"), len(idx),
+                    sum(len(s) + extra for s in batch))
+
+        n_trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
+        log.info("fine-tuning %s (%s, mode %s): %s trainable parameters, %d proteins in %d batches, "
+                 "%d optimiser steps per epoch, %s on %s", self.backbone_info_["model"],
+                 self.backbone_info_["architecture"], self.mode, f"{n_trainable:,}", len(sequences), len(batches),
+                 -(-len(batches) // self.grad_accum), classifier.backbone.precision, device)
+        task = Task(module=classifier, param_groups=self._param_groups(classifier), steps=steps, loss=loss,
+                    state=classifier.trainable_state, load_state=classifier.load_trainable,
+                    predict=None if val is None else (lambda: self._proba(val)), val_targets=val_targets,
+                    val_weight=weight, device=device)
+        schedule = Schedule(max_epochs=self.max_epochs, patience=self.patience, metric=self.metric,
+                            warmup=self.warmup, decay=True, clip_norm=self.clip_norm, seed=self.random_state)
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / "params.json", self._result_params(), default=str)
+        return train(task, schedule, folder, fingerprint)
+
+    def _param_groups(self, classifier: SequenceClassifier) -> list[dict]:
+        """AdamW groups: backbone and classifier learning rates; no decay on biases and norms."""
         groups: dict[tuple[float, float], list] = {}
         for name, p in classifier.named_parameters():
             if not p.requires_grad:
@@ -216,143 +281,7 @@ class FinetuneHead(Head):
             lr = self.head_lr if name.startswith("head.") else self.lr
             decay = self.weight_decay if p.ndim >= 2 else 0.0
             groups.setdefault((lr, decay), []).append(p)
-        return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
-
-    # -- training ------------------------------------------------------------------------
-    def fit(self, X, y, eval_set=None):
-        self._check_params()
-        sequences = [str(s) for s in X]
-        self.classes_, targets, val_targets = encode_labels(y, eval_set)
-        val = None if eval_set is None else ([str(s) for s in eval_set[0]], val_targets)
-        folder = Path(self.checkpoint_dir) if self.checkpoint_dir else None
-        fingerprint = self._fingerprint(sequences, targets, val)
-        self.classifier_ = classifier = self._build(len(self.classes_))
-        device = classifier.backbone.device
-        threads = self.threads or available_cores()
-
-        weight = class_weights(targets, len(self.classes_), self.class_weight)
-        train_weight = None if weight is None else weight.to(device)
-        lengths = np.array([min(len(s), self.crop or 1 << 30) for s in sequences]) + classifier.backbone.extra_tokens
-        batches = length_batches(lengths, self._budget(), self.max_batch,
-                                 min_size=2 if self.pooling == "attention" else 1)
-        steps_per_epoch = math.ceil(len(batches) / self.grad_accum)
-        total_steps = steps_per_epoch * self.max_epochs
-        warm = max(1, round(self.warmup * total_steps)) if self.warmup else 0
-        optimiser = self._optimiser(classifier)
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
-        self.history_: list[dict] = []
-        self.best_epoch_ = 0
-        best, best_state, stale, start_epoch, step = None, None, 0, 1, 0
-
-        saved = self._load_checkpoint(folder, fingerprint) if folder else None
-        if saved is not None:
-            classifier.load_trainable(saved["trainable"])
-            self.history_ = saved["history"]
-            self.best_epoch_ = saved["best_epoch"]
-            best = tuple(saved["best"]) if saved["best"] is not None else None
-            best_state, stale, step = saved["best_state"], saved["stale"], saved["step"]
-            start_epoch = saved["epoch"] + 1
-            if saved["finished"]:
-                start_epoch = self.max_epochs + 1
-            else:
-                optimiser.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-            _trim_steps(folder / "steps.csv", saved["epoch"])  # rows of an epoch the crash cut short
-            log.info("resuming from %s: %d epoch(s) done%s", folder / "last.pt", saved["epoch"],
-                     ", training had finished" if saved["finished"] else "")
-        elif folder:
-            folder.mkdir(parents=True, exist_ok=True)
-            for name in ("steps.csv", "epochs.csv"):
-                (folder / name).unlink(missing_ok=True)
-            (folder / "params.json").write_text(json.dumps(self._result_params(), indent=2, default=str))
-
-        n_trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
-        log.info("fine-tuning %s (%s, mode %s): %s trainable parameters, %d proteins in %d batches, "
-                 "%d optimiser steps per epoch, %s on %s", self.backbone_info_["model"],
-                 self.backbone_info_["architecture"], self.mode, f"{n_trainable:,}", len(sequences), len(batches),
-                 steps_per_epoch, classifier.backbone.precision, device)
-        with torch_threads(threads):
-            for epoch in range(start_epoch, self.max_epochs + 1):
-                started = time.perf_counter()
-                rng = np.random.default_rng([self.random_state, epoch])
-                torch.manual_seed(self.random_state * 100_003 + epoch)
-                classifier.train()
-                order = rng.permutation(len(batches))
-                total_loss, seen, tokens, step_rows = 0.0, 0, 0, []
-                reported = started
-                for first in range(0, len(order), self.grad_accum):
-                    group = [batches[b] for b in order[first:first + self.grad_accum]]
-                    n_group = sum(len(b) for b in group)
-                    optimiser.zero_grad(set_to_none=True)
-                    step_loss = 0.0
-                    for idx in group:
-                        batch = [crop_sequence(sequences[i], self.crop, self.crop_policy, rng) for i in idx]
-                        logits = classifier(batch)
-                        target = torch.from_numpy(targets[idx]).to(device)
-                        loss = F.cross_entropy(logits, target, weight=train_weight, reduction="sum") / n_group
-                        loss.backward()
-                        step_loss += loss.item()
-                        tokens += sum(len(s) + classifier.backbone.extra_tokens for s in batch)
-                    if self.clip_norm:
-                        torch.nn.utils.clip_grad_norm_(
-                            [p for p in classifier.parameters() if p.grad is not None], self.clip_norm)
-                    optimiser.step()
-                    scheduler.step()
-                    step += 1
-                    total_loss += step_loss * n_group
-                    seen += n_group
-                    step_rows.append({"step": step, "epoch": epoch, "loss": step_loss,
-                                      "lr": optimiser.param_groups[0]["lr"], "proteins": n_group})
-                    if time.perf_counter() - reported > 30:
-                        reported = time.perf_counter()
-                        log.info("epoch %d: step %d/%d, loss %.4f, %.0f tokens/s", epoch, len(step_rows),
-                                 steps_per_epoch, step_loss, tokens / (reported - started))
-                train_seconds = time.perf_counter() - started
-                record = {"epoch": epoch, "train_loss": total_loss / seen, "train_tokens_per_s": tokens / train_seconds}
-                if val is not None:
-                    record.update(validation_record(self._proba(val[0]), val[1], weight))
-                record["seconds"] = time.perf_counter() - started
-                self.history_.append(record)
-                log.info("epoch %3d  train loss %.4f  %.0f tokens/s%s  %.1f s", epoch, record["train_loss"],
-                         record["train_tokens_per_s"], describe_epoch(record), record["seconds"])
-                stop = False
-                if val is not None:
-                    key = selection_key(record, self.metric)
-                    if best is None or key > best:
-                        best, best_state, stale = key, classifier.trainable_state(), 0
-                        self.best_epoch_ = epoch
-                    else:
-                        stale += 1
-                        stop = stale >= self.patience
-                finished = stop or epoch == self.max_epochs
-                if folder:
-                    _append_csv(folder / "steps.csv", step_rows)
-                    _write_csv(folder / "epochs.csv", self.history_)
-                    state = {"fingerprint": fingerprint, "epoch": epoch, "finished": finished, "step": step,
-                             "history": self.history_, "best": None if best is None else list(best),
-                             "best_epoch": self.best_epoch_, "stale": stale}
-                    if finished:
-                        # Only the weights a restart restores: no second copy, no optimiser moments.
-                        state.update(trainable=best_state or classifier.trainable_state(), best_state=None)
-                    else:
-                        state.update(trainable=classifier.trainable_state(), best_state=best_state,
-                                     optimizer=optimiser.state_dict(), scheduler=scheduler.state_dict())
-                    self._save_checkpoint(folder, state)
-                    _plot_curves(folder)
-                if stop:
-                    break
-        if best_state is not None:
-            classifier.load_trainable(best_state)
-        elif best is None:  # no validation set: the last epoch
-            self.best_epoch_ = len(self.history_)
-        classifier.eval()
-        return self
+        return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
     def _fingerprint(self, sequences, targets, val) -> str:
         digest = hashlib.sha256(json.dumps(self._result_params(), sort_keys=True, default=str).encode())
@@ -365,22 +294,6 @@ class FinetuneHead(Head):
 
     def _result_params(self) -> dict:
         return {k: v for k, v in self.get_params().items() if k not in _RUNTIME_PARAMS}
-
-    def _load_checkpoint(self, folder: Path, fingerprint: str) -> dict | None:
-        path = folder / "last.pt"
-        if not path.is_file():
-            return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") != fingerprint:
-            log.warning("%s was written for other settings or data; training from the start", path)
-            return None
-        return saved
-
-    @staticmethod
-    def _save_checkpoint(folder: Path, state: dict) -> None:
-        tmp = folder / "last.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, folder / "last.pt")
 
     # -- prediction ----------------------------------------------------------------------
     def _proba(self, sequences: Sequence[str]) -> np.ndarray:
@@ -396,6 +309,7 @@ class FinetuneHead(Head):
         return out
 
     def predict_proba(self, X):
+        self.check_fitted()
         with torch_threads(self.threads or available_cores()):
             return self._proba(list(X))
 
@@ -405,30 +319,34 @@ class FinetuneHead(Head):
     # -- persistence ---------------------------------------------------------------------
     def save(self, path):
         """The trained state (LoRA: adapters and classifier only) and how to rebuild the rest."""
+        self.check_fitted()
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({
-            "kind": "finetune",
-            "params": self.get_params(),
-            "classes": self.classes_.tolist(),
-            "backbone": self.backbone_info_,
-            "trainable": self.classifier_.trainable_state(),
-            "history": self.history_,
-            "best_epoch": self.best_epoch_,
-        }, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({
+                **self.payload(),
+                "params": self.get_params(),
+                "classes": self.classes_.tolist(),
+                "backbone": self.backbone_info_,
+                "trainable": self.classifier_.trainable_state(),
+                "history": self.history_,
+                "best_epoch": self.best_epoch_,
+            }, tmp)
         return path
 
     @classmethod
-    def load(cls, path, weights=None):
+    def load(cls, path, weights=None) -> FinetuneHead:
         """A saved fine-tuned model; its base weights are loaded again (``weights`` overrides the path)."""
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        return super().load(path, weights=weights)
+
+    @classmethod
+    def from_saved(cls, data, path, weights=None):
         params = dict(data["params"])
         if weights is not None:
             params["weights"] = str(weights)
-        head = cls(**params)
+        head = cls(**{k: v for k, v in params.items() if k in cls.param_names()})
         head.classes_ = np.array(data["classes"])
-        head.classifier_ = head._build(len(head.classes_))
+        with isolated_rng(pick_device(head.device)):
+            head.classifier_ = head._build(len(head.classes_))
         if head.backbone_info_["weights_sha256"] != data["backbone"]["weights_sha256"]:
             raise ValueError(f"{path} was trained from weights with sha256 {data['backbone']['weights_sha256'][:12]}, "
                              f"but {head.backbone_info_['weights']} has {head.backbone_info_['weights_sha256'][:12]}")
@@ -444,64 +362,3 @@ class FinetuneHead(Head):
         """
         return self.classifier_.backbone.export(path)
 
-
-def _append_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    _append_csv(tmp, rows)
-    os.replace(tmp, path)
-
-
-def _trim_steps(path: Path, last_epoch: int) -> None:
-    if not path.exists():
-        return
-    with path.open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= last_epoch]
-    _write_csv(path, rows)
-
-
-def _plot_curves(folder: Path) -> None:
-    """curves.png: loss per optimiser step and per epoch, validation metrics, learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    steps = pd.read_csv(folder / "steps.csv")
-    epochs = pd.read_csv(folder / "epochs.csv")
-    fig, (loss_ax, metric_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
-    loss_ax.plot(steps["step"], steps["loss"], alpha=0.3, lw=0.8, label="training, per step")
-    loss_ax.plot(steps["step"], steps["loss"].rolling(10, min_periods=1).mean(), lw=1.2,
-                 label="training, mean of 10 steps")
-    ends = steps.groupby("epoch")["step"].max()
-    loss_ax.plot(ends.loc[epochs["epoch"]].to_numpy(), epochs["train_loss"], "o-", label="training, epoch mean")
-    if "val_loss" in epochs:
-        loss_ax.plot(ends.loc[epochs["epoch"]].to_numpy(), epochs["val_loss"], "s--", label="validation")
-        for m in ("accuracy", "macro_f1", "mcc"):
-            metric_ax.plot(epochs["epoch"], epochs[f"val_{m}"], "o-", label=m)
-        metric_ax.legend(fontsize=8)
-    loss_ax.set(xlabel="optimiser step", ylabel="cross-entropy", title="loss")
-    loss_ax.legend(fontsize=8)
-    metric_ax.set(xlabel="epoch", ylabel="validation", title="validation metrics")
-    lr_ax.plot(steps["step"], steps["lr"])
-    lr_ax.set(xlabel="optimiser step", ylabel="learning rate (backbone)", title="schedule")
-    fig.tight_layout()
-    tmp = folder / "curves.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, folder / "curves.png")

@@ -20,7 +20,7 @@ from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
 from .datasets import LabeledSet, load_labeled, merge
-from .estimators import Head, make_head
+from .registry import Head, make_head
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
 from .folds import homology_folds, scheme, stratified_folds

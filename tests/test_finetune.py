@@ -19,6 +19,7 @@ from embedcache.extract import ExtractConfig, extract
 from embedcache.models import build_tiny_esm2, load_esm2
 from embedcache.store import EmbeddingCache
 from heads.estimators import Head
+from heads import training
 from heads.finetune import FinetuneHead, crop_sequence
 from heads.run import RunConfig, predict, run_comparison
 
@@ -131,7 +132,7 @@ def test_resume_after_interruption_continues_from_the_saved_epoch(tiny_weights, 
         X, y, eval_set=(Xv, yv))
 
     saves = []
-    real_save = FinetuneHead._save_checkpoint
+    real_save = training.save_checkpoint
 
     def crash_after_two(folder, state):
         real_save(folder, state)
@@ -139,12 +140,12 @@ def test_resume_after_interruption_continues_from_the_saved_epoch(tiny_weights, 
         if len(saves) == 2:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(FinetuneHead, "_save_checkpoint", staticmethod(crash_after_two))
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_two)
     folder = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         quick(tiny_weights, mode="full", max_epochs=3, checkpoint_dir=str(folder)).fit(X, y, eval_set=(Xv, yv))
     saves.clear()
-    caplog.set_level("INFO", logger="heads.finetune")
+    caplog.set_level("INFO", logger="heads.training")
     resumed = quick(tiny_weights, mode="full", max_epochs=3, checkpoint_dir=str(folder)).fit(X, y, eval_set=(Xv, yv))
     assert saves == [3]  # only the epoch that was missing ran
     assert "2 epoch(s) done" in caplog.text
@@ -275,3 +276,36 @@ def test_export_backbone_command(tiny_weights, task, tmp_path):
     result = CliRunner().invoke(main, ["export-backbone", "--model", str(saved), "--out", str(tmp_path / "x.pt"),
                                        "--weights", str(other)])
     assert result.exit_code == 1 and "was trained from weights with sha256" in result.output
+
+
+def test_finetuning_leaves_the_callers_random_state_alone_and_repeats_exactly(tiny_weights, task):
+    (X, y), (Xv, yv) = task
+    torch.manual_seed(11)
+    np.random.seed(11)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    first = quick(tiny_weights, mode="full", max_epochs=1, dropout=0.3).fit(X[:40], y[:40], eval_set=(Xv, yv))
+    first.predict_proba(Xv)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1])
+    torch.rand(3)
+    second = quick(tiny_weights, mode="full", max_epochs=1, dropout=0.3).fit(X[:40], y[:40], eval_set=(Xv, yv))
+    np.testing.assert_array_equal(first.predict_proba(Xv), second.predict_proba(Xv))
+
+
+def test_finetune_parameters_are_checked_before_the_backbone_loads(tiny_weights):
+    from heads.registry import make_head
+
+    with pytest.raises(ValueError, match="finetune parameter warmup must be a number in \\[0, 1\\)"):
+        make_head("finetune", {"weights": str(tiny_weights), "warmup": 2})
+    with pytest.raises(ValueError, match="finetune has no parameter 'learning_rate'"):
+        make_head("finetune", {"weights": str(tiny_weights), "learning_rate": 1e-3})
+
+
+def test_lora_fits_do_not_depend_on_the_callers_random_state(tiny_weights, task):
+    (X, y), (Xv, yv) = task
+    fits = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        head = quick(tiny_weights, mode="lora", lora_rank=4, max_epochs=1).fit(X[:40], y[:40], eval_set=(Xv, yv))
+        fits.append(head.predict_proba(Xv))
+    np.testing.assert_array_equal(fits[0], fits[1])

@@ -365,3 +365,298 @@ def test_train_on_one_file_test_on_another(planted, tmp_path):
     assert info["training_sequences_also_in_test_removed"] == 3 and info["n_test"] == len(test)
     assert len(json.loads((out / "splits.json").read_text())["logreg"]) == 3
     assert "tested only on" in (out / "comparison.md").read_text()
+
+
+# -- scikit-learn conventions, checks and persistence ---------------------------------------
+def pooled_task(n=30, dim=6, seed=0, labels=("a", "b", "c")):
+    rng = np.random.default_rng(seed)
+    y = np.array([labels[i % len(labels)] for i in range(n)])
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    for k, label in enumerate(labels):
+        X[y == label, k] += 3.0
+    return X, y
+
+
+def residues_of(X, seed=0):
+    rng = np.random.default_rng(seed)
+    return ArrayResidues([np.tile(row, (int(rng.integers(3, 9)), 1)) for row in X])
+
+
+def small_head(name):
+    from heads.registry import make_head
+
+    params = {"logreg": {"Cs": [0.1, 1.0]}, "lightgbm": {"n_estimators": 20, "min_child_samples": 1, "n_jobs": 1},
+              "attention": {"heads": 2, "hidden": 4, "max_epochs": 2, "threads": 1}}[name]
+    return make_head(name, params)
+
+
+def fit_small(name, X, y, eval_set=None, **params):
+    head = small_head(name).set_params(**params)
+    if head.input == "per_residue":
+        X = residues_of(X)
+        eval_set = None if eval_set is None else (residues_of(eval_set[0], 1), eval_set[1])
+    return head.fit(X, y, eval_set=eval_set), X
+
+
+FROZEN = ["logreg", "lightgbm", "attention"]
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "attention", "finetune"])
+def test_every_head_clones_with_its_parameters(name, tmp_path):
+    from sklearn.base import clone
+
+    from heads.registry import HEADS
+
+    cls = HEADS[name]
+    params = {"finetune": {"weights": "w.pt", "mode": "lora", "checkpoint_dir": str(tmp_path)},
+              "attention": {"conv_kernel": 9, "checkpoint_dir": str(tmp_path)}, "logreg": {"Cs": [0.5]},
+              "lightgbm": {"num_leaves": 7}}[name]
+    head = cls(**params)
+    copy = clone(head)
+    assert type(copy) is cls and copy.get_params() == head.get_params() and copy is not head
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "attention", "finetune"])
+def test_unfitted_heads_raise_not_fitted_error(name, tmp_path):
+    from sklearn.exceptions import NotFittedError
+
+    from heads.registry import HEADS
+
+    head = HEADS[name](weights="w.pt") if name == "finetune" else HEADS[name]()
+    X = np.zeros((2, 4), dtype=np.float32)
+    if head.input == "per_residue":
+        X = residues_of(X)
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        head.predict_proba(X if head.input != "sequence" else ["MKV"])
+    with pytest.raises(NotFittedError):
+        head.save(tmp_path / "h")
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_frozen_heads_know_their_width_and_refuse_another(name):
+    X, y = pooled_task()
+    head, _ = fit_small(name, X, y, eval_set=pooled_task(seed=1))
+    assert head.n_features_in_ == 6
+    narrow = X[:, :5]
+    with pytest.raises(ValueError, match="trained on 6-dimensional embeddings, got 5"):
+        head.predict_proba(residues_of(narrow) if head.input == "per_residue" else narrow)
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_nan_or_infinite_features_are_a_clear_error(name):
+    X, y = pooled_task()
+    bad = X.copy()
+    bad[4, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fit_small(name, bad, y)
+    head, _ = fit_small(name, X, y)
+    bad[4, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        head.predict_proba(residues_of(bad) if head.input == "per_residue" else bad)
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "attention", "finetune"])
+def test_training_on_a_single_class_is_a_clear_error(name):
+    from heads.registry import HEADS
+
+    X, _ = pooled_task(n=6)
+    y = np.array(["Nucleus"] * 6)
+    if name == "finetune":
+        head, X = HEADS[name](weights="never-loaded.pt"), ["MKVL"] * 6
+    else:
+        head = small_head(name)
+        X = residues_of(X) if head.input == "per_residue" else X
+    with pytest.raises(ValueError, match=r"training data hold one class \(Nucleus\); a classifier needs at least two"):
+        head.fit(X, y, eval_set=(X, np.array(["Cytoplasm"] * 6)))
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_string_labels_with_an_eval_set_train_and_predict(name):
+    X, y = pooled_task(labels=("Cytoplasm", "Nucleus"))
+    Xv, yv = pooled_task(seed=1, labels=("Cytoplasm", "Nucleus"))
+    head, _ = fit_small(name, X, y, eval_set=(Xv, yv), **({"max_epochs": 10, "lr": 1e-2} if name == "attention" else {}))
+    assert list(head.classes_) == ["Cytoplasm", "Nucleus"]
+    pred = head.predict(residues_of(Xv) if head.input == "per_residue" else Xv)
+    assert set(pred) <= {"Cytoplasm", "Nucleus"} and (pred == yv).mean() > 0.8
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_labels_of_mixed_types_or_an_empty_eval_set_are_clear_errors(name):
+    X, _ = pooled_task(n=6)
+    with pytest.raises(ValueError, match="labels mix types"):
+        fit_small(name, X, [1, "a", 1, "a", 1, "a"])
+    with pytest.raises(ValueError, match="labels mix types"):
+        fit_small(name, X, np.array([0, 1] * 3), eval_set=(X, np.array(["0", "1"] * 3)))
+    with pytest.raises(ValueError, match="holds no proteins"):
+        fit_small(name, X, np.array([0, 1] * 3), eval_set=(X[:0], np.array([], dtype=int)))
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_one_protein_per_class_still_trains(name):
+    X, y = pooled_task(n=3)
+    head, Xin = fit_small(name, X, y, eval_set=(X, y))
+    proba = head.predict_proba(Xin)
+    assert proba.shape == (3, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"conv_kernel": 4}, "conv_kernel must be 0 .* or an odd positive number"),
+    ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
+    ({"heads": 0}, "heads must be a whole number >= 1"),
+    ({"metric": "auc"}, "metric must be one of"),
+    ({"crop": -5}, "crop must be a whole number >= 1 or null"),
+])
+def test_bad_attention_parameters_are_clear_errors_before_training(params, message):
+    from heads.registry import make_head
+
+    with pytest.raises(ValueError, match=message):
+        make_head("attention", params)
+    X, y = pooled_task(n=6)
+    with pytest.raises(ValueError, match=message):  # also when built directly: fit checks first
+        AttentionHead(**params, threads=1).fit(residues_of(X), y)
+
+
+def test_unknown_parameters_list_the_valid_ones(planted, tmp_path):
+    from heads.registry import make_head
+
+    with pytest.raises(ValueError, match="logreg has no parameter 'foo'; its parameters are Cs, class_weight"):
+        make_head("logreg", {"foo": 1})
+    _, cache, csv = planted
+    result = CliRunner().invoke(heads_main, ["cv", "--cache", str(cache), "--data", str(csv), "--head", "logreg",
+                                             "--out", str(tmp_path / "r"), "--set", "logreg.foo=1"])
+    assert result.exit_code == 2 and "logreg has no parameter 'foo'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+    result = CliRunner().invoke(heads_main, ["cv", "--cache", str(cache), "--data", str(csv), "--head", "attention",
+                                             "--out", str(tmp_path / "r"), "--set", "attention.conv_kernel=4"])
+    assert result.exit_code == 1 and "conv_kernel must be" in result.output and "Traceback" not in result.output
+
+
+def test_params_command_lists_every_parameter_with_default_and_meaning():
+    from heads.registry import HEADS
+
+    result = CliRunner().invoke(heads_main, ["params"])
+    assert result.exit_code == 0, result.output
+    for name, cls in HEADS.items():
+        docs = cls.param_docs()
+        assert set(docs) == set(cls().get_params() if name != "finetune" else cls(weights="w").get_params())
+        for param, (default, meaning) in docs.items():
+            assert meaning, f"{name}.{param} has no meaning"
+            assert any(line.split()[:1] == [param] and meaning in line for line in result.output.splitlines()), param
+    one = CliRunner().invoke(heads_main, ["params", "attention"])
+    assert "conv_kernel" in one.output and "Cs" not in one.output
+
+
+def test_class_names_that_match_no_label_are_an_error(tmp_path):
+    from embedcache.sequences import InputError
+
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"id": ["a", "b"], "sequence": ["MKV", "MKL"], "label": ["0", "1"]}).to_csv(path, index=False)
+    with pytest.raises(InputError, match=r"--class-names 'Cytoplasm', 'Nucleus' match no value of column 'label'; "
+                                         r"its values are '0', '1'"):
+        read_labeled_csv(path, class_names={"Cytoplasm": "0", "Nucleus": "1"})  # the pairs written backwards
+    with pytest.raises(InputError, match=r"--class-names '2' match no value"):
+        read_labeled_csv(path, class_names={"0": "Cytoplasm", "2": "Nucleus"})
+    assert read_labeled_csv(path, class_names={"0": "Cytoplasm", "1": "Nucleus"}).classes == ["Cytoplasm", "Nucleus"]
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_saved_heads_record_kind_and_version_and_load_by_kind(name, tmp_path):
+    import joblib
+
+    from embedcache import __version__
+
+    X, y = pooled_task()
+    head, Xin = fit_small(name, X, y, eval_set=pooled_task(seed=1))
+    path = head.save(tmp_path / "model.bin")  # the recorded kind, not the file name, picks the reader
+    data = torch.load(path, weights_only=True) if head.input == "per_residue" else joblib.load(path)
+    assert data["kind"] == name and data["version"] == __version__
+    again = Head.load(path)
+    assert type(again) is type(head)
+    np.testing.assert_array_equal(again.predict_proba(Xin), head.predict_proba(Xin))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_head_from_a_newer_version_warns(tmp_path):
+    import joblib
+
+    from heads.base import NewerVersionWarning
+
+    head, X = fit_small("logreg", *pooled_task())
+    path = head.save(tmp_path / "m.joblib")
+    data = joblib.load(path)
+    data["version"] = "99.0.0"
+    joblib.dump(data, path)
+    with pytest.warns(NewerVersionWarning, match="saved by embedcache 99.0.0"):
+        Head.load(path)
+
+
+def test_files_written_before_heads_recorded_a_kind_still_load(tmp_path):
+    import joblib
+
+    X, y = pooled_task()
+    logreg, _ = fit_small("logreg", X, y)
+    joblib.dump(logreg, tmp_path / "old.joblib")  # the earlier format: the bare estimator
+    np.testing.assert_array_equal(Head.load(tmp_path / "old.joblib").predict_proba(X), logreg.predict_proba(X))
+    attention, R = fit_small("attention", X, y)
+    saved = torch.load(attention.save(tmp_path / "new.pt"), weights_only=True)
+    old = {k: v for k, v in saved.items() if k not in ("kind", "version")}
+    old["params"] = {k: v for k, v in old["params"].items() if k != "checkpoint_dir"}
+    torch.save(old, tmp_path / "old.pt")
+    np.testing.assert_array_equal(Head.load(tmp_path / "old.pt").predict_proba(R), attention.predict_proba(R))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"PK\x03\x04broken zip"])
+def test_a_damaged_saved_head_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "m.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="m.pt: not a"):
+        Head.load(path)
+
+
+def test_fit_leaves_the_callers_random_state_alone_for_every_frozen_head():
+    X, y = pooled_task()
+    for name in FROZEN:
+        torch.manual_seed(5)
+        np.random.seed(5)
+        torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+        head, Xin = fit_small(name, X, y, eval_set=pooled_task(seed=1))
+        head.predict_proba(Xin)
+        assert torch.equal(torch.get_rng_state(), torch_state), name
+        assert np.array_equal(np.random.get_state()[1], numpy_state[1]), name
+
+
+def test_no_import_cycles_in_heads():
+    """Every import between heads modules, also inside functions, forms an acyclic graph."""
+    import ast
+    from pathlib import Path
+
+    import heads
+
+    package = Path(heads.__file__).parent
+    graph = {}
+    for path in package.glob("*.py"):
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    edges |= {node.module} if node.module else {a.name for a in node.names}
+                elif node.module and node.module.startswith("heads."):
+                    edges.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                edges |= {a.name.split(".")[1] for a in node.names if a.name.startswith("heads.")}
+        graph[path.stem] = edges - {"__init__"}
+    state: dict[str, int] = {}
+
+    def visit(module, trail):
+        if state.get(module) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(trail + [module])}")
+        if state.get(module) == 2:
+            return
+        state[module] = 1
+        for other in graph.get(module, ()):
+            visit(other, trail + [module])
+        state[module] = 2
+
+    for module in graph:
+        visit(module, [])
+    assert "registry" not in graph["base"] and graph["registry"] >= {"attention", "estimators", "finetune"}
