@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from . import __version__
 from .extract import DTYPES, ExtractConfig, extract
 from .backbones import PRECISIONS, known_models
 from .batching import LONG_POLICIES
@@ -34,6 +35,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedcache")
 def main() -> None:
     """Protein language model embeddings in a resumable, content-addressed HDF5 cache."""
 

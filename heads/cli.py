@@ -7,6 +7,7 @@ import logging
 
 import click
 
+from embedcache import __version__
 from embedcache.atomic import DiskFullError, atomic_path
 from embedcache.sequences import InputError
 from embedcache.store import CacheError
@@ -78,8 +79,9 @@ def common(func):
         click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus."),
         click.option("--set", "settings", multiple=True,
                      help="Head parameter, e.g. attention.max_epochs=30 or finetune.mode=lora (repeatable)."),
-        click.option("--model", help="finetune: official ESM-2 name [the backbone that built --cache]."),
-        click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+        click.option("--model", help="finetune: a model name as `embedcache models` lists it [the backbone that built "
+                                     "--cache, found by its sha256]."),
+        click.option("--weights", type=click.Path(exists=True),
                      help="finetune: local fair-esm ESM-2 .pt file [the backbone that built --cache]."),
         click.option("--lr", "lrs", type=float, multiple=True,
                      help="finetune learning rate; repeat for a sweep (one method per value, same splits)."),
@@ -113,6 +115,7 @@ def _run(heads: tuple[str, ...], kw: dict) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="heads")
 def main() -> None:
     """Train light heads on an embedding cache and compare them under the same folds."""
 
@@ -184,10 +187,12 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
 @main.command("export-backbone")
 @click.option("--model", "model_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A fine-tuned model: OUT/models/finetune/SPLIT.finetune.pt of a run.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write: a fair-esm checkpoint (.pt) for ESM-2, .npz for UniRep.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Base weights, if no longer where training found them.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Where to write the backbone in its own format: a fair-esm checkpoint, UniRep .npz arrays, "
+                   "or a Hugging Face directory.")
+@click.option("--weights", type=click.Path(exists=True), help="Base weights, if no longer where training found them.")
 def export_backbone_cmd(model_file, out, weights) -> None:
-    """Write a fine-tuned ESM-2 (LoRA merged) for `embedcache extract --weights OUT`."""
+    """Write a fine-tuned backbone (LoRA merged) for `embedcache extract --weights OUT`."""
     from .finetune import FinetuneHead
 
     try:

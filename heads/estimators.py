@@ -162,6 +162,9 @@ class LightGBMHead(Head):
             subsample=self.subsample, subsample_freq=1, reg_lambda=self.reg_lambda, max_bin=self.max_bin,
             class_weight=weights, n_jobs=self.n_jobs or available_cores(),
             random_state=self.random_state, verbose=-1,
+            # Same trees on every run: LightGBM otherwise picks row- or column-wise histograms by a
+            # timing test, and sums in thread order.
+            deterministic=True, force_row_wise=True,
         )
         callbacks = []
         kwargs = {}

@@ -23,7 +23,7 @@ from embedcache.atomic import atomic_path
 from embedcache.models import sha256_of
 
 from .datasets import LabeledSet
-from .estimators import Head
+from .base import Head
 from .features import FeatureSource
 from .folds import Split
 from .rundir import SavedModel
