@@ -119,3 +119,32 @@ def write_text(path: Path | str, text: str) -> Path:
 def write_json(path: Path | str, obj, **kwargs) -> Path:
     kwargs.setdefault("indent", 2)
     return write_text(path, json.dumps(obj, **kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path | str) -> Iterator:
+    """An h5py File written at the temporary path of :func:`atomic_path`, closed before anything else.
+
+    h5py must have closed its file before the temporary is unlinked, also when a write failed
+    (a full disk): an HDF5 file left open flushes again at interpreter exit, into a file
+    that is gone, and can crash the process.
+    """
+    import h5py
+
+    with atomic_path(path) as tmp:
+        f = h5py.File(tmp, "w")
+        try:
+            yield f
+        except BaseException:
+            _close_quietly(f)
+            raise
+        try:
+            f.close()  # flushes: a full disk shows up here too
+        except BaseException:
+            _close_quietly(f)
+            raise
+
+
+def _close_quietly(f) -> None:
+    with contextlib.suppress(Exception):
+        f.close()

@@ -22,7 +22,7 @@ from embedcache.store import CacheError, CacheLockedError, EmbeddingCache, Write
 from conftest import SEQUENCES, deeplocpro_head, write_fasta
 
 # Attributes that record when and how a file was made rather than what it holds.
-CIRCUMSTANTIAL = {"created", "updated", "commands", "config", "git_sha", "weights"}
+CIRCUMSTANTIAL = {"created", "updated", "commands", "config", "git_sha", "weights", "attrs_checksum"}
 
 
 def cache_contents(path: Path) -> dict:
@@ -316,7 +316,7 @@ def test_leftovers_of_a_crash_are_recovered(tmp_path, fasta, tiny_weights):
     items = list(SEQUENCES.items())
     extract(write_fasta(tmp_path / "half.fasta", items[:3]), out, config(tiny_weights), progress=False)
     before = cache_contents(out)
-    from embedcache import store
+    from embedcache import writer as store
 
     def crash(*args, **kwargs):
         out.with_name(out.name + ".tmp").write_bytes(b"\x89HDF partial")
