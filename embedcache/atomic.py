@@ -27,6 +27,9 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 class DiskFullError(OSError):
     """Writing stopped because the disk (or a quota) is full; nothing was replaced."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 def real_path(path: Path | str) -> Path:
     """``path`` with every symbolic link resolved (the file itself need not exist yet)."""
