@@ -204,6 +204,10 @@ def write_table(group, name: str, values, dtype) -> h5py.Dataset:
         values = np.asarray(values, dtype=dtype)
         ds = group.create_dataset(name, data=values)
     set_checksum(ds, values)
+    # HDF5 writes small datasets late, when their object is released; a write failing
+    # there is only reported as an ignored exception. Flushing now, while the dataset is
+    # referenced, makes a full disk an exception here.
+    group.file.flush()
     return ds
 
 

@@ -381,34 +381,30 @@ def _assert_clean_stop(out: Path, output: str) -> None:
 
 
 def test_disk_full_while_writing_parts_or_the_cache_then_resume(tmp_path, tiny_weights):
-    src = _input(tmp_path)
+    src = _input(tmp_path, n=40)
     args = ["--weights", str(tiny_weights), "--threads", "1", "--toks-per-batch", "512", "--quiet"]
-    reference = tmp_path / "ref" / "c.h5"
-    reference.parent.mkdir()
-    assert _cli(["extract", str(src), str(reference), *args]).wait(timeout=300) == 0
-    # The existing cache to extend: the first 10 sequences.
+    cfg = config(tiny_weights, toks_per_batch=512)
+    # The existing cache to extend holds the first 10 sequences; the reference grew the same way.
     head = write_fasta(tmp_path / "head.fasta", [(r.id, r.sequence) for r in read_sequences(src)[:10]])
     grown = tmp_path / "ref" / "grown.h5"
     for path in (head, src):
-        assert _cli(["extract", str(path), str(grown), *args]).wait(timeout=300) == 0
-
-    final_size = reference.stat().st_size
+        extract(path, grown, cfg, progress=False)
     # Below any part (fails on the first part), then above every part but below the cache.
-    for limit in (6_000, final_size // 2):
+    for limit in (6_000, grown.stat().st_size // 2):
         work = tmp_path / f"limit{limit}"
         work.mkdir()
         out = work / "c.h5"
-        assert _cli(["extract", str(head), str(out), *args]).wait(timeout=300) == 0
+        extract(head, out, cfg, progress=False)
         before = cache_contents(out)
         proc = _cli(["extract", str(src), str(out), *args], limit=limit)
         output = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 1, output
-        assert "Error: " in output and "disk is full" in output, output
+        assert "Error: " in output and "the disk is full" in output, output
         _assert_clean_stop(out, output)
         assert cache_contents(out) == before, "the existing cache must be untouched"
         if limit > 6_000:
             assert len(list(parts_dir(out).glob("part-*.h5"))) > 1  # the parts were written, the cache was not
-        assert _cli(["extract", str(src), str(out), *args]).wait(timeout=300) == 0
+        extract(src, out, cfg, progress=False)
         assert not parts_dir(out).exists()
         assert_same_cache(grown, out)
 
@@ -417,8 +413,7 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, tiny_weigh
     src = _input(tmp_path, n=150)
     args = ["--weights", str(tiny_weights), "--threads", "1", "--toks-per-batch", "256", "--quiet"]
     reference = tmp_path / "ref" / "c.h5"
-    reference.parent.mkdir()
-    assert _cli(["extract", str(src), str(reference), *args]).wait(timeout=300) == 0
+    extract(src, reference, config(tiny_weights, toks_per_batch=256), progress=False)
     out = tmp_path / "c.h5"
     proc = _cli(["extract", str(src), str(out), *args])
     deadline = time.time() + 120
@@ -431,7 +426,8 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path, tiny_weigh
     assert output.strip().splitlines()[-1] == "interrupted; run the same command again to resume", output
     _assert_clean_stop(out, output)
     assert not out.exists() and lock_holder(out) is None
-    assert _cli(["extract", str(src), str(out), *args]).wait(timeout=300) == 0
+    summary = extract(src, out, config(tiny_weights, toks_per_batch=256), progress=False)
+    assert 0 < summary.embedded < 150
     assert_same_cache(reference, out)
 
 
@@ -440,8 +436,7 @@ def test_sigterm_and_sigint_at_random_moments_then_resume_gives_identical_conten
     src = _input(tmp_path, n=300)
     args = ["--weights", str(tiny_weights), "--threads", "1", "--toks-per-batch", "256", "--quiet"]
     reference = tmp_path / "ref" / "c.h5"
-    reference.parent.mkdir()
-    assert _cli(["extract", str(src), str(reference), *args]).wait(timeout=300) == 0
+    extract(src, reference, config(tiny_weights, toks_per_batch=256), progress=False)
     out = tmp_path / "c.h5"
     rng = np.random.default_rng(5)
     stops = 0
