@@ -403,7 +403,11 @@ class EmbeddingCache:
             sums = []
             for row in range(start, stop):
                 rows = slab[bounds[row] - base : bounds[row + 1] - base]
-                sums.append(checksum(self._checked(layer, row, rows) if self.has_checksums else rows))
+                if self.has_checksums and self.verify:
+                    self._checked(layer, row, rows)
+                    sums.append(self._row_sums[layer][row])
+                else:
+                    sums.append(checksum(rows))
             yield start, stop, slab, sums
             start = stop
 

@@ -250,6 +250,9 @@ class CacheWriter:
         """The parts directory appears complete, settings.json inside, or not at all."""
         tmp = Path(tempfile.mkdtemp(prefix=f"{self.parts.name}.tmp-", dir=self.parts.parent))
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would differ from a plain mkdir's permissions
             write_json(tmp / "settings.json", self.settings, sort_keys=True)
             os.rename(tmp, self.parts)
         except BaseException:
