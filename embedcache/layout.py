@@ -22,11 +22,14 @@ Every dataset but ``per_residue`` carries a ``checksum`` attribute over its whol
 one protein never reads more than that protein. The root attributes are covered by
 ``attrs_checksum``. Version 1 (embedcache < 0.2) is the same layout without checksums.
 
-The checksum (``wsum64``) is a position-weighted sum of the data's 64-bit words modulo
-2**64 with odd weights: any change of a single word changes it, and random damage goes
-unnoticed with a probability of about 2**-64. It is computed by numpy at memory speed,
-several times faster than zlib's crc32 or adler32 here (about 30 us against 120-250 us for a
-protein of 400 residues x 320 dims in fp16); it guards against damage, not against forgery.
+The checksum (``wsum64``, :func:`checksum`) is a position-weighted sum of the data's 64-bit
+words modulo 2**64 with odd weights: any change of a single word changes it, and random
+damage goes unnoticed with a probability of about 2**-64. numpy computes it at nearly memory
+speed, measured for a protein of 400 residues x 320 dims in fp16 (256 kB): about 20 us,
+against 120 us for zlib.adler32, 145-250 us for zlib.crc32 and 340 us for sha1 on this
+machine. HDF5's fletcher32 filter was not used: it needs chunked datasets, and a protein's
+read would then read and check whole chunks, its neighbours' rows included. It guards
+against damage, not against forgery.
 """
 
 from __future__ import annotations
@@ -156,9 +159,23 @@ def _weights(n: int) -> np.ndarray:
 
 
 def checksum(data) -> int:
-    """``wsum64`` of an array's (or bytes') raw contents; length and tail bytes included."""
-    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8) if not isinstance(data, (bytes, bytearray)) \
-        else np.frombuffer(data, dtype=np.uint8)
+    """``wsum64`` of an array's (or bytes') raw contents; the length is included.
+
+    A 2-D array whose rows are whole 64-bit words is summed down its columns first, and
+    the column sums weighted: numpy adds rows at memory speed, and every single word still
+    changes the result. (Rows trading places do not; damage does not move rows.) Anything
+    else is weighted word by word, the tail bytes as one more word.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        raw = np.frombuffer(data, dtype=np.uint8)
+    else:
+        data = np.ascontiguousarray(data)
+        if data.ndim == 2 and data.shape[0] and (data.shape[1] * data.itemsize) % 8 == 0:
+            words = data.view(np.uint8).reshape(data.shape[0], -1).view(np.uint64)
+            with np.errstate(over="ignore"):
+                total = int(np.dot(words.sum(axis=0), _weights(words.shape[1])))
+            return (total + data.nbytes * 0xD6E8FEB86659FD93) % (1 << 64)
+        raw = data.reshape(-1).view(np.uint8)
     whole = len(raw) // 8
     words = raw[: whole * 8].view(np.uint64)
     with np.errstate(over="ignore"):
