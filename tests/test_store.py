@@ -459,3 +459,33 @@ def test_sigterm_and_sigint_at_random_moments_then_resume_gives_identical_conten
     assert stops >= 1
     assert _cli(["extract", str(src), str(out), *args]).wait(timeout=300) == 0
     assert_same_cache(reference, out)
+
+
+def test_real_full_disk_on_a_small_tmpfs_then_resume(tmp_path, tiny_weights, monkeypatch):
+    from embedcache import extract as extract_module
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        src = _input(tmp_path, n=40)
+        cfg = config(tiny_weights, toks_per_batch=512)
+        reference = tmp_path / "reference.h5"
+        extract(src, reference, cfg, progress=False)
+        # The up-front estimate would refuse; the disk must fill during the run.
+        monkeypatch.setattr(extract_module, "_check_disk_space", lambda *args: None)
+        out = mnt / "c.h5"
+        # 64 kB: full while writing parts; then room for the parts but not for the cache beside them.
+        for size in (64 * 1024, int(reference.stat().st_size * 1.6)):
+            subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+            with pytest.raises(atomic.DiskFullError, match="the disk is full"):
+                extract(src, out, cfg, progress=False)
+            _assert_clean_stop(out, "")
+            assert not out.exists() and lock_holder(out) is None
+        subprocess.run(["mount", "-o", "remount,size=20m", str(mnt)], check=True)
+        extract(src, out, cfg, progress=False)
+        assert_same_cache(reference, out)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
