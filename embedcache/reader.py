@@ -169,7 +169,6 @@ class EmbeddingCache:
         self._headers = dict(zip(all_ids, headers))
         self._all_ids, self._header_list, self._id_keys = all_ids, headers, id_keys
         self._pooled: dict[int, np.ndarray] = {}
-        self._key_row: dict[str, int] | None = None
         self._id_of_row: dict[int, str] | None = None
 
     def _check_structure(self, all_ids, index, id_keys, headers) -> None:

@@ -62,6 +62,7 @@ def snapshot(path: Path) -> dict:
             keys=[c.key(i) for i in c.ids], status=[int(c.status(i)) for i in c.ids],
             lengths=[c.length(i) for i in c.ids], residues=[c.per_residue(i).tobytes() for i in c.ids],
             many=[a.tobytes() for a in c.per_residue_many(c.ids)], pooled=c.pooled().tobytes(),
+            by_key=c.rows(keys=[c.key(i) for i in c.ids]).tolist(), has=c.has_keys([c.key(i) for i in c.ids]).tolist(),
         )
 
 
