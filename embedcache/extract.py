@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import DiskFullError, format_bytes
+from .atomic import DiskFullError, format_bytes, real_path
 from .backbone import PRECISIONS, Backbone, ESM2Backbone
 from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
 from .sequences import read_sequences
@@ -327,8 +327,9 @@ def _check_disk_space(output: Path, pending: list[Entry], n_parts: int, n_layers
     # Per sequence: residues and pooled vector, its tables (key, sequence, lengths) and checksums.
     new = sum((e.n_residues + 1) * bytes_per + 100 + 2 * e.length + 8 * n_layers for e in pending)
     overhead = (n_parts + 2) * (PART_OVERHEAD + PART_OVERHEAD_PER_LAYER * n_layers)
-    needed = 2 * new + overhead + (output.stat().st_size if output.exists() else 0)
-    free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
+    target = real_path(output)  # through a link, the space that counts is the target's
+    needed = 2 * new + overhead + (target.stat().st_size if target.exists() else 0)
+    free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free
     if needed > free:
         raise DiskFullError(
             errno.ENOSPC,
