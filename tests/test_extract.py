@@ -172,8 +172,10 @@ def test_extending_with_a_larger_input_keeps_what_is_there(tmp_path, tiny_weight
         assert after.ids == [i for i, _ in items]
         for ident, rows in kept.items():
             np.testing.assert_array_equal(after.per_residue(ident), rows)
+        # The new sequences were batched without the old ones: equal up to float rounding
+        # (one fp16 step), not necessarily bit for bit.
         for ident in after.ids:
-            np.testing.assert_array_equal(after.per_residue(ident), reference.per_residue(ident))
+            np.testing.assert_allclose(after.per_residue(ident), reference.per_residue(ident), rtol=2e-3, atol=2e-3)
         assert len(eval(after.attrs["commands"])) == 2
 
 
