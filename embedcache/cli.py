@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
 import signal
 import sys
+import threading
 
 import click
 
@@ -42,6 +44,27 @@ def _on_signal(signum, frame) -> None:
     raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt
 
 
+def _interruptible(command):
+    """Ctrl-C and SIGTERM end a command with one line and exit 130 or 143, after every clean-up ran."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+            previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return command(*args, **kwargs)
+        except (KeyboardInterrupt, Terminated) as err:
+            # Locks, temporary files and open HDF5 files were released on the way up.
+            click.echo("interrupted; run the same command again to resume", err=True)
+            sys.exit(143 if isinstance(err, Terminated) else 130)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return run
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -75,6 +98,7 @@ def main() -> None:
 @click.option("--trust-weights", is_flag=True, help="Allow arbitrary pickled objects in the checkpoint (only for files you trust).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="Debug messages too.")
+@_interruptible
 def extract_cmd(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
                 device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, quiet, verbose) -> None:
     """Embed every sequence in INPUT (FASTA, CSV or TSV) into the cache OUTPUT (.h5).
@@ -82,21 +106,6 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
     Sequences already in OUTPUT are skipped, so re-running after an interruption, or on a
     larger input, embeds only what is missing.
     """
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        _extract(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
-                 device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, quiet, verbose)
-    except (KeyboardInterrupt, Terminated) as err:
-        # Locks, temporary files and open HDF5 files were released on the way up.
-        click.echo("interrupted; run the same command again to resume", err=True)
-        sys.exit(143 if isinstance(err, Terminated) else 130)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _extract(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
-             device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, quiet, verbose) -> None:
     _setup_logging(verbose)
     if model is None and weights is None:
         raise click.UsageError("give --model NAME or --weights PATH")
