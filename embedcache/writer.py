@@ -75,30 +75,38 @@ class WriterLock:
     def acquire(self) -> WriterLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            locked = False
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                if err.errno in (errno.EAGAIN, errno.EACCES):
-                    raise CacheLockedError(
-                        f"{self.path.with_suffix('')}: another embedcache process (pid {holder}) is writing "
-                        "this cache; wait for it to finish or write to another file"
-                    ) from None
-                raise
-            # The previous holder may have unlinked the file between our open and flock.
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
                 try:
-                    os.ftruncate(fd, 0)
-                    os.write(fd, str(os.getpid()).encode())
-                except OSError:
-                    pass  # the pid is for messages only; a full disk must not stop the lock
-                self.fd = fd
-                return self
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as err:
+                    holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                    if err.errno in (errno.EAGAIN, errno.EACCES):
+                        raise CacheLockedError(
+                            f"{self.path.with_suffix('')}: another embedcache process (pid {holder}) is writing "
+                            "this cache; wait for it to finish or write to another file"
+                        ) from None
+                    raise
+                locked = True
+                # The previous holder may have unlinked the file between our open and flock.
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    try:
+                        os.ftruncate(fd, 0)
+                        os.write(fd, str(os.getpid()).encode())
+                    except OSError:
+                        pass  # the pid is for messages only; a full disk must not stop the lock
+                    self.fd = fd
+                    return self
+            except BaseException:
+                # Interrupted half-way (a signal) or refused: leave no lock file of ours behind.
+                if locked:
+                    self.path.unlink(missing_ok=True)
+                os.close(fd)
+                raise
             os.close(fd)
 
     def release(self) -> None:
@@ -248,15 +256,17 @@ class CacheWriter:
 
     def _make_parts_dir(self) -> None:
         """The parts directory appears complete, settings.json inside, or not at all."""
-        tmp = Path(tempfile.mkdtemp(prefix=f"{self.parts.name}.tmp-", dir=self.parts.parent))
+        tmp = None
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=f"{self.parts.name}.tmp-", dir=self.parts.parent))
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would differ from a plain mkdir's permissions
             write_json(tmp / "settings.json", self.settings, sort_keys=True)
             os.rename(tmp, self.parts)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(self.parts.parent)
 
