@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,9 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 class DiskFullError(OSError):
     """Writing stopped because the disk (or a quota) is full; nothing was replaced."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 def real_path(path: Path | str) -> Path:
     """``path`` with every symbolic link resolved (the file itself need not exist yet)."""
@@ -35,9 +39,9 @@ def real_path(path: Path | str) -> Path:
 
 def is_no_space(err: BaseException) -> bool:
     """An OSError that says the disk is full, also when a library put errno only in its message."""
-    if not isinstance(err, OSError):
+    if not isinstance(err, (OSError, RuntimeError)):
         return False
-    if err.errno in NO_SPACE:
+    if getattr(err, "errno", None) in NO_SPACE:
         return True
     text = str(err)
     return any(os.strerror(code) in text for code in NO_SPACE) or "errno = 28" in text
@@ -46,10 +50,13 @@ def is_no_space(err: BaseException) -> bool:
 def disk_full_error(path: Path, err: BaseException) -> DiskFullError:
     where = path.parent if path.parent.exists() else Path.cwd()
     free = shutil.disk_usage(where).free
+    # HDF5's messages run over several lines; the first says what failed.
+    detail = str(err).splitlines()[0][:200] if str(err) else ""
     return DiskFullError(
         errno.ENOSPC,
-        f"{path}: the disk is full ({format_bytes(free)} free in {where}); nothing was replaced. "
-        f"Free some space and run the same command again ({err.__class__.__name__}: {err})",
+        f"{path}: the disk is full ({format_bytes(free)} free in {where}; or a quota or file-size limit was "
+        f"reached); nothing was replaced. Free some space and run the same command again "
+        f"({err.__class__.__name__}: {detail})",
     )
 
 
@@ -119,3 +126,66 @@ def write_text(path: Path | str, text: str) -> Path:
 def write_json(path: Path | str, obj, **kwargs) -> Path:
     kwargs.setdefault("indent", 2)
     return write_text(path, json.dumps(obj, **kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path | str) -> Iterator:
+    """An h5py File written at the temporary path of :func:`atomic_path`, closed before anything else.
+
+    HDF5 writes some data and metadata late, when an object or the file is closed. When
+    such a write fails (a full disk), h5py reports it only as an "ignored exception" from a
+    destructor, and the file's next close can crash the process (h5py 3.16: a segmentation
+    fault). So failures reported that way are collected and fail the write, the file is
+    flushed before it is closed, and a failed file's descriptor is pointed at /dev/null
+    before closing, so that its last flush succeeds and goes nowhere; the temporary file is
+    then removed.
+    """
+    import h5py
+
+    late: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def collect(unraisable) -> None:
+        if isinstance(unraisable.exc_value, (RuntimeError, OSError)):
+            late.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = collect
+    try:
+        with atomic_path(path) as tmp:
+            f = h5py.File(tmp, "w")
+            try:
+                yield f
+                _raise_late(late)
+                f.flush()
+                _raise_late(late)
+                f.close()
+                _raise_late(late)
+            except BaseException:
+                _discard_h5(f)
+                raise
+    finally:
+        sys.unraisablehook = previous
+
+
+def _raise_late(late: list[BaseException]) -> None:
+    if late:
+        err = late[0]
+        if is_no_space(err):
+            raise OSError(errno.ENOSPC, str(err))
+        raise OSError(errno.EIO, f"HDF5 could not write ({err})")
+
+
+def _discard_h5(f) -> None:
+    """Close an h5py File whose contents are being thrown away, without writing to its file."""
+    with contextlib.suppress(Exception):
+        if f.id.valid:
+            fd = f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+    with contextlib.suppress(Exception):
+        f.close()

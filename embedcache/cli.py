@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
+import signal
 import sys
+import threading
 
 import click
 
@@ -15,7 +18,8 @@ from .backbones import PRECISIONS, known_models
 from .batching import LONG_POLICIES
 from .models import ESM2_MODELS, ModelLoadError, build_tiny_esm2, fetch, verify_checksum
 from .sequences import InputError
-from .store import CacheError, EmbeddingCache
+from .atomic import format_bytes
+from .store import CacheError, EmbeddingCache, verify_cache
 
 USER_ERRORS = (InputError, ModelLoadError, CacheError, ValueError, OSError)
 
@@ -27,6 +31,38 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...]:
         return tuple(int(x) for x in value.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of layer numbers") from None
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that every clean-up runs as for Ctrl-C."""
+
+
+def _on_signal(signum, frame) -> None:
+    # A second signal must not cut the clean-up of the first short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _interruptible(command):
+    """Ctrl-C and SIGTERM end a command with one line and exit 130 or 143, after every clean-up ran."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+            previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return command(*args, **kwargs)
+        except (KeyboardInterrupt, Terminated) as err:
+            # Locks, temporary files and open HDF5 files were released on the way up.
+            click.echo("interrupted; run the same command again to resume", err=True)
+            sys.exit(143 if isinstance(err, Terminated) else 130)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return run
 
 
 def _setup_logging(verbose: int) -> None:
@@ -67,6 +103,7 @@ def main() -> None:
 @click.option("--trust-weights", is_flag=True, help="Allow arbitrary pickled objects in the checkpoint (only for files you trust).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="Debug messages too.")
+@_interruptible
 def extract_cmd(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
                 device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, quiet, verbose) -> None:
     """Embed every sequence in INPUT (FASTA, CSV or TSV) into the cache OUTPUT (.h5).
@@ -112,7 +149,7 @@ def info_cmd(path, as_json) -> None:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     prov = info.pop("provenance")
-    click.echo(f"{info['path']}  ({info['file_size_bytes'] / 1e6:.1f} MB)")
+    click.echo(f"{info['path']}  ({format_bytes(info['file_size_bytes'])})")
     click.echo(f"  model        {prov.get('model')} ({prov.get('architecture')}), weights {prov.get('weights')}")
     click.echo(f"  layers       {info['layers']}, dim {info['embed_dim']}, stored as {info['stored_dtype']}, computed in {prov.get('precision')}")
     click.echo(f"  IDs          {info['ids']} ({info['ids_embedded']} embedded, {info['ids_skipped']} skipped as too long)")
@@ -122,11 +159,29 @@ def info_cmd(path, as_json) -> None:
                f"{info['truncated']} truncated, {info['chunked']} chunked")
     click.echo(f"  versions     embedcache {prov.get('embedcache_version')}, fair-esm {prov.get('fair_esm_version')}, "
                f"torch {prov.get('torch_version')}, git {prov.get('git_sha')}")
+    click.echo(f"  format       version {info['format_version']}, "
+               + ("checksums on every dataset" if info["checksums"] else "no checksums: written by embedcache < 0.2"))
     click.echo(f"  created      {prov.get('created')}, updated {prov.get('updated')}")
     for command in json.loads(prov.get("commands", "[]")):
         click.echo(f"  command      {command}")
-    if info["pending_parts"]:
-        click.echo("  note         an interrupted run left parts beside this file; re-run it to fold them in")
+    if info["writer_pid"] is not None:
+        click.echo(f"  note         being extended now by process {info['writer_pid']} ({info['parts']} parts so far)")
+    elif info["pending_parts"]:
+        click.echo(f"  note         an interrupted run left {info['parts']} parts beside this file; re-run it to fold them in")
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path(dir_okay=False))
+def verify_cmd(path) -> None:
+    """Check every checksum and index of a cache file; exit 1 listing the problems, else print ok."""
+    report = verify_cache(path)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    if not report.ok:
+        for problem in report.problems:
+            click.echo(f"problem: {problem}")
+        raise click.ClickException(f"{path}: {len(report.problems)} problems found")
+    click.echo("ok")
 
 
 @main.command("tiny-model")

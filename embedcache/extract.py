@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import errno
 import logging
 import os
 import shlex
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .atomic import DiskFullError, format_bytes, real_path
 from .backbones import PRECISIONS, Backbone, pick_precision  # noqa: F401  (pick_precision: older import path)
 from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
 from .sequences import read_sequences
@@ -172,8 +174,8 @@ def extract(
         with CacheWriter(output, provenance) as writer:
             writer.check_ids(records)
             pending = [e for e in unique.values() if e.status != Status.SKIPPED and not writer.is_done(e.key)]
-            _check_disk_space(output, pending, len(layers), backbone.embed_dim, config.dtype)
             items = plan_work(pending, budget, backbone.extra_tokens, max_length, config.chunk_overlap)
+            _check_disk_space(output, pending, len(items), len(layers), backbone.embed_dim, config.dtype)
             runner = _Runner(backbone, layers, budget)
             total = sum(item.n_residues for item in items)
             log.info(
@@ -308,18 +310,28 @@ def _provenance(backbone: Backbone, config: ExtractConfig, layers: list[int], ma
     }
 
 
-def _check_disk_space(output: Path, pending: list[Entry], n_layers: int, dim: int, dtype: str) -> None:
+# HDF5's own bytes in a part file (superblock, object headers, attributes), measured: about
+# 9 kB plus 1.6 kB per layer; a cache file has about twice that.
+PART_OVERHEAD = 10_000
+PART_OVERHEAD_PER_LAYER = 2_000
+
+
+def _check_disk_space(output: Path, pending: list[Entry], n_parts: int, n_layers: int, dim: int, dtype: str) -> None:
     """Parts and the final file coexist at the end of a run: ask for twice the new data plus the old file."""
     bytes_per = np.dtype(dtype).itemsize * dim * n_layers
-    new = sum(e.n_residues + 1 for e in pending) * bytes_per
-    needed = 2 * new + (output.stat().st_size if output.exists() else 0)
-    free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
+    # Per sequence: residues and pooled vector, its tables (key, sequence, lengths) and checksums.
+    new = sum((e.n_residues + 1) * bytes_per + 100 + 2 * e.length + 8 * n_layers for e in pending)
+    overhead = (n_parts + 2) * (PART_OVERHEAD + PART_OVERHEAD_PER_LAYER * n_layers)
+    target = real_path(output)  # through a link, the space that counts is the target's
+    needed = 2 * new + overhead + (target.stat().st_size if target.exists() else 0)
+    free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free
     if needed > free:
-        raise OSError(
-            f"{output}: this run needs about {needed / 1e9:.1f} GB of disk ({new / 1e9:.1f} GB of new embeddings, "
-            f"written once as parts and once into the cache) but {free / 1e9:.1f} GB are free"
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"{output}: this run needs about {format_bytes(needed)} of disk ({format_bytes(new)} of new embeddings, "
+            f"written once as {n_parts} parts and once into the cache) but {format_bytes(free)} are free",
         )
-    log.info("estimated new embeddings: %.2f GB", new / 1e9)
+    log.info("estimated new embeddings: %s in %d parts", format_bytes(new + overhead), n_parts)
 
 
 def _version(package: str) -> str:

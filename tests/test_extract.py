@@ -22,7 +22,7 @@ from embedcache.store import CacheError, CacheLockedError, EmbeddingCache, Write
 from conftest import SEQUENCES, deeplocpro_head, write_fasta
 
 # Attributes that record when and how a file was made rather than what it holds.
-CIRCUMSTANTIAL = {"created", "updated", "commands", "config", "git_sha", "weights"}
+CIRCUMSTANTIAL = {"created", "updated", "commands", "config", "git_sha", "weights", "attrs_checksum"}
 
 
 def cache_contents(path: Path) -> dict:
@@ -172,8 +172,10 @@ def test_extending_with_a_larger_input_keeps_what_is_there(tmp_path, tiny_weight
         assert after.ids == [i for i, _ in items]
         for ident, rows in kept.items():
             np.testing.assert_array_equal(after.per_residue(ident), rows)
+        # The new sequences were batched without the old ones: equal up to float rounding
+        # (one fp16 step), not necessarily bit for bit.
         for ident in after.ids:
-            np.testing.assert_array_equal(after.per_residue(ident), reference.per_residue(ident))
+            np.testing.assert_allclose(after.per_residue(ident), reference.per_residue(ident), rtol=2e-3, atol=2e-3)
         assert len(eval(after.attrs["commands"])) == 2
 
 
@@ -345,7 +347,7 @@ def test_leftovers_of_a_crash_are_recovered(tmp_path, fasta, tiny_weights):
     items = list(SEQUENCES.items())
     extract(write_fasta(tmp_path / "half.fasta", items[:3]), out, config(tiny_weights), progress=False)
     before = cache_contents(out)
-    from embedcache import store
+    from embedcache import writer as store
 
     def crash(*args, **kwargs):
         out.with_name(out.name + ".tmp").write_bytes(b"\x89HDF partial")
