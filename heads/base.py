@@ -128,7 +128,8 @@ class Head(ClassifierMixin, BaseEstimator):
     def from_saved(cls, data, path: Path, **options) -> Head:
         head = data["head"] if isinstance(data, dict) else data
         if not isinstance(head, cls):
-            raise ValueError(f"{path}: holds {type(head).__name__}, not a {cls.__name__}")  # noqa: TRY004 (a file, not an argument)
+            # ValueError, not TypeError: the wrong type is in a file, not an argument.
+            raise ValueError(f"{path}: holds {type(head).__name__}, not a {cls.__name__}")
         if not hasattr(head, "n_features_in_") and hasattr(getattr(head, "model_", None), "n_features_in_"):
             head.n_features_in_ = head.model_.n_features_in_  # saved before heads recorded it
         return head
@@ -144,7 +145,7 @@ def read_saved(path: Path) -> tuple[str, object]:
 
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 (a damaged file fails in many ways: zip, pickle, storage)
+        except Exception as err:  # a damaged file fails in many ways: zip, pickle, storage
             raise ValueError(f"{path}: not a readable saved head ({type(err).__name__}: {err})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a saved head")
@@ -152,7 +153,7 @@ def read_saved(path: Path) -> tuple[str, object]:
         return kind, data
     try:
         data = joblib.load(path)
-    except Exception as err:  # noqa: BLE001 (as above)
+    except Exception as err:  # as above
         raise ValueError(f"{path}: not a readable saved head ({type(err).__name__}: {err})") from None
     if isinstance(data, dict) and "kind" in data:
         return data["kind"], data

@@ -22,8 +22,8 @@ from sklearn.base import clone
 from embedcache.atomic import atomic_path
 from embedcache.models import sha256_of
 
-from .datasets import LabeledSet
 from .base import Head
+from .datasets import LabeledSet
 from .features import FeatureSource
 from .folds import Split
 from .rundir import SavedModel

@@ -20,10 +20,10 @@ from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
 from .datasets import LabeledSet, load_labeled, merge
-from .registry import Head, make_head
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
 from .folds import homology_folds, scheme, stratified_folds
+from .registry import Head, make_head
 from .report import write_config, write_run
 from .rundir import (
     FinishedRun,
@@ -197,7 +197,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
             "cache_path": str(real_path(config.cache)) if config.cache else None,
             "backbone": identity,
             "fingerprint": fingerprint,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         # Written first so that an interrupted run is recognised (and resumed) by its fingerprint;
         # without manifest_sha256 it does not count as finished.

@@ -306,7 +306,7 @@ def _load_checkpoint(folder: Path, fingerprint: str, task: Task) -> dict | None:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or "epoch" not in saved or "trainable" not in saved:
             raise ValueError("not a training checkpoint")
-    except Exception as err:  # noqa: BLE001 (a damaged file fails in many ways: zip, pickle, storage)
+    except Exception as err:  # a damaged file fails in many ways: zip, pickle, storage
         log.warning("%s cannot be read (%s: %s); training from the start", path, type(err).__name__, err)
         return None
     if saved.get("fingerprint") != fingerprint:

@@ -5,9 +5,9 @@ import torch
 
 from embedcache.backbone import ESM2Backbone
 from embedcache.models import load_esm2, random_esm2
+from embedcache.sequences import read_sequences
 
 from conftest import SEQUENCES, deeplocpro_head
-from embedcache.sequences import read_sequences
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from embedcache.backbone import ESM2Backbone
 from embedcache.extract import ExtractConfig, extract
 from embedcache.models import build_tiny_esm2, load_esm2
 from embedcache.store import EmbeddingCache
-from heads.estimators import Head
 from heads import training
+from heads.estimators import Head
 from heads.finetune import FinetuneHead, crop_sequence
 from heads.run import RunConfig, predict, run_comparison
 

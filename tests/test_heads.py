@@ -289,8 +289,9 @@ def test_cli_errors_are_messages(tmp_path, planted):
 
 
 def test_bootstrap_metrics_from_confusion_equal_scikit_learn():
-    from heads.metrics import metrics_from_confusion
     from sklearn.metrics import confusion_matrix
+
+    from heads.metrics import metrics_from_confusion
 
     rng = np.random.default_rng(0)
     for n_classes in (2, 3, 6):

@@ -209,7 +209,7 @@ def test_predict_embeds_sequences_with_the_runs_backbone_and_marks_training_prot
     result = run_cli("predict", "--run", out, "--sequences", fasta, "--out", tmp_path / "seq.tsv")
     assert result.exit_code == 0, result.output
     by_sequence = pd.read_csv(tmp_path / "seq.tsv", sep="\t").set_index("id")
-    assert by_sequence["in_training_data"].to_dict() == {**{i: True for i in frame["id"][:5]}, "novel": False}
+    assert by_sequence["in_training_data"].to_dict() == {**dict.fromkeys(frame["id"][:5], True), "novel": False}
     assert predict(out, cache, tmp_path / "cache.tsv").exit_code == 0
     by_cache = pd.read_csv(tmp_path / "cache.tsv", sep="\t").set_index("id")
     columns = ["p_class0", "p_class1", "p_class2"]

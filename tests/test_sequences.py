@@ -278,7 +278,7 @@ def _tar_gz(data: bytes) -> bytes:
         (b">P1\nMK\x00T\n", r"NUL byte at byte offset 6 \(line 2, byte 3 of the line\)"),
         (">P1 Å\nMKT\n".encode("latin-1"), r"byte 0xC5 at byte offset 4 \(line 1, byte 5 of the line\)"),
         # UTF-8 first, Latin-1 later: the first bad byte is named, with its line.
-        (">P1 Å\nMKT\n>P2 Å\nMKV\n".encode("utf-8") + ">P3 Å\n".encode("latin-1"), r"byte 0xC5 at byte offset 26 \(line 5, byte 5 of the line\)"),
+        (">P1 Å\nMKT\n>P2 Å\nMKV\n".encode() + ">P3 Å\n".encode("latin-1"), r"byte 0xC5 at byte offset 26 \(line 5, byte 5 of the line\)"),
         (BOM + b"\xff\n>P1\nMKT\n", r"byte 0xFF at byte offset 3 \(line 1, byte 4 of the line\)"),
     ],
 )
