@@ -349,7 +349,9 @@ def number(low: float, high: float | None = None, low_open: bool = False, high_o
 
 def one_of(*allowed) -> Callable[[object], str | None]:
     def check(v):
-        return None if any(v == a and type(v) is type(a) for a in allowed) else f"one of {', '.join(map(repr, allowed))}"
+        if any(v == a and type(v) is type(a) for a in allowed):
+            return None
+        return f"one of {', '.join(map(repr, allowed))}"
     return check
 
 

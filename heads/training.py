@@ -131,7 +131,8 @@ class Task:
     module: nn.Module  # put in train() for training steps; ``predict`` puts it in eval()
     param_groups: list[dict]  # optimiser groups: params, lr (the peak), weight_decay
     steps: Callable[[np.random.Generator], list[list]]  # one epoch's optimiser steps, each a list of batches
-    loss: Callable[[object, np.random.Generator], tuple[torch.Tensor, int, int]]  # batch -> (summed loss, proteins, tokens)
+    # batch -> (summed loss, proteins, tokens)
+    loss: Callable[[object, np.random.Generator], tuple[torch.Tensor, int, int]]
     state: Callable[[], dict]  # the tensors training changes (what a checkpoint holds)
     load_state: Callable[[dict], None]
     predict: Callable[[], np.ndarray] | None = None  # validation probabilities

@@ -291,7 +291,8 @@ def test_an_interrupted_compare_resumes_and_another_command_is_refused(planted, 
     out = tmp_path / "run"
     args = ["compare", "--cache", str(cache), "--data", str(csv), "--heads", "logreg,lightgbm", "--k", "3",
             "--out", str(out), *FAST, "--set", "lightgbm.n_estimators=20", "--set", "lightgbm.n_jobs=1"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    python_path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": python_path}
     killed = subprocess.run([sys.executable, "-c", INTERRUPTED, *args], env=env, capture_output=True, text=True,
                             check=False)
     assert killed.returncode == 9, killed.stderr
