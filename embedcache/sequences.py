@@ -370,7 +370,10 @@ def _choose_format(src: InputText, fmt: str | None) -> tuple[str, str | None]:
         if by_suffix in ("csv", "tsv"):
             # A one-column table; the column check says what is missing.
             return by_suffix, TABLE_SEPARATORS[src.suffix]
-        number, text = _first_line(src.text)
+        first = _first_line(src.text)
+        if first is None:
+            raise InputError(src.name, "file is empty")
+        number, text = first
         raise InputError(
             src.name,
             f"not FASTA: line {number} should start with '>' but reads {text[:40]!r}"

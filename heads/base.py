@@ -312,7 +312,7 @@ def check_labels(y, eval_set=None, n: int | None = None) -> tuple[np.ndarray, np
 
 # -- parameter checks --------------------------------------------------------------------
 def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and bool(np.isfinite(float(v)))
 
 
 def _is_int(v) -> bool:
@@ -382,6 +382,8 @@ METRIC = one_of(*VALIDATION_METRICS)
 def _init_comments(cls: type) -> dict[str, str]:
     """``self.x = x  # meaning`` lines of the ``__init__`` that defines the parameters."""
     init = next((k.__dict__["__init__"] for k in cls.__mro__ if "__init__" in k.__dict__), None)
+    if init is None:
+        return {}
     try:
         source = inspect.getsource(init)
     except (OSError, TypeError):

@@ -82,7 +82,7 @@ class SequenceClassifier(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         dim = backbone.embed_dim
         if pooling == "attention":
-            self.head = AttentionPooling(dim, n_classes, usable_heads(dim, attention_heads), hidden, dropout)
+            self.head: nn.Module = AttentionPooling(dim, n_classes, usable_heads(dim, attention_heads), hidden, dropout)
         else:
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_classes))
 
@@ -103,7 +103,7 @@ class SequenceClassifier(nn.Module):
         return state
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
+        own: dict[str, torch.Tensor] = dict(self.named_parameters())
         own.update({f"head.{name}": b for name, b in self.head.named_buffers()})
         unknown = set(state) - set(own)
         if unknown:
@@ -335,12 +335,14 @@ class FinetuneHead(Head):
         return path
 
     @classmethod
-    def load(cls, path, weights=None) -> FinetuneHead:
+    def load(cls, path, weights=None, **options) -> FinetuneHead:
         """A saved fine-tuned model; its base weights are loaded again (``weights`` overrides the path)."""
-        return super().load(path, weights=weights)
+        return super().load(path, weights=weights, **options)
 
     @classmethod
-    def from_saved(cls, data, path, weights=None):
+    def from_saved(cls, data, path, weights=None, **options):
+        if options:
+            raise TypeError(f"unexpected options for a fine-tuned head: {', '.join(sorted(options))}")
         params = dict(data["params"])
         if weights is not None:
             params["weights"] = str(weights)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -91,7 +92,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: bool) -> fl
 def seed_from(random_state: int | None) -> int:
     """The seed a fit uses: ``random_state``, or fresh entropy (not the global RNG) when None."""
     if random_state is None:
-        return int(np.random.SeedSequence().entropy % (1 << 63))
+        # Without an argument, SeedSequence draws its entropy as one int.
+        return int(cast(int, np.random.SeedSequence().entropy) % (1 << 63))
     return int(random_state)
 
 
@@ -175,13 +177,14 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
     step_rows: list[dict] = []
     best, best_state, stale, best_epoch, start_epoch, step = None, None, 0, 0, 1, 0
     seed = schedule.seed
+    checkpoint = folder / CHECKPOINT if folder else None  # named in log lines
     saved = _load_checkpoint(folder, fingerprint, task) if folder else None
     if saved is not None and not saved["finished"]:
         try:
             optimiser.load_state_dict(saved["optimizer"])
         except (KeyError, ValueError) as err:
             log.warning("%s holds an optimiser state that does not fit (%s); training from the start",
-                        folder / CHECKPOINT, err)
+                        checkpoint, err)
             saved = None
     if saved is not None:
         task.load_state(saved["trainable"])
@@ -191,7 +194,7 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
         best_state, stale, step = saved["best_state"], saved["stale"], saved["step"]
         seed = saved.get("seed", seed)
         start_epoch = schedule.max_epochs + 1 if saved["finished"] else saved["epoch"] + 1
-        log.info("resuming from %s: %d epoch(s) done%s", folder / CHECKPOINT, saved["epoch"],
+        log.info("resuming from %s: %d epoch(s) done%s", checkpoint, saved["epoch"],
                  ", training had finished" if saved["finished"] else "")
     elif folder:
         folder.mkdir(parents=True, exist_ok=True)
@@ -246,6 +249,8 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
         record = {"epoch": epoch, "train_loss": sum(v * n for v, n in zip(values, sizes)) / max(1, seen),
                   "train_tokens_per_s": tokens / max(train_seconds, 1e-9)}
         if task.predict is not None:
+            if task.val_targets is None:
+                raise ValueError("a training task that predicts validation probabilities needs val_targets")
             record.update(validation_record(task.predict(), task.val_targets, task.val_weight))
         record["seconds"] = time.perf_counter() - started
         history.append(record)
