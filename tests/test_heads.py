@@ -14,7 +14,7 @@ from embedcache.extract import ExtractConfig, extract
 from embedcache.store import EmbeddingCache
 from heads.attention import AttentionHead, AttentionPooling
 from heads.cli import main as heads_main
-from heads.datasets import read_deeploc1, read_deeplocpro, read_labeled_csv
+from heads.datasets import LabeledSet, read_deeploc1, read_deeplocpro, read_labeled_csv
 from heads.estimators import Head, LightGBMHead, LogisticHead
 from heads.evaluate import cross_validate, read_reference
 from heads.features import ArrayResidues, FeatureSource, length_batches, pad
@@ -667,3 +667,10 @@ def test_no_import_cycles_in_heads():
     for module in graph:
         visit(module, [])
     assert "registry" not in graph["base"] and graph["registry"] >= {"attention", "estimators", "finetune"}
+
+
+def test_reference_file_without_fold_numbers_is_named_in_the_error(tmp_path):
+    data = LabeledSet("set", ["P1", "P2"], ["MKT", "MKV"], np.array([0, 1]), ["a", "b"])
+    pd.DataFrame({"a": [0.9, 0.2], "b": [0.1, 0.8]}, index=["P1", "P2"]).to_csv(tmp_path / "model_x_y.csv")
+    with pytest.raises(ValueError, match=r"model_x_y\.csv: not named model_\{test\}_\{val\}\.csv"):
+        read_reference(tmp_path, data)

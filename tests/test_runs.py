@@ -21,6 +21,7 @@ from embedcache.models import build_tiny_esm2
 from embedcache.sequences import read_sequences
 from embedcache.store import EmbeddingCache, write_arrays
 from heads.cli import main as heads_main
+from heads.rundir import RunDirectoryError, check_identity
 
 from conftest import write_fasta
 from test_heads import planted_dataset
@@ -336,3 +337,9 @@ def test_proteins_held_out_as_the_test_file_are_not_training_data(planted, tmp_p
     pred = pd.read_csv(tmp_path / "p.tsv", sep="\t").set_index("id")
     assert not pred.loc[test["id"], "in_training_data"].any()
     assert pred.drop(test["id"])["in_training_data"].all()
+
+
+def test_a_cache_without_provenance_is_refused_with_a_message(tmp_path):
+    run_identity = {"model": "esm2_t6_8M_UR50D", "weights_sha256": "ab" * 32, "layer": 6}
+    with pytest.raises(RunDirectoryError, match="records no provenance"):
+        check_identity(run_identity, {}, tmp_path / "run", tmp_path / "cache.h5")
