@@ -174,8 +174,7 @@ class FinetuneHead(Head):
         self.crop = crop  # residues per protein at most (ESM-2 saw 1022)
         self.crop_policy = crop_policy  # n_terminal | ends | random (window in training, start otherwise)
         self.precision = precision  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
-        # ESM-2: recompute layer activations (less memory, one more forward)
-        self.grad_checkpointing = grad_checkpointing
+        self.grad_checkpointing = grad_checkpointing  # ESM-2: recompute layer activations (less memory, 1 more forward)
         self.metric = metric  # early stopping: accuracy | macro_f1 | mcc
         self.device = device  # auto | cpu | cuda | cuda:N
         self.threads = threads  # CPU threads [all available cores]
