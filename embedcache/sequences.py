@@ -226,7 +226,8 @@ _REFUSED = (
     (lambda d: d[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"),
      "a zip archive; unzip it and give the FASTA or CSV file inside (a zip can hold several files)"),
     (lambda d: d[257:262] == b"ustar", "a tar archive; extract it and give the FASTA or CSV file inside"),
-    (lambda d: d[:4] == b"\x28\xb5\x2f\xfd", "zstd-compressed; decompress it first (zstd -d), or use gzip, bzip2 or xz"),
+    (lambda d: d[:4] == b"\x28\xb5\x2f\xfd",
+     "zstd-compressed; decompress it first (zstd -d), or use gzip, bzip2 or xz"),
     (lambda d: d[:6] == b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive; extract it first"),
     (lambda d: d[:8] == b"\x89HDF\r\n\x1a\n", "an HDF5 file (an embedding cache?), not sequences"),
 )
@@ -236,11 +237,10 @@ def _decompress(name: str, data: bytes) -> tuple[bytes, str | None]:
     """The bytes inside any gzip/bz2/xz layers (a .gz of a .gz too), and the layers' names."""
     layers: list[str] = []
     for _ in range(4):
-        for kind, matches, decompress in _DECOMPRESSORS:
-            if matches(data):
-                break
-        else:
+        found = next((entry for entry in _DECOMPRESSORS if entry[1](data)), None)
+        if found is None:
             break
+        kind, _, decompress = found
         described = "-inside-".join([kind, *reversed(layers)])
         try:
             data = decompress(data)
@@ -370,7 +370,10 @@ def _choose_format(src: InputText, fmt: str | None) -> tuple[str, str | None]:
         if by_suffix in ("csv", "tsv"):
             # A one-column table; the column check says what is missing.
             return by_suffix, TABLE_SEPARATORS[src.suffix]
-        number, text = _first_line(src.text)
+        first = _first_line(src.text)
+        if first is None:
+            raise InputError(src.name, "file is empty")
+        number, text = first
         raise InputError(
             src.name,
             f"not FASTA: line {number} should start with '>' but reads {text[:40]!r}"

@@ -59,8 +59,8 @@ class AttentionPooling(nn.Module):
         self.heads = heads
         self.dropout = dropout
         if conv_kernel:
-            self.features = nn.Conv1d(dim, dim, conv_kernel, padding=conv_kernel // 2)
-            self.logits = nn.Conv1d(dim, heads, conv_kernel, padding=conv_kernel // 2)
+            self.features: nn.Module | None = nn.Conv1d(dim, dim, conv_kernel, padding=conv_kernel // 2)
+            self.logits: nn.Module = nn.Conv1d(dim, heads, conv_kernel, padding=conv_kernel // 2)
         else:
             self.features, self.logits = None, nn.Linear(dim, heads)
         # Batch norm standardises the pooled features, as logistic regression's scaler does: mean-
@@ -259,7 +259,7 @@ def residues_identity(view: Residues) -> str:
     if isinstance(view, CachedResidues):
         settings = {k: view.cache.attrs.get(k) for k in CONTENT_SETTINGS}
         digest.update(json.dumps({"settings": settings, "layer": view.layer}, sort_keys=True, default=str).encode())
-        digest.update("\n".join(view.cache.sequences_rows(view.rows)).encode())
+        digest.update("\n".join(view.cache.sequences_rows(view.rows.tolist())).encode())
     else:
         for start in range(0, len(view), 256):
             for a in view.read(range(start, min(len(view), start + 256))):

@@ -128,7 +128,8 @@ class Head(ClassifierMixin, BaseEstimator):
     def from_saved(cls, data, path: Path, **options) -> Head:
         head = data["head"] if isinstance(data, dict) else data
         if not isinstance(head, cls):
-            raise ValueError(f"{path}: holds {type(head).__name__}, not a {cls.__name__}")  # noqa: TRY004 (a file, not an argument)
+            # ValueError, not TypeError: the wrong type is in a file, not an argument.
+            raise ValueError(f"{path}: holds {type(head).__name__}, not a {cls.__name__}")
         if not hasattr(head, "n_features_in_") and hasattr(getattr(head, "model_", None), "n_features_in_"):
             head.n_features_in_ = head.model_.n_features_in_  # saved before heads recorded it
         return head
@@ -144,7 +145,7 @@ def read_saved(path: Path) -> tuple[str, object]:
 
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 (a damaged file fails in many ways: zip, pickle, storage)
+        except Exception as err:  # a damaged file fails in many ways: zip, pickle, storage
             raise ValueError(f"{path}: not a readable saved head ({type(err).__name__}: {err})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a saved head")
@@ -152,7 +153,7 @@ def read_saved(path: Path) -> tuple[str, object]:
         return kind, data
     try:
         data = joblib.load(path)
-    except Exception as err:  # noqa: BLE001 (as above)
+    except Exception as err:  # as above
         raise ValueError(f"{path}: not a readable saved head ({type(err).__name__}: {err})") from None
     if isinstance(data, dict) and "kind" in data:
         return data["kind"], data
@@ -311,7 +312,7 @@ def check_labels(y, eval_set=None, n: int | None = None) -> tuple[np.ndarray, np
 
 # -- parameter checks --------------------------------------------------------------------
 def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and bool(np.isfinite(float(v)))
 
 
 def _is_int(v) -> bool:
@@ -348,7 +349,9 @@ def number(low: float, high: float | None = None, low_open: bool = False, high_o
 
 def one_of(*allowed) -> Callable[[object], str | None]:
     def check(v):
-        return None if any(v == a and type(v) is type(a) for a in allowed) else f"one of {', '.join(map(repr, allowed))}"
+        if any(v == a and type(v) is type(a) for a in allowed):
+            return None
+        return f"one of {', '.join(map(repr, allowed))}"
     return check
 
 
@@ -379,6 +382,8 @@ METRIC = one_of(*VALIDATION_METRICS)
 def _init_comments(cls: type) -> dict[str, str]:
     """``self.x = x  # meaning`` lines of the ``__init__`` that defines the parameters."""
     init = next((k.__dict__["__init__"] for k in cls.__mro__ if "__init__" in k.__dict__), None)
+    if init is None:
+        return {}
     try:
         source = inspect.getsource(init)
     except (OSError, TypeError):

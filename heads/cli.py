@@ -69,11 +69,14 @@ def common(func):
                      help="The file's folds, stratified random ones, or GraphPart homology partitions."),
         click.option("--k", type=click.IntRange(min=3), default=5, show_default=True, help="Folds to build."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Identity threshold for homology folds."),
+        click.option("--threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+                     help="Identity threshold for homology folds."),
         click.option("--aligner", type=click.Choice(["mmseqs2", "needle"]), default="mmseqs2", show_default=True),
         click.option("--layer", type=int, help="Cache layer [highest stored]."),
-        click.option("--reference", type=click.Path(exists=True, file_okay=False), help="Folder of model_{test}_{val}.csv probabilities of another tool."),
-        click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]), help="Dataset format [recognised]."),
+        click.option("--reference", type=click.Path(exists=True, file_okay=False),
+                     help="Folder of model_{test}_{val}.csv probabilities of another tool."),
+        click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]),
+                     help="Dataset format [recognised]."),
         click.option("--id-col"), click.option("--seq-col"),
         click.option("--label-col", default="label", show_default=True),
         click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus."),
@@ -103,8 +106,9 @@ def _run(heads: tuple[str, ...], kw: dict) -> None:
     out = kw.pop("out")
     overwrite = kw.pop("overwrite")
     data = kw.pop("data")
-    config = RunConfig(data=data[0] if len(data) == 1 else tuple(data), heads=heads, head_params=_params(kw.pop("settings")),
-                       class_names=_class_names(kw.pop("class_names")), lrs=tuple(kw.pop("lrs")), **kw)
+    config = RunConfig(data=data[0] if len(data) == 1 else tuple(data), heads=heads,
+                       head_params=_params(kw.pop("settings")), class_names=_class_names(kw.pop("class_names")),
+                       lrs=tuple(kw.pop("lrs")), **kw)
     try:
         summary = run_comparison(config, out, overwrite=overwrite)
     except USER_ERRORS as err:
@@ -130,7 +134,8 @@ def cv_cmd(head, **kw) -> None:
 
 @main.command("compare")
 @click.option("--heads", default="logreg,lightgbm,attention", show_default=True,
-              help="Comma-separated heads: logreg, lightgbm, attention (frozen embeddings), finetune (ESM-2 end to end).")
+              help="Comma-separated heads: logreg, lightgbm, attention (frozen embeddings), "
+                   "finetune (ESM-2 end to end).")
 @common
 def compare_cmd(heads, **kw) -> None:
     """Cross-validate several heads on the same splits (and a reference tool) in one table.
@@ -205,7 +210,8 @@ def export_backbone_cmd(model_file, out, weights) -> None:
 @main.command("params")
 @click.argument("head", required=False, type=click.Choice(list(HEADS)))
 def params_cmd(head) -> None:
-    """List every parameter of every head (or of HEAD), its default and meaning; set them with --set HEAD.PARAM=VALUE."""
+    """List every parameter of every head (or of HEAD), its default and meaning; \
+set them with --set HEAD.PARAM=VALUE."""
     rows = param_table(head)
     width = max(len(r["param"]) for r in rows)
     current = None
@@ -213,5 +219,6 @@ def params_cmd(head) -> None:
         if row["head"] != current:
             current = row["head"]
             click.echo(f"{'' if current == rows[0]['head'] else chr(10)}{current} ({HEADS[current].__name__})")
-        default = json.dumps(row["default"]) if not isinstance(row["default"], tuple) else json.dumps(list(row["default"]))
+        value = row["default"]
+        default = json.dumps(list(value) if isinstance(value, tuple) else value)
         click.echo(f"  {row['param']:<{width}}  {default:<10}  {row['meaning']}")

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,12 @@ class LabeledSet:
             {k: v[index] for k, v in self.extra.items()},
         )
 
+    def require_folds(self) -> np.ndarray:
+        """The folds, for a set that must have them by now."""
+        if self.folds is None:
+            raise ValueError(f"{self.name}: no folds assigned")
+        return self.folds
+
     def with_folds(self, folds: np.ndarray) -> LabeledSet:
         """A copy with these folds; proteins with fold -1 are dropped."""
         keep = np.flatnonzero(np.asarray(folds) >= 0)
@@ -59,7 +66,7 @@ class LabeledSet:
         return out.subset(keep)
 
     def frame(self) -> pd.DataFrame:
-        data = {"id": self.ids, "label": [self.classes[i] for i in self.labels]}
+        data: dict[str, Any] = {"id": self.ids, "label": [self.classes[i] for i in self.labels]}
         if self.groups is not None:
             data["group"] = self.groups
         if self.folds is not None:

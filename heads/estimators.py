@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -92,18 +93,20 @@ class LogisticHead(Head):
         model = LogisticRegression(max_iter=self.max_iter, class_weight=weights,
                                    random_state=self.random_state, warm_start=True)
         self.validation_scores_ = {}
-        best = None
+        best: tuple[float | None, float, Any] | None = None  # (validation score, C, model)
         for C in Cs:
             model.set_params(C=C)
             model.fit(Xs, targets)
-            if eval_set is not None:
+            if val_targets is not None:  # exactly when there is an eval_set
                 pred = model.classes_[model.predict_proba(scaler.transform(X_val)).argmax(1)]
                 value = score(val_targets, pred, self.metric, len(classes))
                 self.validation_scores_[C] = value
-                if best is None or value > best[0]:
+                if best is None or best[0] is None or value > best[0]:
                     best = (value, C, copy.deepcopy(model))
             else:
                 best = (None, C, copy.deepcopy(model))
+        if best is None:
+            raise ValueError("Cs is empty: no regularisation strength to fit")
         _, self.C_, self.model_ = best
         self.scaler_ = scaler
         self.classes_ = classes[self.model_.classes_]
@@ -166,9 +169,9 @@ class LightGBMHead(Head):
             # timing test, and sums in thread order.
             deterministic=True, force_row_wise=True,
         )
-        callbacks = []
-        kwargs = {}
-        if eval_set is not None:
+        callbacks: list[Callable[..., Any]] = []
+        kwargs: dict[str, Any] = {}
+        if val_targets is not None:  # exactly when there is an eval_set
             X_val = check_pooled(self, eval_set[0], fitting=False, validation=True)
             # Validation proteins of a class absent from training cannot be scored by these trees.
             seen = np.isin(val_targets, targets)

@@ -22,8 +22,8 @@ from sklearn.base import clone
 from embedcache.atomic import atomic_path
 from embedcache.models import sha256_of
 
-from .datasets import LabeledSet
 from .base import Head
+from .datasets import LabeledSet
 from .features import FeatureSource
 from .folds import Split
 from .rundir import SavedModel
@@ -124,7 +124,10 @@ def read_reference(directory: Path | str, data: LabeledSet, name: str = "referen
         raise FileNotFoundError(f"{directory}: no model_{{test}}_{{val}}.csv files")
     by_fold: dict[int, list[pd.DataFrame]] = defaultdict(list)
     for path in files:
-        test = int(re.fullmatch(r"model_(\d+)_(\d+)\.csv", path.name).group(1))
+        named = re.fullmatch(r"model_(\d+)_(\d+)\.csv", path.name)
+        if named is None:
+            raise ValueError(f"{path}: not named model_{{test}}_{{val}}.csv with fold numbers")
+        test = int(named.group(1))
         frame = pd.read_csv(path, index_col=0)
         unknown = set(frame.columns) - set(data.classes)
         if unknown:

@@ -84,7 +84,7 @@ class FeatureSource:
             keys = [sequence_key(s) for s in sequences]
             found = cache.has_keys(keys)
             if not found.all():
-                missing = [ids[i] if ids is not None else sequences[i][:20] for i in np.flatnonzero(~found)]
+                missing = [ids[i] if ids is not None else sequences[i][:20] for i in np.flatnonzero(~found).tolist()]
                 raise KeyError(
                     f"{len(missing)} of {len(keys)} proteins have no embedding in {cache.path} "
                     f"(first: {', '.join(missing[:5])}); run `embedcache extract` on the dataset file first"
@@ -107,23 +107,27 @@ class FeatureSource:
         self._sequences = None if sequences is None else np.array(list(sequences), dtype=object)
         self._pooled: np.ndarray | None = None
 
-    def _need_cache(self, kind: str) -> EmbeddingCache:
-        if self.cache is None:
+    def _need_cache(self, kind: str) -> tuple[EmbeddingCache, np.ndarray]:
+        """The cache and the proteins' rows in it (a source has rows exactly when it has a cache)."""
+        if self.cache is None or self.rows is None:
             raise ValueError(f"heads that read {kind} embeddings need an embedding cache (--cache)")
-        return self.cache
+        return self.cache, self.rows
 
     def pooled(self) -> np.ndarray:
         if self._pooled is None:
-            self._pooled = self._need_cache("pooled").pooled_rows(self.rows, self.layer).astype(np.float32)
+            cache, rows = self._need_cache("pooled")
+            self._pooled = cache.pooled_rows(rows, self.layer).astype(np.float32)
         return self._pooled
 
     def residues(self) -> CachedResidues:
-        return CachedResidues(self._need_cache("per-residue"), self.rows, self.layer)
+        cache, rows = self._need_cache("per-residue")
+        return CachedResidues(cache, rows, self.layer)
 
     def sequences(self) -> np.ndarray:
         """The proteins' sequences as an object array (indexable by the splits' index arrays)."""
         if self._sequences is None:
-            self._sequences = np.array(self.cache.sequences_rows(self.rows), dtype=object)
+            cache, rows = self._need_cache("sequence")
+            self._sequences = np.array(cache.sequences_rows(rows.tolist()), dtype=object)
         return self._sequences
 
     def for_input(self, kind: str):
@@ -142,7 +146,9 @@ def length_batches(lengths: np.ndarray, max_tokens: int, max_size: int, min_size
     With ``min_size=2`` a batch of one protein joins its neighbour (batch norm needs two).
     """
     order = np.argsort(lengths, kind="stable")
-    batches, current, widest = [], [], 0
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    widest = 0
     for i in order:
         n = int(lengths[i])
         if current and (max(widest, n) * (len(current) + 1) > max_tokens or len(current) >= max_size):

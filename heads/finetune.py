@@ -82,7 +82,7 @@ class SequenceClassifier(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         dim = backbone.embed_dim
         if pooling == "attention":
-            self.head = AttentionPooling(dim, n_classes, usable_heads(dim, attention_heads), hidden, dropout)
+            self.head: nn.Module = AttentionPooling(dim, n_classes, usable_heads(dim, attention_heads), hidden, dropout)
         else:
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_classes))
 
@@ -103,7 +103,7 @@ class SequenceClassifier(nn.Module):
         return state
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
+        own: dict[str, torch.Tensor] = dict(self.named_parameters())
         own.update({f"head.{name}": b for name, b in self.head.named_buffers()})
         unknown = set(state) - set(own)
         if unknown:
@@ -174,7 +174,7 @@ class FinetuneHead(Head):
         self.crop = crop  # residues per protein at most (ESM-2 saw 1022)
         self.crop_policy = crop_policy  # n_terminal | ends | random (window in training, start otherwise)
         self.precision = precision  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
-        self.grad_checkpointing = grad_checkpointing  # ESM-2: recompute layer activations (less memory, one more forward)
+        self.grad_checkpointing = grad_checkpointing  # ESM-2: recompute layer activations (less memory, 1 more forward)
         self.metric = metric  # early stopping: accuracy | macro_f1 | mcc
         self.device = device  # auto | cpu | cuda | cuda:N
         self.threads = threads  # CPU threads [all available cores]
@@ -334,12 +334,14 @@ class FinetuneHead(Head):
         return path
 
     @classmethod
-    def load(cls, path, weights=None) -> FinetuneHead:
+    def load(cls, path, weights=None, **options) -> FinetuneHead:
         """A saved fine-tuned model; its base weights are loaded again (``weights`` overrides the path)."""
-        return super().load(path, weights=weights)
+        return super().load(path, weights=weights, **options)
 
     @classmethod
-    def from_saved(cls, data, path, weights=None):
+    def from_saved(cls, data, path, weights=None, **options):
+        if options:
+            raise TypeError(f"unexpected options for a fine-tuned head: {', '.join(sorted(options))}")
         params = dict(data["params"])
         if weights is not None:
             params["weights"] = str(weights)

@@ -164,5 +164,6 @@ def homology_folds(
     fold_of = {ident: fold for fold, members in enumerate(parts) for ident in members}
     folds = np.array([fold_of.get(i, -1) for i in ids], dtype=np.int64)
     removed = int((folds < 0).sum())
-    log.info("GraphPart (%s, identity %.2f): %d folds, %d of %d sequences removed", aligner, threshold, k, removed, len(ids))
+    log.info("GraphPart (%s, identity %.2f): %d folds, %d of %d sequences removed",
+             aligner, threshold, k, removed, len(ids))
     return HomologyPartition(folds, threshold, aligner, removed)

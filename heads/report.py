@@ -109,7 +109,8 @@ def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodRes
     for name, test in tests.items():
         d = test["macro_f1_difference"]
         notes.append(f"{name}: macro-F1 difference {d['difference']:+.3f} (95% CI {d['ci95'][0]:+.3f} to "
-                     f"{d['ci95'][1]:+.3f}, paired bootstrap p={d['p_value']:.3f}); McNemar p={test['mcnemar']['p_value']:.3g}")
+                     f"{d['ci95'][1]:+.3f}, paired bootstrap p={d['p_value']:.3f}); "
+                     f"McNemar p={test['mcnemar']['p_value']:.3g}")
     _write_json(out / "metrics.json", {"methods": metrics, "paired_tests": tests})
     _write_json(out / "splits.json", {r.name: r.splits for r in results})
     with atomic_path(out / "predictions.csv") as tmp:

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -20,10 +21,10 @@ from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
 from .datasets import LabeledSet, load_labeled, merge
-from .registry import Head, make_head
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
 from .folds import homology_folds, scheme, stratified_folds
+from .registry import Head, make_head
 from .report import write_config, write_run
 from .rundir import (
     FinishedRun,
@@ -84,7 +85,7 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
         raise ValueError(f"folds must be one of {FOLD_SOURCES}, not {source!r}")
     if source == "auto":
         source = "file" if data.folds is not None else "stratified"
-    info = {"source": source}
+    info: dict[str, Any] = {"source": source}
     if source == "file":
         if data.folds is None:
             raise ValueError(f"{config.data} gives no folds; use --folds stratified or --folds homology")
@@ -101,19 +102,20 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
         test = _read(config, config.test_data)
         held_out = {sequence_key(s) for s in test.sequences}
         keep = np.array([sequence_key(s) not in held_out for s in data.sequences])
-        test.folds = np.full(len(test), int(data.folds.max()) + 1)
+        test.folds = np.full(len(test), int(data.require_folds().max()) + 1)
         info.update(test_data=str(config.test_data), test_fold=int(test.folds[0]), n_test=len(test),
                     training_sequences_also_in_test_removed=int((~keep).sum()))
         data = merge([data.subset(np.flatnonzero(keep)), test], f"{data.name}->{test.name}")
-    info["sizes"] = {int(f): int((data.folds == f).sum()) for f in np.unique(data.folds)}
+    folds = data.require_folds()
+    info["sizes"] = {int(f): int((folds == f).sum()) for f in np.unique(folds)}
     info["n"] = len(data)
     return data, info
 
 
 def _read(config: RunConfig, paths: str | tuple[str, ...]) -> LabeledSet:
-    paths = [paths] if isinstance(paths, str) else list(paths)
+    path_list = [paths] if isinstance(paths, str) else list(paths)
     sets = [load_labeled(p, config.kind, id_col=config.id_col, seq_col=config.seq_col,
-                         label_col=config.label_col, class_names=config.class_names) for p in paths]
+                         label_col=config.label_col, class_names=config.class_names) for p in path_list]
     return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
 
 
@@ -154,11 +156,11 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
     """
     out = Path(out)
     data, fold_info = load_data(config)
-    splits = scheme(config.scheme).split(data.folds, fold_info.get("test_fold"))
+    splits = scheme(config.scheme).split(data.require_folds(), fold_info.get("test_fold"))
     results: list[MethodResult] = []
     with contextlib.ExitStack() as stack:
         cache = stack.enter_context(EmbeddingCache(config.cache)) if config.cache else None
-        cache_info = cache.info() if cache else {"provenance": {}, "layers": [None]}
+        cache_info: dict[str, Any] = cache.info() if cache else {"provenance": {}, "layers": [None]}
         heads = build_heads(config, cache_info["provenance"])  # fail on a bad head name before any training
         frozen = [n for n, h in heads.items() if h.input != "sequence"]
         if frozen and cache is None:
@@ -197,7 +199,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
             "cache_path": str(real_path(config.cache)) if config.cache else None,
             "backbone": identity,
             "fingerprint": fingerprint,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         # Written first so that an interrupted run is recognised (and resumed) by its fingerprint;
         # without manifest_sha256 it does not count as finished.
@@ -262,6 +264,8 @@ def predict(run: Path | str, cache_path: Path | str | None = None, head: str | N
         else:
             if sequences is not None:
                 cache_path = embed_for_run(finished, sequences, id_col, seq_col, embeddings_dir, device, threads)
+            if cache_path is None:  # excluded above: proteins come as a cache or as sequences
+                raise ValueError("give the proteins to predict as an embedding cache or as a sequence file")
             cache = stack.enter_context(EmbeddingCache(cache_path))
             if kind != "sequence":
                 try:

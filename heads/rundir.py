@@ -111,6 +111,9 @@ def check_identity(run_identity: dict | None, cache_provenance: dict, run: Path,
         raise RunDirectoryError(f"{run}: the run was trained without an embedding cache; its frozen heads "
                                 "have no backbone identity to check against")
     found = backbone_identity(cache_provenance)
+    if found is None:
+        raise RunDirectoryError(f"{cache}: the cache records no provenance, so its embeddings cannot be checked "
+                                f"against the backbone run {run} was trained on")
     differ = identity_differences(run_identity, found)
     if differ:
         raise RunDirectoryError(

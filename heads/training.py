@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -91,7 +92,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: bool) -> fl
 def seed_from(random_state: int | None) -> int:
     """The seed a fit uses: ``random_state``, or fresh entropy (not the global RNG) when None."""
     if random_state is None:
-        return int(np.random.SeedSequence().entropy % (1 << 63))
+        # Without an argument, SeedSequence draws its entropy as one int.
+        return int(cast(int, np.random.SeedSequence().entropy) % (1 << 63))
     return int(random_state)
 
 
@@ -131,7 +133,8 @@ class Task:
     module: nn.Module  # put in train() for training steps; ``predict`` puts it in eval()
     param_groups: list[dict]  # optimiser groups: params, lr (the peak), weight_decay
     steps: Callable[[np.random.Generator], list[list]]  # one epoch's optimiser steps, each a list of batches
-    loss: Callable[[object, np.random.Generator], tuple[torch.Tensor, int, int]]  # batch -> (summed loss, proteins, tokens)
+    # batch -> (summed loss, proteins, tokens)
+    loss: Callable[[object, np.random.Generator], tuple[torch.Tensor, int, int]]
     state: Callable[[], dict]  # the tensors training changes (what a checkpoint holds)
     load_state: Callable[[dict], None]
     predict: Callable[[], np.ndarray] | None = None  # validation probabilities
@@ -174,13 +177,14 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
     step_rows: list[dict] = []
     best, best_state, stale, best_epoch, start_epoch, step = None, None, 0, 0, 1, 0
     seed = schedule.seed
+    checkpoint = folder / CHECKPOINT if folder else None  # named in log lines
     saved = _load_checkpoint(folder, fingerprint, task) if folder else None
     if saved is not None and not saved["finished"]:
         try:
             optimiser.load_state_dict(saved["optimizer"])
         except (KeyError, ValueError) as err:
             log.warning("%s holds an optimiser state that does not fit (%s); training from the start",
-                        folder / CHECKPOINT, err)
+                        checkpoint, err)
             saved = None
     if saved is not None:
         task.load_state(saved["trainable"])
@@ -190,7 +194,7 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
         best_state, stale, step = saved["best_state"], saved["stale"], saved["step"]
         seed = saved.get("seed", seed)
         start_epoch = schedule.max_epochs + 1 if saved["finished"] else saved["epoch"] + 1
-        log.info("resuming from %s: %d epoch(s) done%s", folder / CHECKPOINT, saved["epoch"],
+        log.info("resuming from %s: %d epoch(s) done%s", checkpoint, saved["epoch"],
                  ", training had finished" if saved["finished"] else "")
     elif folder:
         folder.mkdir(parents=True, exist_ok=True)
@@ -245,6 +249,8 @@ def train(task: Task, schedule: Schedule, folder: Path | None = None, fingerprin
         record = {"epoch": epoch, "train_loss": sum(v * n for v, n in zip(values, sizes)) / max(1, seen),
                   "train_tokens_per_s": tokens / max(train_seconds, 1e-9)}
         if task.predict is not None:
+            if task.val_targets is None:
+                raise ValueError("a training task that predicts validation probabilities needs val_targets")
             record.update(validation_record(task.predict(), task.val_targets, task.val_weight))
         record["seconds"] = time.perf_counter() - started
         history.append(record)
@@ -306,7 +312,7 @@ def _load_checkpoint(folder: Path, fingerprint: str, task: Task) -> dict | None:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or "epoch" not in saved or "trainable" not in saved:
             raise ValueError("not a training checkpoint")
-    except Exception as err:  # noqa: BLE001 (a damaged file fails in many ways: zip, pickle, storage)
+    except Exception as err:  # a damaged file fails in many ways: zip, pickle, storage
         log.warning("%s cannot be read (%s: %s); training from the start", path, type(err).__name__, err)
         return None
     if saved.get("fingerprint") != fingerprint:

@@ -126,7 +126,8 @@ def main() -> None:
                 times[f"(b) embedcache {precision}, {budget}"].append(run_embedcache(backbone, seqs, budget))
         base = statistics.median(times["(a) fair-esm extract.py, fp32, 4096"])
         print(f"{shape} (random weights), {work:.0f} useful GFLOP; median of {args.repeats}")
-        print(f"  {'method, precision, token budget':42s} {'seconds':>8s} {'res/s':>8s} {'vs (a)':>7s} {'GFLOP/s':>8s} {'of peak':>8s}")
+        print(f"  {'method, precision, token budget':42s} {'seconds':>8s} {'res/s':>8s} {'vs (a)':>7s} "
+              f"{'GFLOP/s':>8s} {'of peak':>8s}")
         for name, ts in times.items():
             t = statistics.median(ts)
             peak = peak16 if "bf16" in name else peak32

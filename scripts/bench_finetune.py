@@ -90,7 +90,8 @@ def run_ours(weights, sequences, labels, mode, precision, batch_tokens, device, 
     top = mode.startswith("top")
 
     def head():
-        return FinetuneHead(weights=str(weights), mode="top" if top else mode, top_layers=int(mode[3:] or 0) if top else 2,
+        return FinetuneHead(weights=str(weights), mode="top" if top else mode,
+                            top_layers=int(mode[3:] or 0) if top else 2,
                             max_epochs=1, lr=2e-5, precision=precision, batch_tokens=batch_tokens, device=device,
                             threads=threads, crop=CROP)
 

@@ -85,7 +85,8 @@ def main() -> None:
             start = time.perf_counter()
             write_arrays(path, records, arrays, model="synthetic")
             print(f"synthetic cache: {args.n} proteins, {lengths.sum()} residues (mean {lengths.mean():.0f}), "
-                  f"{args.dim} dims fp16, {path.stat().st_size / 1e9:.2f} GB, written in {time.perf_counter() - start:.0f} s")
+                  f"{args.dim} dims fp16, {path.stat().st_size / 1e9:.2f} GB, "
+                  f"written in {time.perf_counter() - start:.0f} s")
         data = LabeledSet("synthetic", [r.id for r in records], [r.sequence for r in records], labels,
                           [f"class{k}" for k in range(len(CLASS_SHARE))])
         data.folds = stratified_folds(labels, data.sequences, 5, 0)
@@ -104,7 +105,8 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 acc = (result.proba.argmax(1) == labels).mean()
                 chosen = [{k: v for k, v in s.items() if k in ("C", "best_iteration")} for s in result.splits]
-                print(f"{name:20s} 5 folds {seconds:6.1f} s (target < {target} s)  synthetic accuracy {acc:.3f}  {chosen}")
+                print(f"{name:20s} 5 folds {seconds:6.1f} s (target < {target} s)  "
+                      f"synthetic accuracy {acc:.3f}  {chosen}")
 
             split = splits[0]
             head = AttentionHead(max_epochs=args.max_epochs)
@@ -115,14 +117,16 @@ def main() -> None:
             acc = (head.predict(X[split.test]) == labels[split.test]).mean()
             per_epoch = np.median([h["seconds"] for h in head.history_])
             print(f"{'attention pooling':20s} 1 fold  {seconds:6.1f} s (target < 120 s)  {len(head.history_)} epochs "
-                  f"(best {head.best_epoch_}), median {per_epoch:.1f} s/epoch incl. validation, synthetic accuracy {acc:.3f}")
+                  f"(best {head.best_epoch_}), median {per_epoch:.1f} s/epoch incl. validation, "
+                  f"synthetic accuracy {acc:.3f}")
 
             train = X[split.train]
             y = labels[split.train]
             rng = np.random.default_rng(0)
             bucketed = length_batches(train.lengths, 32768, 128)
             order = rng.permutation(len(train))
-            shuffled = [order[i : i + len(order) // len(bucketed) + 1] for i in range(0, len(order), len(order) // len(bucketed) + 1)]
+            size = len(order) // len(bucketed) + 1
+            shuffled = [order[i : i + size] for i in range(0, len(order), size)]
             for name, batches in [("length-bucketed", bucketed), ("random order", shuffled)]:
                 padded = sum(int(train.lengths[b].max()) * len(b) for b in batches)
                 torch.manual_seed(0)

@@ -13,8 +13,13 @@ DEEPLOCPRO_SUBSET = SHARED_DATA / "deeplocpro" / "graphpart_subset.fasta"
 # Short real proteins (UniProt fragments) plus edge cases: a single residue, ambiguous codes.
 SEQUENCES = {
     "P69905": "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHFDLSHGSAQVKGHGKKVADALTNAVAHVDDMPNALSALSDLHAHKL",
-    "P68871": "MVHLTPEEKSAVTALWGKVNVDEVGGEALGRLLVVYPWTQRFFESFGDLSTPDAVMGNPKVKAHGKKVLGAFSDGLAHLDNLKGTFATLSELHCDKLHVDPENFRLLGNVLVCVLAHHFGKEFTPPVQAAYQKVVAGVANALAHKYH",
-    "insulin": "MALWMRLLPLLALLALWGPDPAAAFVNQHLCGSHLVEALYLVCGERGFFYTPKTRREAEDLQVGQVELGGGPGAGSLQPLALEGSLQKRGIVEQCCTSICSLYQLENYCN",
+    "P68871": (
+        "MVHLTPEEKSAVTALWGKVNVDEVGGEALGRLLVVYPWTQRFFESFGDLSTPDAVMGNPKVKAHGKKVLGAFSDGLAHLDNLKGTFATLSELHCDKLHVDPENFRLLGNVLV"
+        "CVLAHHFGKEFTPPVQAAYQKVVAGVANALAHKYH"
+    ),
+    "insulin": (
+        "MALWMRLLPLLALLALWGPDPAAAFVNQHLCGSHLVEALYLVCGERGFFYTPKTRREAEDLQVGQVELGGGPGAGSLQPLALEGSLQKRGIVEQCCTSICSLYQLENYCN"
+    ),
     "short": "MK",
     "one": "W",
     "ambiguous": "MKTXBZUOAYIAKQR",
@@ -30,7 +35,8 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A tiny ESM-2 saved in fair-esm's checkpoint format (no contact-regression file beside it)."""
-    return build_tiny_esm2(tmp_path_factory.mktemp("weights") / "tiny_esm2.pt", num_layers=3, embed_dim=32, attention_heads=4)
+    return build_tiny_esm2(tmp_path_factory.mktemp("weights") / "tiny_esm2.pt", num_layers=3, embed_dim=32,
+                           attention_heads=4)
 
 
 def write_fasta(path: Path, records: dict[str, str] | list[tuple[str, str]]) -> Path:

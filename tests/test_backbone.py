@@ -5,9 +5,9 @@ import torch
 
 from embedcache.backbone import ESM2Backbone
 from embedcache.models import load_esm2, random_esm2
+from embedcache.sequences import read_sequences
 
 from conftest import SEQUENCES, deeplocpro_head
-from embedcache.sequences import read_sequences
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def backbone(tiny_weights) -> ESM2Backbone:
 
 
 def test_tokens_equal_fair_esm_batch_converter(backbone):
-    seqs = [s for s in SEQUENCES.values()]
+    seqs = list(SEQUENCES.values())
     _, _, expected = backbone.alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(seqs)])
     assert torch.equal(backbone.tokenize(seqs), expected)
 

@@ -10,12 +10,14 @@ def _entries(lengths, max_length=None, policy="truncate"):
     return [classify(f"k{i:03d}", "A" * n, max_length, policy) for i, n in enumerate(lengths)]
 
 
-@pytest.mark.parametrize("length,window,overlap", [(100, 100, 10), (101, 100, 10), (1000, 100, 25), (2500, 1022, 256), (5, 3, 2)])
+@pytest.mark.parametrize(
+    "length,window,overlap", [(100, 100, 10), (101, 100, 10), (1000, 100, 25), (2500, 1022, 256), (5, 3, 2)]
+)
 def test_chunk_windows_cover_with_overlap(length, window, overlap):
     spans = chunk_windows(length, window, overlap)
     assert spans[0][0] == 0 and spans[-1][1] == length
     assert all(stop - start == min(window, length) for start, stop in spans)
-    for (s1, e1), (s2, e2) in zip(spans, spans[1:]):
+    for (s1, e1), (s2, _e2) in zip(spans, spans[1:]):
         assert s1 < s2 and e1 - s2 >= overlap
 
 
@@ -23,12 +25,13 @@ def test_stitch_takes_each_residue_from_one_window_in_order():
     length = 250
     spans = chunk_windows(length, 100, 30)
     # Each window's "embedding" of residue r is r itself, plus the window index in column 1.
-    pieces = [(s, e, np.stack([np.arange(s, e), np.full(e - s, w)], axis=1).astype(float)) for w, (s, e) in enumerate(spans)]
+    pieces = [(s, e, np.stack([np.arange(s, e), np.full(e - s, w)], axis=1).astype(float))
+              for w, (s, e) in enumerate(spans)]
     out = stitch(pieces, length)
     assert np.array_equal(out[:, 0], np.arange(length))
     # The switch between neighbouring windows happens in the middle of their overlap.
     switches = np.flatnonzero(np.diff(out[:, 1])) + 1
-    for (s1, e1), (s2, e2), cut in zip(spans, spans[1:], switches):
+    for (_s1, e1), (s2, _e2), cut in zip(spans, spans[1:], switches):
         assert cut == (s2 + e1) // 2
 
 

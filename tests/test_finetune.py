@@ -18,8 +18,8 @@ from embedcache.backbone import ESM2Backbone
 from embedcache.extract import ExtractConfig, extract
 from embedcache.models import build_tiny_esm2, load_esm2
 from embedcache.store import EmbeddingCache
-from heads.estimators import Head
 from heads import training
+from heads.estimators import Head
 from heads.finetune import FinetuneHead, crop_sequence
 from heads.run import RunConfig, predict, run_comparison
 
@@ -48,8 +48,8 @@ def task():
 
 
 def quick(weights, **params) -> FinetuneHead:
-    settings = dict(weights=str(weights), max_epochs=4, lr=3e-3, head_lr=3e-3, batch_tokens=1024, patience=10,
-                    threads=1)
+    settings = {"weights": str(weights), "max_epochs": 4, "lr": 3e-3, "head_lr": 3e-3, "batch_tokens": 1024,
+                "patience": 10, "threads": 1}
     return FinetuneHead(**{**settings, **params})
 
 
@@ -103,7 +103,7 @@ def test_top_layers_mode_changes_only_the_top(tiny_weights, task):
     head = quick(tiny_weights, mode="top", top_layers=1, max_epochs=1).fit(X, y, eval_set=(Xv, yv))
     trained, base = trained_and_base(head, tiny_weights)
     changed = {k for k in base if not torch.equal(trained[k], base[k])}
-    assert changed and all(k.startswith("layers.2.") or k.startswith("emb_layer_norm_after") for k in changed)
+    assert changed and all(k.startswith(("layers.2.", "emb_layer_norm_after")) for k in changed)
 
 
 def test_saved_backbone_gives_the_same_embeddings(tiny_weights, task, tmp_path):

@@ -14,7 +14,7 @@ from embedcache.extract import ExtractConfig, extract
 from embedcache.store import EmbeddingCache
 from heads.attention import AttentionHead, AttentionPooling
 from heads.cli import main as heads_main
-from heads.datasets import read_deeploc1, read_deeplocpro, read_labeled_csv
+from heads.datasets import LabeledSet, read_deeploc1, read_deeplocpro, read_labeled_csv
 from heads.estimators import Head, LightGBMHead, LogisticHead
 from heads.evaluate import cross_validate, read_reference
 from heads.features import ArrayResidues, FeatureSource, length_batches, pad
@@ -46,7 +46,8 @@ def planted_dataset(tmp_path, n_per_class=45, seed=0):
             records.append((f"c{k}_{i}", "".join(seq)))
             labels.append(f"class{k}")
     path = tmp_path / "planted.csv"
-    pd.DataFrame({"id": [r[0] for r in records], "sequence": [r[1] for r in records], "label": labels}).to_csv(path, index=False)
+    frame = pd.DataFrame({"id": [r[0] for r in records], "sequence": [r[1] for r in records], "label": labels})
+    frame.to_csv(path, index=False)
     return path
 
 
@@ -258,7 +259,8 @@ def test_cli_compare_writes_a_complete_run_and_predicts(planted, tmp_path):
     assert len(pred) == len(data) and (pred[["p_class0", "p_class1", "p_class2"]].sum(axis=1) - 1).abs().max() < 1e-4
     assert pred["in_training_data"].all()  # every protein was in some fold's training data
     # Without --head: the best method by macro-F1, from its own files.
-    result = runner.invoke(heads_main, ["predict", "--run", str(out), "--cache", str(cache), "--out", str(tmp_path / "q.tsv")])
+    result = runner.invoke(heads_main,
+                           ["predict", "--run", str(out), "--cache", str(cache), "--out", str(tmp_path / "q.tsv")])
     metrics = json.loads((out / "metrics.json").read_text())["methods"]
     best = max(metrics, key=lambda n: metrics[n]["macro_f1"])
     assert result.exit_code == 0 and f"ensemble of 3 {best} models" in result.output
@@ -289,8 +291,9 @@ def test_cli_errors_are_messages(tmp_path, planted):
 
 
 def test_bootstrap_metrics_from_confusion_equal_scikit_learn():
-    from heads.metrics import metrics_from_confusion
     from sklearn.metrics import confusion_matrix
+
+    from heads.metrics import metrics_from_confusion
 
     rng = np.random.default_rng(0)
     for n_classes in (2, 3, 6):
@@ -299,7 +302,8 @@ def test_bootstrap_metrics_from_confusion_equal_scikit_learn():
         pred[pred == n_classes - 1] = 0  # one class never predicted: F1 0, as zero_division=0 has it
         got = metrics_from_confusion(confusion_matrix(y, pred, labels=np.arange(n_classes)))
         assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
-        assert got["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=np.arange(n_classes), zero_division=0))
+        expected_f1 = f1_score(y, pred, average="macro", labels=np.arange(n_classes), zero_division=0)
+        assert got["macro_f1"] == pytest.approx(expected_f1)
         assert got["mcc"] == pytest.approx(matthews_corrcoef(y, pred))
 
 
@@ -316,7 +320,8 @@ def test_training_batches_never_hold_a_single_protein():
 
 def test_features_are_found_by_sequence_whatever_the_ids(tmp_path, tiny_weights):
     """A DeepLocPro cache keys IDs by the header's first word; the dataset by accession."""
-    fasta = write_fasta(tmp_path / "d.fasta", {"P1|Cytoplasmic|negative|0": "MKTAYIAK", "P2|Periplasmic|positive|1": "MKVW",
+    fasta = write_fasta(tmp_path / "d.fasta", {"P1|Cytoplasmic|negative|0": "MKTAYIAK",
+                                               "P2|Periplasmic|positive|1": "MKVW",
                                                "P3|Cytoplasmic|archaea|2": "MKTAYIAK"})
     cache_path = tmp_path / "d.h5"
     extract(fasta, cache_path, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
@@ -356,7 +361,8 @@ def test_train_on_one_file_test_on_another(planted, tmp_path):
     test.to_csv(tmp_path / "test.csv", index=False)
     out = tmp_path / "run"
     result = CliRunner().invoke(heads_main, [
-        "compare", "--cache", str(cache), "--data", str(tmp_path / "train.csv"), "--test-data", str(tmp_path / "test.csv"),
+        "compare", "--cache", str(cache), "--data", str(tmp_path / "train.csv"),
+        "--test-data", str(tmp_path / "test.csv"),
         "--heads", "logreg", "--scheme", "nested", "--k", "3", "--out", str(out), "--bootstrap", "200"])
     assert result.exit_code == 0, result.output
     preds = pd.read_csv(out / "predictions.csv")
@@ -474,7 +480,8 @@ def test_training_on_a_single_class_is_a_clear_error(name):
 def test_string_labels_with_an_eval_set_train_and_predict(name):
     X, y = pooled_task(labels=("Cytoplasm", "Nucleus"))
     Xv, yv = pooled_task(seed=1, labels=("Cytoplasm", "Nucleus"))
-    head, _ = fit_small(name, X, y, eval_set=(Xv, yv), **({"max_epochs": 10, "lr": 1e-2} if name == "attention" else {}))
+    settings = {"max_epochs": 10, "lr": 1e-2} if name == "attention" else {}
+    head, _ = fit_small(name, X, y, eval_set=(Xv, yv), **settings)
     assert list(head.classes_) == ["Cytoplasm", "Nucleus"]
     pred = head.predict(residues_of(Xv) if head.input == "per_residue" else Xv)
     assert set(pred) <= {"Cytoplasm", "Nucleus"} and (pred == yv).mean() > 0.8
@@ -539,7 +546,7 @@ def test_params_command_lists_every_parameter_with_default_and_meaning():
     for name, cls in HEADS.items():
         docs = cls.param_docs()
         assert set(docs) == set(cls().get_params() if name != "finetune" else cls(weights="w").get_params())
-        for param, (default, meaning) in docs.items():
+        for param, (_default, meaning) in docs.items():
             assert meaning, f"{name}.{param} has no meaning"
             assert any(line.split()[:1] == [param] and meaning in line for line in result.output.splitlines()), param
     one = CliRunner().invoke(heads_main, ["params", "attention"])
@@ -660,3 +667,10 @@ def test_no_import_cycles_in_heads():
     for module in graph:
         visit(module, [])
     assert "registry" not in graph["base"] and graph["registry"] >= {"attention", "estimators", "finetune"}
+
+
+def test_reference_file_without_fold_numbers_is_named_in_the_error(tmp_path):
+    data = LabeledSet("set", ["P1", "P2"], ["MKT", "MKV"], np.array([0, 1]), ["a", "b"])
+    pd.DataFrame({"a": [0.9, 0.2], "b": [0.1, 0.8]}, index=["P1", "P2"]).to_csv(tmp_path / "model_x_y.csv")
+    with pytest.raises(ValueError, match=r"model_x_y\.csv: not named model_\{test\}_\{val\}\.csv"):
+        read_reference(tmp_path, data)

@@ -21,6 +21,7 @@ from embedcache.models import build_tiny_esm2
 from embedcache.sequences import read_sequences
 from embedcache.store import EmbeddingCache, write_arrays
 from heads.cli import main as heads_main
+from heads.rundir import RunDirectoryError, check_identity
 
 from conftest import write_fasta
 from test_heads import planted_dataset
@@ -209,7 +210,7 @@ def test_predict_embeds_sequences_with_the_runs_backbone_and_marks_training_prot
     result = run_cli("predict", "--run", out, "--sequences", fasta, "--out", tmp_path / "seq.tsv")
     assert result.exit_code == 0, result.output
     by_sequence = pd.read_csv(tmp_path / "seq.tsv", sep="\t").set_index("id")
-    assert by_sequence["in_training_data"].to_dict() == {**{i: True for i in frame["id"][:5]}, "novel": False}
+    assert by_sequence["in_training_data"].to_dict() == {**dict.fromkeys(frame["id"][:5], True), "novel": False}
     assert predict(out, cache, tmp_path / "cache.tsv").exit_code == 0
     by_cache = pd.read_csv(tmp_path / "cache.tsv", sep="\t").set_index("id")
     columns = ["p_class0", "p_class1", "p_class2"]
@@ -291,7 +292,8 @@ def test_an_interrupted_compare_resumes_and_another_command_is_refused(planted, 
     out = tmp_path / "run"
     args = ["compare", "--cache", str(cache), "--data", str(csv), "--heads", "logreg,lightgbm", "--k", "3",
             "--out", str(out), *FAST, "--set", "lightgbm.n_estimators=20", "--set", "lightgbm.n_jobs=1"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    python_path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": python_path}
     killed = subprocess.run([sys.executable, "-c", INTERRUPTED, *args], env=env, capture_output=True, text=True,
                             check=False)
     assert killed.returncode == 9, killed.stderr
@@ -335,3 +337,9 @@ def test_proteins_held_out_as_the_test_file_are_not_training_data(planted, tmp_p
     pred = pd.read_csv(tmp_path / "p.tsv", sep="\t").set_index("id")
     assert not pred.loc[test["id"], "in_training_data"].any()
     assert pred.drop(test["id"])["in_training_data"].all()
+
+
+def test_a_cache_without_provenance_is_refused_with_a_message(tmp_path):
+    run_identity = {"model": "esm2_t6_8M_UR50D", "weights_sha256": "ab" * 32, "layer": 6}
+    with pytest.raises(RunDirectoryError, match="records no provenance"):
+        check_identity(run_identity, {}, tmp_path / "run", tmp_path / "cache.h5")

@@ -18,7 +18,8 @@ BAD_FASTA = {
     "tab_inside": (">P1\nMK\tTV\n", "whitespace inside the sequence on line 2"),
     "non_ascii": (">P1\nMKÅTV\n", "non-ASCII, U+00C5"),
     "star_inside": (">P1\nMK*TV\n", "invalid character '*' at residue 3"),
-    "duplicate_id": (">P1\nMKT\n>P2\nMKV\n>P1 again\nMKW\n", "record 3 (line 5): duplicate ID 'P1' with a different sequence than record 1 (line 1)"),
+    "duplicate_id": (">P1\nMKT\n>P2\nMKV\n>P1 again\nMKW\n",
+                     "record 3 (line 5): duplicate ID 'P1' with a different sequence than record 1 (line 1)"),
     "no_id": (">\nMKT\n", "header has no ID"),
 }
 
@@ -149,7 +150,8 @@ def test_non_ascii_is_refused_before_upper_casing_with_code_point_and_position(t
     assert "at residue 6 (line 3, column 3)" in message
     table = tmp_path / "in.csv"
     table.write_text(f"id,sequence\nP1,MKTAY{letter}K\n", encoding="utf-8")
-    with pytest.raises(InputError, match=rf"row 2 \(id 'P1'\): invalid character .*U\+{ord(letter):04X}.* at residue 6"):
+    expected = rf"row 2 \(id 'P1'\): invalid character .*U\+{ord(letter):04X}.* at residue 6"
+    with pytest.raises(InputError, match=expected):
         read_sequences(table)
 
 
@@ -231,7 +233,8 @@ def test_compressed_input_is_read_by_magic_bytes_whatever_the_name(tmp_path, kin
         (lambda: _compress("gzip", FASTA_BYTES * 50)[:40], "truncated gzip data"),
         (lambda: _compress("bz2", FASTA_BYTES)[:-6], "truncated bz2 data"),
         (lambda: _compress("xz", FASTA_BYTES)[:-6], "truncated xz data"),
-        (lambda: _compress("gzip", FASTA_BYTES)[:-8] + b"\0\0\0\0" + _compress("gzip", FASTA_BYTES)[-4:], "corrupt gzip data"),
+        (lambda: _compress("gzip", FASTA_BYTES)[:-8] + b"\0\0\0\0" + _compress("gzip", FASTA_BYTES)[-4:],
+         "corrupt gzip data"),
         (lambda: _compress("gzip", b""), "file is empty"),
         (lambda: _compress("gzip", b"  \n\n"), "file is empty"),
         (lambda: _zip(FASTA_BYTES), "a zip archive; unzip it"),
@@ -278,7 +281,8 @@ def _tar_gz(data: bytes) -> bytes:
         (b">P1\nMK\x00T\n", r"NUL byte at byte offset 6 \(line 2, byte 3 of the line\)"),
         (">P1 Å\nMKT\n".encode("latin-1"), r"byte 0xC5 at byte offset 4 \(line 1, byte 5 of the line\)"),
         # UTF-8 first, Latin-1 later: the first bad byte is named, with its line.
-        (">P1 Å\nMKT\n>P2 Å\nMKV\n".encode("utf-8") + ">P3 Å\n".encode("latin-1"), r"byte 0xC5 at byte offset 26 \(line 5, byte 5 of the line\)"),
+        (">P1 Å\nMKT\n>P2 Å\nMKV\n".encode() + ">P3 Å\n".encode("latin-1"),
+         r"byte 0xC5 at byte offset 26 \(line 5, byte 5 of the line\)"),
         (BOM + b"\xff\n>P1\nMKT\n", r"byte 0xFF at byte offset 3 \(line 1, byte 4 of the line\)"),
     ],
 )
@@ -511,9 +515,11 @@ def test_importing_sequences_does_not_import_torch():
 def test_labeled_csv_and_fasta_read_like_sequences(tmp_path):
     from heads.datasets import load_labeled
 
-    csv_path = _fasta(tmp_path, _compress("gzip", BOM + b"Entry;Sequence;label\r\nP1;mkt;a\r\n\r\nP2;MKV;b\r\n"), "set.csv")
+    csv_path = _fasta(tmp_path, _compress("gzip", BOM + b"Entry;Sequence;label\r\nP1;mkt;a\r\n\r\nP2;MKV;b\r\n"),
+                      "set.csv")
     data = load_labeled(csv_path)
-    assert (data.ids, data.sequences, data.classes, data.labels.tolist()) == (["P1", "P2"], ["MKT", "MKV"], ["a", "b"], [0, 1])
+    assert (data.ids, data.sequences, data.classes, data.labels.tolist()) == (
+        ["P1", "P2"], ["MKT", "MKV"], ["a", "b"], [0, 1])
     fasta_path = _fasta(tmp_path, _compress("gzip", b" >P1|Cytoplasmic|archaea|0\nMKT\n>P2|Membrane|archaea|1\nMKV\n"),
                         "set.csv")
     data = load_labeled(fasta_path)
@@ -538,7 +544,8 @@ def test_gzip_inside_gzip_is_read(tmp_path):
 
 def test_unclosed_quote_in_table_is_named(tmp_path):
     path = _fasta(tmp_path, b'id,sequence\nP1,"MKT\nP2,MKV\n', "in.csv")
-    with pytest.raises(InputError, match=r"row 2 \(id 'P1'\): the 'sequence' field spans several lines \(a quote left open\?\)"):
+    with pytest.raises(InputError,
+                       match=r"row 2 \(id 'P1'\): the 'sequence' field spans several lines \(a quote left open\?\)"):
         read_sequences(path)
 
 

@@ -92,10 +92,10 @@ def load_backbone(model: str | None = None, weights: str | Path | None = None, t
         return family.load(model, path, trust)
     if model is None:
         raise ModelLoadError("name a model (--model esm2_t33_650M_UR50D) or a weights file (--weights PATH)")
-    family = family_of_name(model)
-    if family is None:
+    named = family_of_name(model)
+    if named is None:
         raise ModelLoadError(f"unknown model {model!r}; known: {_known_list()}")
-    return family.load(model, None, trust)
+    return named.load(model, None, trust)
 
 
 def known_models() -> list[dict]:

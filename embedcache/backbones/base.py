@@ -114,6 +114,7 @@ class Backbone(ABC):
     embed_dim: int
     max_residues: int | None  # the longest window the model was trained on; None if unbounded
     extra_tokens: int  # tokens a sequence costs beyond its residues (BOS/EOS)
+    model: torch.nn.Module  # the network (``module``)
     # States ``embed`` returns before the residues that belong in the pooled mean but not in
     # the per-residue array (UniRep's start step); 0 for ESM-2, whose BOS is dropped.
     leading_states: int = 0

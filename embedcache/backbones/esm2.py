@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ import torch.utils.checkpoint
 
 from ..atomic import atomic_path
 from .base import Backbone, ModelLoadError, absolute, sha256_of
+
+if TYPE_CHECKING:
+    from esm.model.esm2 import ESM2
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +161,16 @@ def load_esm2(
 
     With both, the file is loaded and must match the name's architecture.
     """
-    if weights is None and model is None:
-        raise ModelLoadError("name a model (--model esm2_t33_650M_UR50D) or a weights file (--weights PATH)")
     if model is not None and model not in ESM2_MODELS:
         raise ModelLoadError(f"unknown model {model!r}; known ESM-2 models: {', '.join(ESM2_MODELS)}")
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"{path}: weights file not found")
-    else:
+    elif model is not None:
         path = fetch(model)
+    else:
+        raise ModelLoadError("name a model (--model esm2_t33_650M_UR50D) or a weights file (--weights PATH)")
     digest = verify_checksum(path)
     data = load_checkpoint(path, trust=trust)
     net, alphabet, architecture = model_from_checkpoint(data, path)
@@ -265,6 +269,7 @@ class ESM2Backbone(Backbone):
     family = "esm2"
     extra_tokens = 2  # BOS and EOS
     supports_grad_checkpointing = True
+    model: ESM2
 
     def __init__(self, model, alphabet, name: str, architecture: str, source: str = "", sha256: str = ""):
         super().__init__()
@@ -359,7 +364,7 @@ class ESM2Backbone(Backbone):
         backward pass instead of kept (fine-tuning long proteins in less memory).
         """
         model = self.model
-        layers = set(layers)
+        wanted = set(layers)
         padding = tokens.eq(model.padding_idx)
         x = model.embed_scale * model.embed_tokens(tokens)
         if model.token_dropout:
@@ -369,19 +374,19 @@ class ESM2Backbone(Backbone):
             observed = masked.sum(-1).to(x.dtype) / (~padding).sum(-1)
             x = x * (1 - 0.15 * 0.8) / (1 - observed)[:, None, None]
         x = x * (~padding).unsqueeze(-1).to(x.dtype)
-        out = {0: x} if 0 in layers else {}
+        out = {0: x} if 0 in wanted else {}
         # SDPA's boolean mask marks the keys a query may attend to.
         attend = (~padding)[:, None, None, :] if padding.any() else None
-        top = max(layers)
+        top = max(wanted)
         recompute = checkpoint and torch.is_grad_enabled()
         for index, layer in enumerate(model.layers[:top], 1):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(self._layer, layer, x, attend, use_reentrant=False)
             else:
                 x = self._layer(layer, x, attend)
-            if index in layers and index != model.num_layers:
+            if index in wanted and index != model.num_layers:
                 out[index] = x
-        if model.num_layers in layers:
+        if model.num_layers in wanted:
             out[model.num_layers] = model.emb_layer_norm_after(x)
         return out
 

@@ -21,6 +21,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,10 @@ import torch
 from ..atomic import atomic_path, write_text
 from .base import Backbone, ModelLoadError, absolute, hf_model_type, sha256_of
 from .esm2 import ESM2_MODELS, architecture_of
+
+if TYPE_CHECKING:
+    from esm.model.esm2 import ESM2
+    from transformers import EsmModel
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +137,7 @@ class HFESM2Backbone(Backbone):
 
     family = "hf-esm2"
     extra_tokens = 2  # BOS and EOS
+    model: EsmModel
 
     def __init__(self, model, vocab: list[str], name: str, source: str = "", sha256: str = ""):
         super().__init__()
@@ -230,12 +236,12 @@ class HFESM2Backbone(Backbone):
 
     def forward(self, tokens: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """Representations {layer: (B, T, D)} over all tokens; the last layer with the final norm."""
-        layers = set(layers)
-        inner = [layer for layer in layers if layer < self.num_layers]
+        wanted = set(layers)
+        inner = [layer for layer in wanted if layer < self.num_layers]
         out = self.model(input_ids=tokens, attention_mask=tokens.ne(self.pad_idx).long(),
                          output_hidden_states=bool(inner))
         reps = {layer: out.hidden_states[layer] for layer in inner}
-        if self.num_layers in layers:
+        if self.num_layers in wanted:
             reps[self.num_layers] = out.last_hidden_state
         return reps
 
@@ -313,7 +319,7 @@ def save_hf_directory(model, path: Path | str, vocab: Sequence[str] = ESM2_VOCAB
     return path
 
 
-def esm2_to_hf(model: torch.nn.Module):
+def esm2_to_hf(model: ESM2):
     """transformers' ``EsmModel`` holding the weights of a fair-esm ``ESM2`` (exactly, not a copy of the output).
 
     fair-esm and transformers name the same tensors differently; the embeddings' token
@@ -329,11 +335,13 @@ def esm2_to_hf(model: torch.nn.Module):
     config = EsmConfig(
         vocab_size=len(vocab), mask_token_id=model.mask_idx, pad_token_id=model.padding_idx,
         hidden_size=model.embed_dim, num_hidden_layers=model.num_layers, num_attention_heads=model.attention_heads,
-        intermediate_size=first.fc1.out_features, hidden_act="gelu", hidden_dropout_prob=0.0,
+        intermediate_size=first.fc1.out_features, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, max_position_embeddings=1026, position_embedding_type="rotary",
         layer_norm_eps=model.emb_layer_norm_after.eps, emb_layer_norm_before=False,
         token_dropout=bool(model.token_dropout), rope_theta=10000.0,
     )
+    # EsmModel's activation is fixed; recorded for readers of config.json that look for it.
+    config.hidden_act = "gelu"
     config.architectures = ["EsmModel"]
     src = model.state_dict()
     state = {

@@ -24,6 +24,7 @@ import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -123,8 +124,9 @@ class UniRep(torch.nn.Module):
         super().__init__()
         self.embedding = torch.nn.Parameter(torch.from_numpy(arrays["embedding"].astype(np.float32)))
         n_layers = len({k.split(".")[1] for k in arrays if k.startswith("mlstm.")})
-        self.layers = torch.nn.ModuleList(MLSTMLayer(arrays, f"mlstm.{i}") for i in range(n_layers))
-        self.hidden = self.layers[0].hidden
+        layers = [MLSTMLayer(arrays, f"mlstm.{i}") for i in range(n_layers)]
+        self.layers = torch.nn.ModuleList(layers)
+        self.hidden = layers[0].hidden
 
     def forward(self, tokens: torch.Tensor, steps: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         x = self.embedding[tokens]
@@ -138,7 +140,7 @@ class UniRep(torch.nn.Module):
     def export(self) -> dict[str, np.ndarray]:
         arrays = {"embedding": self.embedding.detach().float().cpu().numpy()}
         for index, layer in enumerate(self.layers):
-            arrays.update(layer.export(f"mlstm.{index}"))
+            arrays.update(cast(MLSTMLayer, layer).export(f"mlstm.{index}"))  # the list holds MLSTMLayers only
         return arrays
 
 
@@ -215,7 +217,8 @@ def build_tiny_unirep(path: Path | str, hidden: int = 16, layers: int = 2, seed:
 def _save_npz(path: Path | str, arrays: dict[str, np.ndarray]) -> Path:
     # Through an open file numpy keeps the name as given (it appends .npz to a bare path).
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+        # numpy's stub types **kwds as if a key could be savez's allow_pickle; these are array names.
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
     return Path(path)
 
 
@@ -229,6 +232,7 @@ class UniRepBackbone(Backbone):
     pooling = "mean over the start state and residues (UniRep h_avg)"
     budget = {"cpu": 16384, "cuda": 65536}  # a recurrent model wants many proteins per step
     train_budget = 16384  # 2.3x the training throughput of 4096 on 2 CPU cores
+    model: UniRep
 
     def __init__(self, arrays: dict[str, np.ndarray], name: str, source: str = "", sha256: str = ""):
         super().__init__()
