@@ -7,6 +7,7 @@ is the same whatever order the file lists proteins in, and it is saved with ever
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from embedcache.sequences import InputError, detect_format, load_table, load_text, read_fasta, table_records
+
+log = logging.getLogger(__name__)
 
 DATASET_KINDS = ("deeplocpro", "csv", "deeploc1")
 
@@ -99,8 +102,9 @@ def read_deeplocpro(path: Path | str) -> LabeledSet:
         raise InputError(path, "some headers give a fold and some do not")
     labels, classes = _encode(locations)
     ids = [rec.header.split()[0].split("|")[0] for rec in records]
-    return LabeledSet(path.stem, ids, [r.sequence for r in records], labels, classes,
-                      np.array(groups), np.array(folds, dtype=np.int64) if folds else None)
+    return _dedupe_ids(LabeledSet(path.stem, ids, [r.sequence for r in records], labels, classes,
+                                  np.array(groups), np.array(folds, dtype=np.int64) if folds else None),
+                       path, [r.line for r in records], unit="lines")
 
 
 def read_labeled_csv(
@@ -122,6 +126,9 @@ def read_labeled_csv(
     for row, value in zip(table.lines, raw):
         if not value:
             raise InputError(path, f"empty label in column {label_col!r}", f"row {row}")
+        if value.lower() in _MISSING:
+            raise InputError(path, f"label {value!r} in column {label_col!r} marks a missing value; drop the row "
+                                   "or give it a class", f"row {row}")
     if class_names:
         found = sorted(set(raw))
         unmatched = [k for k in class_names if k not in set(raw)]
@@ -129,6 +136,15 @@ def read_labeled_csv(
             shown = ", ".join(map(repr, found[:20])) + (f" and {len(found) - 20} more" if len(found) > 20 else "")
             raise InputError(path, f"--class-names {', '.join(map(repr, unmatched))} match no value of column "
                                    f"{label_col!r}; its values are {shown}")
+        empty = [k for k, v in class_names.items() if not str(v).strip()]
+        if empty:
+            raise InputError(path, f"--class-names gives {', '.join(map(repr, empty))} an empty name")
+        merged: dict[str, list[str]] = {}
+        for key, name in class_names.items():
+            merged.setdefault(name, []).append(key)
+        for name, keys in merged.items():
+            if len(keys) > 1:
+                log.warning("%s: --class-names maps %s to one class %r", path, ", ".join(map(repr, keys)), name)
     names = [class_names.get(v, v) for v in raw] if class_names else raw
     labels, classes = _encode(names)
     folds = None
@@ -138,13 +154,19 @@ def read_labeled_csv(
                                   classes, None, folds), path, table.lines)
 
 
-def _dedupe_ids(data: LabeledSet, path: Path, rows: list[int]) -> LabeledSet:
+def _dedupe_ids(data: LabeledSet, path: Path, rows: list[int], unit: str = "rows") -> LabeledSet:
+    """Refuse an ID given twice: two labels (or folds) for one protein would count it twice and
+    could put it on both sides of a split."""
     seen: dict[str, int] = {}
     for i, ident in enumerate(data.ids):
         if ident in seen:
-            raise InputError(path, f"ID {ident!r} appears twice (rows {rows[seen[ident]]} and {rows[i]})")
+            raise InputError(path, f"ID {ident!r} appears twice ({unit} {rows[seen[ident]]} and {rows[i]})")
         seen[ident] = i
     return data
+
+
+# Spellings of a missing value that pandas and spreadsheets write into a label column.
+_MISSING = {"nan", "na", "n/a", "none", "null", "<na>", "?"}
 
 
 _DEEPLOC1 = re.compile(r"^(\S+)\s+([A-Za-z._/]+(?:-[A-Za-z._/]+)*)-([MSU])(?:\s|$)")
@@ -168,8 +190,10 @@ def read_deeploc1(path: Path | str) -> LabeledSet:
         membrane.append(match.group(3))
         annotation.append(match.group(2))
     labels, classes = _encode(locations)
-    return LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels, classes,
-                      extra={"membrane": np.array(membrane), "annotation": np.array(annotation)})
+    return _dedupe_ids(LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels,
+                                  classes, extra={"membrane": np.array(membrane),
+                                                  "annotation": np.array(annotation)}),
+                       path, [r.line for r in records], unit="lines")
 
 
 def detect_kind(path: Path | str) -> str:

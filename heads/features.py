@@ -85,9 +85,13 @@ class FeatureSource:
             found = cache.has_keys(keys)
             if not found.all():
                 missing = [ids[i] if ids is not None else sequences[i][:20] for i in np.flatnonzero(~found).tolist()]
-                raise KeyError(
+                skipped = (f"; {len(cache.skipped_ids)} of the cache's IDs were left out as longer than its "
+                           f"max_length (--long skip): use --long truncate or chunk for them"
+                           if cache.skipped_ids else "")
+                raise ValueError(
                     f"{len(missing)} of {len(keys)} proteins have no embedding in {cache.path} "
-                    f"(first: {', '.join(missing[:5])}); run `embedcache extract` on the dataset file first"
+                    f"(first: {', '.join(missing[:5])}){skipped}; otherwise run `embedcache extract` on the "
+                    "dataset file into this cache first"
                 )
             rows = cache.rows(keys=keys)
         self._init(cache, rows, layer, sequences)

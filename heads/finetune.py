@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -223,13 +222,14 @@ class FinetuneHead(Head):
         classes, targets, val_targets = check_labels(y, eval_set, len(sequences))
         val = None if eval_set is None else [str(s) for s in eval_set[0]]
         folder = Path(self.checkpoint_dir) if self.checkpoint_dir else None
-        fingerprint = self._fingerprint(sequences, targets, None if val is None else (val, val_targets))
         device = pick_device(self.device)
         with isolated_rng(device):
             # Before building: LoRA adapters draw their initial weights as they are attached.
             seed_torch(self.random_state, device)
             self.classes_ = classes
             self.classifier_ = classifier = self._build(len(classes))
+            # After loading: a checkpoint resumes only on the very weights it was trained from.
+            fingerprint = self._fingerprint(sequences, targets, None if val is None else (val, val_targets))
             with torch_threads(self.threads or available_cores()):
                 outcome = self._train(classifier, sequences, targets, val, val_targets, folder, fingerprint)
         self.history_ = outcome.history
@@ -288,8 +288,7 @@ class FinetuneHead(Head):
         for seqs, labels in ((sequences, targets), val or ((), ())):
             digest.update("\n".join(seqs).encode())
             digest.update(np.asarray(labels, dtype=np.int64).tobytes())
-        if self.weights:
-            digest.update(str(os.path.getsize(self.weights)).encode())
+        digest.update(self.backbone_info_["weights_sha256"].encode())
         return digest.hexdigest()
 
     def _result_params(self) -> dict:

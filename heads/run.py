@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from embedcache.atomic import real_path
-from embedcache.backbones import backbone_for_cache
+from embedcache.backbones import backbone_for_cache, family_of_name, weights_digest
 from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
@@ -105,6 +105,14 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
         test.folds = np.full(len(test), int(data.require_folds().max()) + 1)
         info.update(test_data=str(config.test_data), test_fold=int(test.folds[0]), n_test=len(test),
                     training_sequences_also_in_test_removed=int((~keep).sum()))
+        if not keep.any():
+            raise ValueError(f"every protein of {config.data} also occurs in the test data {config.test_data}; "
+                             "nothing is left to train on")
+        unseen = sorted(set(test.classes) - {data.classes[i] for i in np.unique(data.labels[keep])})
+        if unseen:
+            info["test_classes_without_training_examples"] = unseen
+            log.warning("%s: classes %s have no training examples in %s; no model can predict them",
+                        config.test_data, ", ".join(unseen), config.data)
         data = merge([data.subset(np.flatnonzero(keep)), test], f"{data.name}->{test.name}")
     folds = data.require_folds()
     info["sizes"] = {int(f): int((folds == f).sum()) for f in np.unique(folds)}
@@ -171,7 +179,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         prov = cache_info["provenance"]
         layer = cache_info["layers"][-1] if config.layer is None else config.layer
         identity = backbone_identity(prov, layer) if cache is not None else None
-        methods = {name: head.get_params() for name, head in heads.items()}
+        methods = {name: _method_identity(head) for name, head in heads.items()}
         fingerprint = run_fingerprint(_fingerprint_settings(config), identity, methods, data)
         inputs = [*([config.data] if isinstance(config.data, str) else config.data), config.test_data,
                   config.cache, config.reference, config.weights]
@@ -218,7 +226,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         trained = sorted({int(i) for s in splits for i in (*s.train, *s.val)})
         keys = write_training_keys(out, (sequence_key(data.sequences[i]) for i in trained))
         saved = [model for result in results for model in result.saved]
-        run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys)
+        run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys, identity)
         summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
                             n_boot=config.n_boot, seed=config.seed)
     log.info("run written to %s%s", out, " (resumed)" if run_dir.resumed else "")
@@ -361,6 +369,25 @@ def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | No
     extract(sequences, target, config, id_col=id_col, seq_col=seq_col, progress=False,
             command=f"heads predict --run {finished.path} --sequences {sequences}")
     return target
+
+
+def _method_identity(head: Head) -> dict:
+    """A head's parameters; for a head that trains a backbone, also the sha256 of its weights.
+
+    A weights path names a file whose contents may change: the run is the same run only on
+    the same weights.
+    """
+    params = head.get_params()
+    if head.input != "sequence":
+        return params
+    digest = None
+    if params.get("weights"):
+        digest = weights_digest(Path(params["weights"]))
+    elif params.get("model"):
+        family = family_of_name(params["model"])
+        local = family.locate(params["model"]) if family is not None else None
+        digest = weights_digest(local) if local is not None else None
+    return {**params, "weights_sha256": digest}
 
 
 def _int_or_none(value) -> int | None:

@@ -172,7 +172,11 @@ def read_config(out: Path) -> dict | None:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RunDirectoryError(f"{path}: cannot be read as a run's config.json ({err})") from None
+    # A run's config, of this version (fingerprint) or an older one (its other fields): a JSON
+    # file that merely has "classes" is not a run, and --overwrite must never delete it.
     if not isinstance(config, dict) or "classes" not in config:
+        return None
+    if "fingerprint" not in config and not {"methods", "folds_info", "splits"} <= config.keys():
         return None
     return config
 
@@ -296,7 +300,7 @@ def write_training_keys(out: Path, keys: Iterable[str]) -> dict:
 
 
 def write_manifest(out: Path, fingerprint: str, classes: list[str], saved: list[SavedModel],
-                   training_keys: dict) -> str:
+                   training_keys: dict, backbone: dict | None = None) -> str:
     """Write models/manifest.json; returns its sha256 (recorded in config.json)."""
     models_dir = out / "models"
     entries = []
@@ -313,6 +317,9 @@ def write_manifest(out: Path, fingerprint: str, classes: list[str], saved: list[
         "format": MANIFEST_FORMAT,
         "fingerprint": fingerprint,
         "classes": classes,
+        # Under the manifest's hash, so that an edited config.json cannot feed the models
+        # embeddings of another layer or model.
+        "backbone": backbone,
         "training_keys": {k: v for k, v in training_keys.items() if k != "path"},
         "models": entries,
     }
@@ -410,6 +417,9 @@ def open_finished(run: Path | str) -> FinishedRun:
     if manifest.get("fingerprint") != config["fingerprint"]:
         raise RunDirectoryError(f"{path}: belongs to another run (fingerprint {str(manifest.get('fingerprint'))[:12]}, "
                                 f"config.json says {config['fingerprint'][:12]})")
+    if canonical_json(manifest.get("backbone")) != canonical_json(config.get("backbone")):
+        raise RunDirectoryError(f"{run}: config.json's backbone {config.get('backbone')} is not the one the run "
+                                f"trained on ({manifest.get('backbone')}, in its manifest); config.json was edited")
     if manifest.get("classes") != config["classes"]:
         raise RunDirectoryError(f"{path}: classes {manifest.get('classes')} differ from config.json's "
                                 f"{config['classes']}")

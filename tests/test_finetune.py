@@ -163,6 +163,40 @@ def test_resume_after_interruption_continues_from_the_saved_epoch(tiny_weights, 
     assert saves == []
 
 
+def test_a_checkpoint_never_resumes_on_other_weights_under_the_same_name(tiny_weights, task, tmp_path, caplog):
+    """Replacing the base weights file (same name, same size) between runs must not resume the
+    old training on the new base: the checkpoint is tied to the weights' sha256."""
+    (X, y), (Xv, yv) = task
+    weights = tmp_path / "w.pt"
+    build_tiny_esm2(weights, num_layers=3, embed_dim=32, attention_heads=4, seed=0)
+    quick(weights, mode="full", max_epochs=1, checkpoint_dir=str(tmp_path / "ck")).fit(X, y, eval_set=(Xv, yv))
+    size = weights.stat().st_size
+    build_tiny_esm2(weights, num_layers=3, embed_dim=32, attention_heads=4, seed=1)
+    assert weights.stat().st_size == size
+    caplog.set_level("INFO", logger="heads.training")
+    again = quick(weights, mode="full", max_epochs=1, checkpoint_dir=str(tmp_path / "ck")).fit(
+        X, y, eval_set=(Xv, yv))
+    assert "written for other settings or data" in caplog.text
+    fresh = quick(weights, mode="full", max_epochs=1).fit(X, y, eval_set=(Xv, yv))
+    np.testing.assert_allclose(again.predict_proba(Xv), fresh.predict_proba(Xv), atol=1e-5)
+
+
+def test_a_run_on_other_weights_under_the_same_name_is_another_run(tmp_path):
+    """The run fingerprint covers the fine-tuned weights' contents, not only their path."""
+    from heads.rundir import RunDirectoryError
+
+    X, y = motif_task(60, 7)
+    data = write_task_csv(tmp_path / "m.csv", X, y)
+    weights = tmp_path / "w.pt"
+    build_tiny_esm2(weights, num_layers=2, embed_dim=16, attention_heads=2, seed=0)
+    config = RunConfig(data=str(data), heads=("finetune",), weights=str(weights), k=3, n_boot=100,
+                       head_params={"finetune": {"max_epochs": 1, "threads": 1, "batch_tokens": 1024}})
+    run_comparison(config, tmp_path / "run")
+    build_tiny_esm2(weights, num_layers=2, embed_dim=16, attention_heads=2, seed=1)
+    with pytest.raises(RunDirectoryError, match="another run"):
+        run_comparison(config, tmp_path / "run")
+
+
 def write_task_csv(path, sequences, labels):
     pd.DataFrame({"id": [f"p{i}" for i in range(len(labels))], "sequence": sequences, "label": labels}).to_csv(
         path, index=False)

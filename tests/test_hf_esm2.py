@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from embedcache.backbones import ModelLoadError, backbone_for_cache, load_backbone
-from embedcache.backbones.hf_esm2 import KNOWN_SHA256, esm2_to_hf, save_hf_directory
+from embedcache.backbones.hf_esm2 import KNOWN_SHA256, HFESM2Backbone, esm2_to_hf, save_hf_directory
 from embedcache.cli import main as embedcache_main
 from embedcache.models import load_esm2, sha256_of
 from embedcache.store import EmbeddingCache
@@ -79,7 +79,7 @@ def test_converted_weights_give_fair_esm_embeddings_at_every_layer(converted, ti
     fair = load_backbone(weights=tiny_weights)
     assert hf.family == "hf-esm2" and fair.family == "esm2"
     assert (hf.architecture, hf.num_layers, hf.embed_dim) == (fair.architecture, 3, 32)
-    assert hf.sha256 == sha256_of(converted / "model.safetensors")
+    assert hf.sha256 == HFESM2Backbone.digest(converted) != sha256_of(converted / "model.safetensors")
     assert torch.equal(hf.tokenize(PROTEINS), fair.tokenize(PROTEINS))
     ours, theirs = all_layers(hf, PROTEINS), all_layers(fair, PROTEINS)
     assert sorted(ours) == [0, 1, 2, 3]
@@ -199,7 +199,47 @@ def test_hf_esm2_finetunes_and_exports_a_directory_that_loads_to_the_same_embedd
 def test_cache_weights_found_by_hub_id_in_the_hugging_face_cache(esmconfig_dir, tmp_path, monkeypatch):
     fake_hub_cache(monkeypatch, tmp_path / "hub", "someone/tiny-esm2", esmconfig_dir)
     provenance = {"model": "someone/tiny-esm2", "family": "hf-esm2", "architecture": "ESM-2 2x16x2",
-                  "weights": str(tmp_path / "gone"), "weights_sha256": sha256_of(esmconfig_dir / "model.safetensors")}
+                  "weights": str(tmp_path / "gone"), "weights_sha256": HFESM2Backbone.digest(esmconfig_dir)}
     assert backbone_for_cache(provenance, tmp_path / "c.h5") == ("someone/tiny-esm2", None)
     with pytest.raises(ModelLoadError, match="other contents"):
         backbone_for_cache({**provenance, "weights_sha256": "0" * 64}, tmp_path / "c.h5")
+
+
+@pytest.mark.parametrize("edit", ["vocabulary", "config"])
+def test_an_edited_vocabulary_or_config_is_another_identity(converted, tmp_path, edit):
+    """Swapping two letters in vocab.txt, or turning token dropout off, changes the embeddings:
+    the identity covers the whole directory, not only model.safetensors."""
+    edited = shutil.copytree(converted, tmp_path / "edited")
+    if edit == "vocabulary":
+        vocab = (edited / "vocab.txt").read_text().split("\n")
+        i, j = vocab.index("L"), vocab.index("A")
+        vocab[i], vocab[j] = vocab[j], vocab[i]
+        (edited / "vocab.txt").write_text("\n".join(vocab))
+    else:
+        config = json.loads((edited / "config.json").read_text())
+        config["token_dropout"] = False
+        (edited / "config.json").write_text(json.dumps(config))
+    original, changed = load_backbone(weights=converted), load_backbone(weights=edited)
+    assert changed.sha256 != original.sha256
+    assert sha256_of(edited / "model.safetensors") == sha256_of(converted / "model.safetensors")
+    provenance = {"model": "tiny_hf_esm2", "family": "hf-esm2", "weights": str(edited),
+                  "weights_sha256": original.sha256}
+    with pytest.raises(ModelLoadError, match="other contents"):
+        backbone_for_cache(provenance, tmp_path / "c.h5")
+
+
+def test_missing_tensors_or_a_truncated_safetensors_are_refused(converted, tmp_path):
+    """transformers fills missing tensors with random values and only warns; we refuse."""
+    from safetensors.torch import load_file, save_file
+
+    missing = shutil.copytree(converted, tmp_path / "missing")
+    tensors = load_file(missing / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".layer.1." not in k}, missing / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="missing or of another shape"):
+        load_backbone(weights=missing)
+    truncated = shutil.copytree(converted, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="do not load"):
+        load_backbone(weights=truncated)

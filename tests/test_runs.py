@@ -198,6 +198,19 @@ def test_predict_checks_every_model_file_against_the_manifest(planted, tmp_path,
     assert result.exit_code == 1 and "manifest.json: changed after the run wrote it" in result.output
 
 
+def test_an_edited_backbone_in_config_json_is_refused(planted, tmp_path):
+    """config.json says which layer and model the run trained on; an edit there must not make
+    predict feed the models other embeddings."""
+    csv, cache = planted
+    out = tmp_path / "run"
+    assert cv(csv, cache, out).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    config["backbone"]["layer"] = 99
+    (out / "config.json").write_text(json.dumps(config))
+    result = predict(out, cache, tmp_path / "p.tsv")
+    assert result.exit_code == 1 and "config.json was edited" in result.output
+
+
 def test_predict_embeds_sequences_with_the_runs_backbone_and_marks_training_proteins(planted, tmp_path,
                                                                                       monkeypatch):
     csv, cache = planted
@@ -262,6 +275,11 @@ def test_overwrite_deletes_only_run_directories_and_never_their_inputs(planted, 
     other = tmp_path / "notes"
     other.mkdir()
     (other / "mine.txt").write_text("keep")
+    result = cv(csv, cache, other, "--overwrite")
+    assert result.exit_code == 1 and "holds no run" in result.output
+    assert (other / "mine.txt").read_text() == "keep"
+    # A config.json that merely names classes is not a run either.
+    (other / "config.json").write_text('{"classes": ["cat", "dog"]}')
     result = cv(csv, cache, other, "--overwrite")
     assert result.exit_code == 1 and "holds no run" in result.output
     assert (other / "mine.txt").read_text() == "keep"

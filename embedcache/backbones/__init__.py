@@ -116,8 +116,7 @@ def weights_digest(path: Path) -> str | None:
     """sha256 identifying the weights at ``path`` (a Hugging Face directory: its safetensors); None if not weights."""
     try:
         family = family_of_file(path)
-        target = family.weights_file(path)
-        return sha256_of(target) if target.is_file() else None
+        return family.digest(path) if family.weights_file(path).is_file() else None
     except (ModelLoadError, OSError):
         return None
 

@@ -157,6 +157,15 @@ class Backbone(ABC):
         return path
 
     @classmethod
+    def digest(cls, path: Path) -> str:
+        """sha256 identifying everything at ``path`` that decides the model's outputs.
+
+        A family whose model is more than one file (weights, configuration, vocabulary)
+        covers them all, so that no part can change under the same identity.
+        """
+        return sha256_of(cls.weights_file(path))
+
+    @classmethod
     def official_sha256(cls, name: str) -> str | None:
         """The known sha256 of the official weights called ``name``, if known."""
         return None

@@ -14,6 +14,7 @@ layer carries the final layer norm, and padding is masked out of attention.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from ..atomic import atomic_path, write_text
 from .base import Backbone, ModelLoadError, absolute, hf_model_type, sha256_of
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+# Parts of EsmModel that embeddings never use: a checkpoint without them is complete.
+_OPTIONAL_MODULES = ("contact_head", "pooler")
 # ESM-2's vocabulary in token-id order (fair-esm's "ESM-1b" alphabet; the hub's vocab.txt).
 ESM2_VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>", "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q",
               "N", "F", "Y", "M", "H", "W", "C", "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>"]
@@ -183,6 +187,22 @@ class HFESM2Backbone(Backbone):
         return path / WEIGHTS_FILE if path.is_dir() else path
 
     @classmethod
+    def digest(cls, path: Path) -> str:
+        """sha256 over the safetensors' sha256, config.json and vocab.txt: a directory is one model.
+
+        The weights file alone would let an edited vocabulary (letters mapped to other tokens)
+        or configuration (token dropout, layer norm epsilon) pass under the same identity.
+        """
+        directory = path if path.is_dir() else path.parent
+        combined = hashlib.sha256(b"hf-esm2 directory\0")
+        combined.update(sha256_of(directory / WEIGHTS_FILE).encode())
+        for name in ("config.json", "vocab.txt"):
+            member = directory / name
+            combined.update(f"\0{name}\0".encode())
+            combined.update(member.read_bytes() if member.is_file() else b"<absent>")
+        return combined.hexdigest()
+
+    @classmethod
     def official_sha256(cls, name: str) -> str | None:
         return KNOWN_SHA256.get(name)
 
@@ -204,21 +224,30 @@ class HFESM2Backbone(Backbone):
         if not weights_path.is_file():
             raise ModelLoadError(f"{directory}: no {WEIGHTS_FILE} (only safetensors weights are loaded: they "
                                  "cannot run code; convert pytorch_model.bin with save_pretrained)")
-        digest = sha256_of(weights_path)
+        file_digest = sha256_of(weights_path)
         hub_id = model if model is not None and _HUB_ID.match(model) else _hub_id_of(directory)
         expected = KNOWN_SHA256.get(hub_id or "")
-        if expected is not None and digest != expected:
+        if expected is not None and file_digest != expected:
             raise ModelLoadError(
-                f"{weights_path}: sha256 is {digest}, but the official {hub_id} has {expected}. The file is damaged "
-                "or incomplete; delete the snapshot from the Hugging Face cache and fetch it again."
+                f"{weights_path}: sha256 is {file_digest}, but the official {hub_id} has {expected}. The file is "
+                "damaged or incomplete; delete the snapshot from the Hugging Face cache and fetch it again."
             )
+        digest = cls.digest(directory)
         from transformers import EsmModel
 
         try:
-            net = EsmModel.from_pretrained(str(directory), add_pooling_layer=False, dtype=torch.float32,
-                                           attn_implementation="sdpa", local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as err:
+            net, info = EsmModel.from_pretrained(str(directory), add_pooling_layer=False, dtype=torch.float32,
+                                                 attn_implementation="sdpa", local_files_only=True,
+                                                 output_loading_info=True)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise ModelLoadError(f"{directory}: weights do not load into transformers' EsmModel: {err}") from None
+        # transformers fills tensors missing from the file with random values and only warns.
+        incomplete = [key for kind in ("missing_keys", "mismatched_keys") for key in info.get(kind, [])
+                                    if str(key).split(".")[0] not in _OPTIONAL_MODULES]
+        if incomplete:
+            raise ModelLoadError(f"{weights_path}: incomplete for its config.json: {len(incomplete)} tensors are "
+                                 f"missing or of another shape (first: {', '.join(map(str, incomplete[:4]))}); "
+                                 "they would be filled with random values")
         name = hub_id or directory.name
         log.info("loaded %s (Hugging Face ESM-2) from %s", name, directory)
         return cls(net, vocab, name, str(absolute(directory)), digest)
