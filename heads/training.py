@@ -369,12 +369,13 @@ def plot_curves(path: Path, steps: list[dict], epochs: list[dict]) -> None:
         loss_ax.plot(epoch_end, [r["val_loss"] for r in epochs], "s--", label="validation")
         for m in VALIDATION_METRICS:
             metric_ax.plot([r["epoch"] for r in epochs], [r[f"val_{m}"] for r in epochs], "o-", label=m)
-        metric_ax.legend(fontsize=8)
+        metric_ax.legend(fontsize=8, loc="best")
     loss_ax.set(xlabel="optimiser step", ylabel="cross-entropy", title="loss")
     loss_ax.legend(fontsize=8)
     metric_ax.set(xlabel="epoch", ylabel="validation", title="validation metrics")
     lr_ax.plot(step, [r["lr"] for r in steps])
     lr_ax.set(xlabel="optimiser step", ylabel="learning rate", title="schedule")
+    lr_ax.set_ylim(bottom=0)  # a constant rate should read as constant, not as noise around it
     fig.tight_layout()
     with atomic_path(path, keep_suffix=True) as tmp:
         fig.savefig(tmp, dpi=110)
