@@ -1,27 +1,37 @@
-"""``embedcache`` command line: a thin click layer over :mod:`embedcache.extract` and the store."""
+"""``embedcache`` command line: a thin click layer over :mod:`embedcache.extract` and the store.
+
+It also holds what both command lines (``embedcache`` and ``heads``) share: signal handling that
+is in place before anything heavy is imported, and choices loaded only when an option is used.
+Nothing here imports torch, numpy or h5py at module level: torch alone takes seconds, and an
+interruption during those seconds must end as quietly as one during the work.
+"""
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import logging
 import shlex
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
+from typing import Any
 
 import click
 
 from . import __version__
-from .extract import DTYPES, ExtractConfig, extract
-from .backbones import PRECISIONS, known_models
-from .batching import LONG_POLICIES
-from .models import ESM2_MODELS, ModelLoadError, build_tiny_esm2, fetch, verify_checksum
-from .sequences import InputError
-from .atomic import format_bytes
-from .store import CacheError, EmbeddingCache, verify_cache
 
-USER_ERRORS = (InputError, ModelLoadError, CacheError, ValueError, OSError)
+RESUME = "interrupted; run the same command again to resume"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .layout import CacheError
+    from .models import ModelLoadError
+    from .sequences import InputError
+
+    return (InputError, ModelLoadError, CacheError, ValueError, OSError)
 
 
 def _layers(ctx, param, value: str | None) -> tuple[int, ...]:
@@ -33,36 +43,102 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of layer numbers") from None
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the program is so that every clean-up runs as for Ctrl-C."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised where the program is so that every clean-up on the way up runs.
+
+    Not a KeyboardInterrupt, which click turns into "Aborted!" while it parses options.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.resumable = False  # set on the way up through work that the same command carries on
 
 
-def _on_signal(signum, frame) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     # A second signal must not cut the clean-up of the first short.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt
+    raise Interrupted(signum)
 
 
-def _interruptible(command):
-    """Ctrl-C and SIGTERM end a command with one line and exit 130 or 143, after every clean-up ran."""
+@contextlib.contextmanager
+def resumable() -> Iterator[None]:
+    """Work that the same command, started again, carries on: an interruption inside says so."""
+    try:
+        yield
+    except Interrupted as err:
+        err.resumable = True
+        raise
 
-    @functools.wraps(command)
-    def run(*args, **kwargs):
+
+class InterruptibleGroup(click.Group):
+    """Commands that end on Ctrl-C or SIGTERM with one line and exit 130 or 143, after every clean-up ran.
+
+    The handlers are set before the subcommand's options are parsed or its modules imported, so
+    there is no moment after start-up at which a signal prints a traceback or ends the process
+    without releasing locks, temporary files and open HDF5 files.
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         previous = {}
         if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
-            previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            # SIGINT first: a process seen to catch SIGTERM then catches both.
+            previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return command(*args, **kwargs)
-        except (KeyboardInterrupt, Terminated) as err:
-            # Locks, temporary files and open HDF5 files were released on the way up.
-            click.echo("interrupted; run the same command again to resume", err=True)
-            sys.exit(143 if isinstance(err, Terminated) else 130)
+            return super().main(*args, **kwargs)
+        except Interrupted as err:
+            click.echo(RESUME if err.resumable else "interrupted", err=True)
+            sys.exit(128 + err.signum)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    return run
+
+class LazyChoice(click.Choice):
+    """A choice among names defined in a module that is slow to import: loaded on first use.
+
+    Parsing a command's options or showing its help loads them; starting the program does not.
+    """
+
+    def __init__(self, load: Callable[[], Iterable[str]], case_sensitive: bool = True) -> None:
+        self._load = load
+        self._loaded: tuple[str, ...] | None = None
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._loaded is None:
+            self._loaded = tuple(self._load())
+        return self._loaded
+
+    @choices.setter
+    def choices(self, value: Iterable[str]) -> None:
+        self._loaded = tuple(value)
+
+
+def _long_policies() -> tuple[str, ...]:
+    from .batching import LONG_POLICIES
+
+    return tuple(LONG_POLICIES)
+
+
+def _precisions() -> tuple[str, ...]:
+    from .backbones import PRECISIONS
+
+    return ("auto", *PRECISIONS)
+
+
+def _dtypes() -> tuple[str, ...]:
+    from .extract import DTYPES
+
+    return tuple(DTYPES)
+
+
+def _esm2_models() -> tuple[str, ...]:
+    from .models import ESM2_MODELS
+
+    return tuple(ESM2_MODELS)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -70,7 +146,7 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=InterruptibleGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="embedcache")
 def main() -> None:
     """Protein language model embeddings in a resumable, content-addressed HDF5 cache."""
@@ -86,24 +162,30 @@ def main() -> None:
 @click.option("--weights", type=click.Path(), help="Local weights, recognised by their contents whatever their name: "
                                                   "a fair-esm checkpoint, UniRep .npz arrays, or a Hugging Face ESM-2 "
                                                   "directory (config.json and model.safetensors).")
-@click.option("--layers", callback=_layers, help="Comma-separated layers to store; 0 = embedding, -1 = last (default).")
-@click.option("--long", "long_policy", type=click.Choice(LONG_POLICIES), default="truncate", show_default=True,
-              help="Sequences longer than --max-length: keep the first residues, embed overlapping windows, or leave out.")
-@click.option("--max-length", type=click.IntRange(min=1), help="Residues per model window [model's own: 1022 for ESM-2].")
-@click.option("--chunk-overlap", type=click.IntRange(min=0), default=256, show_default=True, help="Residues shared by neighbouring windows with --long chunk.")
-@click.option("--toks-per-batch", type=click.IntRange(min=1), help="Padded tokens per forward pass, BOS/EOS included [4096 on GPU, 1024 on CPU].")
+@click.option("--layers", callback=_layers,
+              help="Comma-separated layers to store; 0 = embedding, -1 = last (default).")
+@click.option("--long", "long_policy", type=LazyChoice(_long_policies), default="truncate", show_default=True,
+              help="Sequences longer than --max-length: keep the first residues, embed overlapping windows, "
+                   "or leave out.")
+@click.option("--max-length", type=click.IntRange(min=1),
+              help="Residues per model window [model's own: 1022 for ESM-2].")
+@click.option("--chunk-overlap", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Residues shared by neighbouring windows with --long chunk.")
+@click.option("--toks-per-batch", type=click.IntRange(min=1),
+              help="Padded tokens per forward pass, BOS/EOS included [4096 on GPU, 1024 on CPU].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
+@click.option("--precision", type=LazyChoice(_precisions), default="auto", show_default=True,
               help="Compute precision; auto is bf16 (or fp16) on GPU and fp32 on CPU. bf16 on CPU is ~1.5x faster.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Storage precision.")
+@click.option("--dtype", type=LazyChoice(_dtypes), default="float16", show_default=True, help="Storage precision.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [cores available to this process].")
-@click.option("--format", "fmt", type=click.Choice(["fasta", "csv", "tsv"]), help="Input format [from the file's suffix or contents].")
+@click.option("--format", "fmt", type=click.Choice(["fasta", "csv", "tsv"]),
+              help="Input format [from the file's suffix or contents].")
 @click.option("--id-col", help="CSV/TSV column holding IDs [id, entry, accession, ...].")
 @click.option("--seq-col", help="CSV/TSV column holding sequences [sequence, seq].")
-@click.option("--trust-weights", is_flag=True, help="Allow arbitrary pickled objects in the checkpoint (only for files you trust).")
+@click.option("--trust-weights", is_flag=True,
+              help="Allow arbitrary pickled objects in the checkpoint (only for files you trust).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="Debug messages too.")
-@_interruptible
 def extract_cmd(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
                 device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, quiet, verbose) -> None:
     """Embed every sequence in INPUT (FASTA, CSV or TSV) into the cache OUTPUT (.h5).
@@ -114,18 +196,21 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
     _setup_logging(verbose)
     if model is None and weights is None:
         raise click.UsageError("give --model NAME or --weights PATH")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .extract import ExtractConfig, extract
+
     config = ExtractConfig(
         model=model, weights=weights, layers=layers, long=long_policy, max_length=max_length,
         chunk_overlap=chunk_overlap, toks_per_batch=toks_per_batch, device=device, precision=precision,
         dtype=dtype, threads=threads, trust_weights=trust_weights,
     )
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
+    user_errors = _user_errors()
     try:
-        with logging_redirect_tqdm():
+        with resumable(), logging_redirect_tqdm():
             summary = extract(input_path, output, config, fmt=fmt, id_col=id_col, seq_col=seq_col,
                               progress=not quiet, command=shlex.join(["embedcache", *sys.argv[1:]]))
-    except USER_ERRORS as err:
+    except user_errors as err:
         raise click.ClickException(str(err)) from None
     click.echo(
         f"{summary.output}: {summary.records} IDs, {summary.unique_sequences} unique sequences; "
@@ -140,6 +225,9 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def info_cmd(path, as_json) -> None:
     """Describe a cache file: contents, settings and provenance."""
+    from .atomic import format_bytes
+    from .store import CacheError, EmbeddingCache
+
     try:
         with EmbeddingCache(path) as cache:
             info = cache.info()
@@ -151,10 +239,15 @@ def info_cmd(path, as_json) -> None:
     prov = info.pop("provenance")
     click.echo(f"{info['path']}  ({format_bytes(info['file_size_bytes'])})")
     click.echo(f"  model        {prov.get('model')} ({prov.get('architecture')}), weights {prov.get('weights')}")
-    click.echo(f"  layers       {info['layers']}, dim {info['embed_dim']}, stored as {info['stored_dtype']}, computed in {prov.get('precision')}")
-    click.echo(f"  IDs          {info['ids']} ({info['ids_embedded']} embedded, {info['ids_skipped']} skipped as too long)")
+    click.echo(f"  layers       {info['layers']}, dim {info['embed_dim']}, stored as {info['stored_dtype']}, "
+               f"computed in {prov.get('precision')}")
+    click.echo(f"  IDs          {info['ids']} ({info['ids_embedded']} embedded, "
+               f"{info['ids_skipped']} skipped as too long)")
     click.echo(f"  sequences    {info['unique_sequences']} unique, {info['residues_stored']} residues stored")
-    limit = "with no length limit" if prov.get("max_length") in (None, "none") else f"at {prov.get('max_length')} residues"
+    if prov.get("max_length") in (None, "none"):
+        limit = "with no length limit"
+    else:
+        limit = f"at {prov.get('max_length')} residues"
     click.echo(f"  long         policy {prov.get('long_policy')} {limit}: "
                f"{info['truncated']} truncated, {info['chunked']} chunked")
     click.echo(f"  versions     embedcache {prov.get('embedcache_version')}, fair-esm {prov.get('fair_esm_version')}, "
@@ -167,13 +260,16 @@ def info_cmd(path, as_json) -> None:
     if info["writer_pid"] is not None:
         click.echo(f"  note         being extended now by process {info['writer_pid']} ({info['parts']} parts so far)")
     elif info["pending_parts"]:
-        click.echo(f"  note         an interrupted run left {info['parts']} parts beside this file; re-run it to fold them in")
+        click.echo(f"  note         an interrupted run left {info['parts']} parts beside this file; "
+                   "re-run it to fold them in")
 
 
 @main.command("verify")
 @click.argument("path", type=click.Path(dir_okay=False))
 def verify_cmd(path) -> None:
     """Check every checksum and index of a cache file; exit 1 listing the problems, else print ok."""
+    from .store import verify_cache
+
     report = verify_cache(path)
     for note in report.notes:
         click.echo(f"note: {note}")
@@ -195,6 +291,8 @@ def tiny_model_cmd(path, num_layers, embed_dim, attention_heads, seed) -> None:
 
     Its embeddings carry no biological meaning; it exercises the real loading and extraction path.
     """
+    from .models import build_tiny_esm2
+
     try:
         out = build_tiny_esm2(path, num_layers, embed_dim, attention_heads, seed)
     except ValueError as err:
@@ -205,6 +303,8 @@ def tiny_model_cmd(path, num_layers, embed_dim, attention_heads, seed) -> None:
 @main.command("models")
 def models_cmd() -> None:
     """List the model families, the models each knows by name, and where their weights are looked for."""
+    from .backbones import known_models
+
     family = None
     for row in known_models():
         if row["family"] != family:
@@ -215,16 +315,22 @@ def models_cmd() -> None:
 
 
 @main.command("fetch")
-@click.argument("model", type=click.Choice(list(ESM2_MODELS)))
+@click.argument("model", type=LazyChoice(_esm2_models))
 def fetch_cmd(model) -> None:
     """Download MODEL's weights into the torch hub cache (if absent) and verify known checksums.
 
     Run it where there is network (a login node); extraction then works offline with --model.
     """
     _setup_logging(0)
+    from .models import ModelLoadError, fetch, verify_checksum
+
     try:
         path = fetch(model)
         verify_checksum(path)
     except ModelLoadError as err:
         raise click.ClickException(str(err)) from None
     click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -37,14 +37,16 @@ class ExtractConfig:
     """Everything that decides how a cache is made; saved in the cache's attributes."""
 
     model: str | None = None  # a name `embedcache models` lists (ESM-2, UniRep, a Hugging Face hub id)
-    weights: str | None = None  # a local file or Hugging Face directory, recognised by contents (with `model`: must match)
+    # A local file or Hugging Face directory, recognised by its contents (with `model`: must match).
+    weights: str | None = None
     layers: tuple[int, ...] = (-1,)  # 0 is the token embedding, -1 the last layer (with its final layer norm)
     long: str = "truncate"  # sequences over max_length: truncate (keep the N-terminus) | chunk | skip
     max_length: int | None = None  # residues per model window; None: the model's own (1022 for ESM-2)
     chunk_overlap: int = 256  # residues shared by neighbouring windows under --long chunk
     toks_per_batch: int | None = None  # padded tokens per forward pass, BOS/EOS counted; None: the model's default
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    precision: str = "auto"  # compute: fp32 | bf16 | fp16 (GPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU
+    # Compute: fp32 | bf16 | fp16 (GPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU.
+    precision: str = "auto"
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
     threads: int | None = None  # torch CPU threads; None: the cores this process may use
     trust_weights: bool = False  # allow pickled objects beyond argparse.Namespace in the checkpoint
@@ -152,7 +154,7 @@ def extract(
         max_length = config.max_length or backbone.max_residues
         if config.long == "chunk" and max_length is not None and config.chunk_overlap >= max_length:
             raise ValueError(f"chunk overlap ({config.chunk_overlap}) must be smaller than the window ({max_length})")
-        if backbone.max_residues and max_length > backbone.max_residues:
+        if backbone.max_residues and max_length is not None and max_length > backbone.max_residues:
             log.warning("max_length %d exceeds the %d residues %s was trained on", max_length,
                         backbone.max_residues, backbone.architecture)
         budget = config.toks_per_batch or backbone.budget.get(device.type, 1024)
@@ -257,9 +259,10 @@ class _Runner:
             try:
                 reps = self._forward(self.backbone, chunk)
             except torch.OutOfMemoryError as err:
-                reps = self._after_oom(chunk, err)
-                if reps is None:
+                retried = self._after_oom(chunk, err)
+                if retried is None:
                     continue
+                reps = retried
             outputs.extend(reps)
             done += len(chunk)
         return outputs
@@ -284,13 +287,16 @@ class _Runner:
         if self.backbone.device.type == "cpu":
             raise err
         if self._cpu is None:
-            log.warning("out of memory on a single sequence of %d residues; using the CPU for such sequences", len(chunk[0]))
+            log.warning("out of memory on a single sequence of %d residues; using the CPU for such sequences",
+                        len(chunk[0]))
             self._cpu = copy.deepcopy(self.backbone).to("cpu")
             self._cpu.set_precision("fp32")
         return self._forward(self._cpu, chunk)
 
 
-def _provenance(backbone: Backbone, config: ExtractConfig, layers: list[int], max_length: int, command: str | None) -> dict:
+def _provenance(
+    backbone: Backbone, config: ExtractConfig, layers: list[int], max_length: int | None, command: str | None
+) -> dict:
     return {
         **backbone.describe(),
         "layers": np.array(layers, dtype=np.int64),
@@ -305,7 +311,7 @@ def _provenance(backbone: Backbone, config: ExtractConfig, layers: list[int], ma
         "torch_version": str(torch.__version__),
         "h5py_version": _version("h5py"),
         "git_sha": _git_sha(),
-        "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "updated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command or shlex.join(sys.argv),
     }
 

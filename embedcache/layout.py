@@ -233,7 +233,9 @@ def verify_table(dataset: h5py.Dataset, values, path: Path | str, required: bool
     stored = dataset.attrs.get("checksum")
     if stored is None:
         if required:
-            raise CacheDamagedError(f"{path}: dataset {dataset.name} has lost its checksum attribute; the file is damaged")
+            raise CacheDamagedError(
+                f"{path}: dataset {dataset.name} has lost its checksum attribute; the file is damaged"
+            )
         return
     if isinstance(stored, bytes):
         stored = stored.decode(errors="replace")

@@ -10,18 +10,17 @@ and, for residue rows, the protein; never a wrong array.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .atomic import real_path
 from .batching import Status
 from .layout import (
-    FORMAT_VERSION,
     CacheDamagedError,
     CacheError,
     attrs_digest,
@@ -145,7 +144,9 @@ class EmbeddingCache:
         if self.has_checksums:
             stored = jsonable(f.attrs.get("attrs_checksum"))
             if stored != attrs_digest(f.attrs):
-                raise CacheDamagedError(f"{self.path}: the file's attributes do not match their checksum; the file is damaged")
+                raise CacheDamagedError(
+                    f"{self.path}: the file's attributes do not match their checksum; the file is damaged"
+                )
         self.attrs = {name: jsonable(value) for name, value in f.attrs.items()}
         self.layers = [int(x) for x in np.atleast_1d(f.attrs["layers"])]
         self._offsets = self._table("sequences/offset").astype(np.int64)
@@ -268,10 +269,10 @@ class EmbeddingCache:
         The cache is content-addressed: a labelled file whose IDs differ from the ones the
         cache was built with still finds its sequences through their keys.
         """
-        if (ids is None) == (keys is None):
-            raise TypeError("give ids or keys")
-        if ids is not None:
+        if ids is not None and keys is None:
             return np.array([self._row_of(i) for i in ids], dtype=np.int64)
+        if ids is not None or keys is None:
+            raise TypeError("give ids or keys")
         missing = [k for k in keys if k not in self._key_row]
         if missing:
             raise KeyError(f"{len(missing)} of {len(keys)} sequences have no embedding in {self.path}")
@@ -284,7 +285,7 @@ class EmbeddingCache:
         rows = np.asarray(rows, dtype=np.int64)
         return (self._offsets[rows + 1] - self._offsets[rows]).astype(np.int64)
 
-    def pooled_rows(self, rows: np.ndarray, layer: int | None = None) -> np.ndarray:
+    def pooled_rows(self, rows: np.ndarray | Sequence[int], layer: int | None = None) -> np.ndarray:
         layer = self._layer(layer)
         if layer not in self._pooled:
             with self._reading(f"L{layer}/pooled"):
@@ -306,7 +307,7 @@ class EmbeddingCache:
                 )
         return rows
 
-    def per_residue_rows(self, rows: Sequence[int], layer: int | None = None) -> list[np.ndarray]:
+    def per_residue_rows(self, rows: np.ndarray | Sequence[int], layer: int | None = None) -> list[np.ndarray]:
         """Per-residue arrays of several rows, one slab read when they lie close together."""
         rows = [int(r) for r in rows]
         if not rows:
@@ -384,7 +385,9 @@ class EmbeddingCache:
                 )
         return seqs
 
-    def iter_residue_blocks(self, layer: int, block_rows: int = 1 << 16) -> Iterator[tuple[int, int, np.ndarray, list[int]]]:
+    def iter_residue_blocks(
+        self, layer: int, block_rows: int = 1 << 16
+    ) -> Iterator[tuple[int, int, np.ndarray, list[int]]]:
         """(first row, past-last row, their residues, their checksums) in blocks of whole sequences.
 
         Stored checksums are checked when the file has them; a file without them gets them computed.
@@ -432,7 +435,7 @@ class EmbeddingCache:
             "pending_parts": parts_dir(self.path).exists(),
             "parts": count_parts(self.path),
             "writer_pid": lock_holder(self.path),
-            "provenance": {k: v for k, v in sorted(self.attrs.items())},
+            "provenance": dict(sorted(self.attrs.items())),
         }
 
     def close(self) -> None:
@@ -473,10 +476,10 @@ def verify_cache(path: Path | str, max_problems: int = 20) -> VerifyReport:
     with cache:
         if not cache.has_checksums:
             report.notes.append(NO_CHECKSUMS)
-        checks = [cache.all_sequences]
+        checks: list[Callable[[], object]] = [cache.all_sequences]
         for layer in cache.layers:
-            checks.append(lambda layer=layer: cache.pooled_rows([], layer))
-            checks.append(lambda layer=layer: _verify_rows(cache, layer, report, max_problems))
+            checks.append(functools.partial(cache.pooled_rows, [], layer))
+            checks.append(functools.partial(_verify_rows, cache, layer, report, max_problems))
         for check in checks:
             try:
                 check()

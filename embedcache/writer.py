@@ -52,7 +52,6 @@ from .layout import (
     lock_path,
     parts_dir,
     provenance_attrs,
-    set_checksum,
     settings_of,
     verify_table,
     write_table,
@@ -496,7 +495,7 @@ def write_arrays(
         "num_layers": layer, "embed_dim": int(first.shape[1]), "max_residues": "none",
         "layers": np.array([layer], dtype=np.int64), "dtype": dtype, "precision": "external",
         "long_policy": "none", "max_length": "none", "chunk_overlap": 0,
-        "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "updated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": f"embedcache.store.write_arrays({model!r})",
     }
     seen: set[str] = set()

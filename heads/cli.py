@@ -1,4 +1,8 @@
-"""``heads`` command line: a thin click layer over :mod:`heads.run`."""
+"""``heads`` command line: a thin click layer over :mod:`heads.run`.
+
+Like ``embedcache``'s, it imports torch and the heads only inside the commands, after the
+signal handlers are in place (:class:`embedcache.cli.InterruptibleGroup`).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,39 @@ import logging
 import click
 
 from embedcache import __version__
-from embedcache.atomic import DiskFullError, atomic_path
-from embedcache.sequences import InputError
-from embedcache.store import CacheError
+from embedcache.cli import InterruptibleGroup, LazyChoice, resumable
 
-from .folds import SCHEMES
-from .registry import HEADS, param_table
-from .run import FOLD_SOURCES, RunConfig, predict, run_comparison
 
-USER_ERRORS = (InputError, CacheError, ValueError, KeyError, FileNotFoundError, RuntimeError, DiskFullError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from embedcache.atomic import DiskFullError
+    from embedcache.layout import CacheError
+    from embedcache.sequences import InputError
+
+    return (InputError, CacheError, ValueError, KeyError, FileNotFoundError, RuntimeError, DiskFullError)
+
+
+def _head_names() -> tuple[str, ...]:
+    from .registry import HEADS
+
+    return tuple(HEADS)
+
+
+def _schemes() -> tuple[str, ...]:
+    from .folds import SCHEMES
+
+    return tuple(SCHEMES)
+
+
+def _fold_sources() -> tuple[str, ...]:
+    from .run import FOLD_SOURCES
+
+    return tuple(FOLD_SOURCES)
 
 
 def _params(values: tuple[str, ...]) -> dict:
     """``--set attention.max_epochs=30`` -> {"attention": {"max_epochs": 30}} (values read as JSON)."""
+    from .registry import HEADS
+
     out: dict = {}
     for item in values:
         key, sep, raw = item.partition("=")
@@ -62,10 +86,10 @@ def common(func):
                      help="Run directory: new, empty, or holding this same run (which then resumes)."),
         click.option("--overwrite", is_flag=True,
                      help="Delete the run --out holds (other settings, data or embeddings) and write this one."),
-        click.option("--scheme", type=click.Choice(SCHEMES), default="simple", show_default=True,
+        click.option("--scheme", type=LazyChoice(_schemes), default="simple", show_default=True,
                      help="simple: K models; nested: K(K-1) models (DeepLocPro's), test probabilities averaged. "
                           "Nested costs K(K-1) trainings per head: 20 fine-tunings of the backbone for K=5."),
-        click.option("--folds", type=click.Choice(FOLD_SOURCES), default="auto", show_default=True,
+        click.option("--folds", type=LazyChoice(_fold_sources), default="auto", show_default=True,
                      help="The file's folds, stratified random ones, or GraphPart homology partitions."),
         click.option("--k", type=click.IntRange(min=3), default=5, show_default=True, help="Folds to build."),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -103,29 +127,33 @@ def _logging(verbose: bool) -> None:
 
 def _run(heads: tuple[str, ...], kw: dict) -> None:
     _logging(kw.pop("verbose"))
+    from .run import RunConfig, run_comparison
+
     out = kw.pop("out")
     overwrite = kw.pop("overwrite")
     data = kw.pop("data")
     config = RunConfig(data=data[0] if len(data) == 1 else tuple(data), heads=heads,
                        head_params=_params(kw.pop("settings")), class_names=_class_names(kw.pop("class_names")),
                        lrs=tuple(kw.pop("lrs")), **kw)
+    user_errors = _user_errors()
     try:
-        summary = run_comparison(config, out, overwrite=overwrite)
-    except USER_ERRORS as err:
+        with resumable():
+            summary = run_comparison(config, out, overwrite=overwrite)
+    except user_errors as err:
         raise click.ClickException(str(err)) from None
     table = summary["table"]
     click.echo(table[[c for c in table.columns if not c.endswith("_ci95")]].to_string(index=False, float_format="%.3f"))
     click.echo(f"\nrun written to {out}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=InterruptibleGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="heads")
 def main() -> None:
     """Train light heads on an embedding cache and compare them under the same folds."""
 
 
 @main.command("cv")
-@click.option("--head", type=click.Choice(list(HEADS)), required=True)
+@click.option("--head", type=LazyChoice(_head_names), required=True)
 @common
 def cv_cmd(head, **kw) -> None:
     """Cross-validate one head."""
@@ -177,12 +205,18 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
         raise click.UsageError("give the proteins with --cache C.h5 or with --sequences FILE (one of them)")
     if sequences is None and (id_col or seq_col):
         raise click.UsageError("--id-col and --seq-col apply to --sequences")
+    from embedcache.atomic import atomic_path
+
+    from .run import predict
+
+    user_errors = _user_errors()
     try:
-        frame = predict(run_dir, cache, head, sequences=sequences, id_col=id_col, seq_col=seq_col,
-                        embeddings_dir=embeddings_dir, device=device, threads=threads)
-        with atomic_path(out) as tmp:
-            frame.to_csv(tmp, sep="\t", index=False, float_format="%.5f")
-    except USER_ERRORS as err:
+        with resumable():
+            frame = predict(run_dir, cache, head, sequences=sequences, id_col=id_col, seq_col=seq_col,
+                            embeddings_dir=embeddings_dir, device=device, threads=threads)
+            with atomic_path(out) as tmp:
+                frame.to_csv(tmp, sep="\t", index=False, float_format="%.5f")
+    except user_errors as err:
         raise click.ClickException(str(err)) from None
     seen = int(frame["in_training_data"].sum())
     click.echo(f"{out}: {len(frame)} proteins ({seen} with a sequence from the run's training data), "
@@ -200,18 +234,21 @@ def export_backbone_cmd(model_file, out, weights) -> None:
     """Write a fine-tuned backbone (LoRA merged) for `embedcache extract --weights OUT`."""
     from .finetune import FinetuneHead
 
+    user_errors = _user_errors()
     try:
         path = FinetuneHead.load(model_file, weights=weights).save_backbone(out)
-    except USER_ERRORS as err:
+    except user_errors as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{path}: fine-tuned backbone; build a cache with `embedcache extract --weights {path} ...`")
 
 
 @main.command("params")
-@click.argument("head", required=False, type=click.Choice(list(HEADS)))
+@click.argument("head", required=False, type=LazyChoice(_head_names))
 def params_cmd(head) -> None:
     """List every parameter of every head (or of HEAD), its default and meaning; \
 set them with --set HEAD.PARAM=VALUE."""
+    from .registry import HEADS, param_table
+
     rows = param_table(head)
     width = max(len(r["param"]) for r in rows)
     current = None
@@ -222,3 +259,7 @@ set them with --set HEAD.PARAM=VALUE."""
         value = row["default"]
         default = json.dumps(list(value) if isinstance(value, tuple) else value)
         click.echo(f"  {row['param']:<{width}}  {default:<10}  {row['meaning']}")
+
+
+if __name__ == "__main__":
+    main()

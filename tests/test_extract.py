@@ -206,9 +206,9 @@ def test_other_settings_or_conflicting_ids_are_refused(tmp_path, fasta, tiny_wei
 
 def test_second_writer_is_refused(tmp_path, fasta, tiny_weights):
     out = tmp_path / "c.h5"
-    with WriterLock(out):
-        with pytest.raises(CacheLockedError, match=f"another embedcache process \\(pid {os.getpid()}\\) is writing"):
-            extract(fasta, out, config(tiny_weights), progress=False)
+    locked = f"another embedcache process \\(pid {os.getpid()}\\) is writing"
+    with WriterLock(out), pytest.raises(CacheLockedError, match=locked):
+        extract(fasta, out, config(tiny_weights), progress=False)
     assert not out.exists()
     extract(fasta, out, config(tiny_weights), progress=False)  # the lock is gone once released
 
@@ -253,8 +253,8 @@ class _FakeGPU(Backbone):
 
 
 def test_out_of_memory_halves_the_budget_then_falls_back_to_cpu(tmp_path, fasta, tiny_backbone):
-    from embedcache.extract import _Runner
     from embedcache.batching import classify, plan_work
+    from embedcache.extract import _Runner
 
     entries = [classify(sequence_key(s), s, 1022, "truncate") for s in SEQUENCES.values()]
     items = plan_work(entries, 4096, 2, 1022, 0)
@@ -281,7 +281,8 @@ def test_out_of_memory_halves_the_budget_then_falls_back_to_cpu(tmp_path, fasta,
 
 
 def _run_cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "embedcache", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen([sys.executable, "-m", "embedcache", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, **kw)
 
 
 def _killable_input(tmp_path: Path) -> Path:
@@ -432,11 +433,12 @@ def test_input_whose_every_sequence_is_skipped(tmp_path, tiny_weights):
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(long="cut"), "long-sequence policy"),
-    (dict(dtype="int8"), "dtype must be one of"),
-    (dict(precision="fp8"), "precision must be auto or one of"),
-    (dict(long="chunk", max_length=100, chunk_overlap=100), "chunk overlap \\(100\\) must be smaller than the window \\(100\\)"),
-    (dict(toks_per_batch=0), "toks_per_batch must be a positive number"),
+    ({"long": "cut"}, "long-sequence policy"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"precision": "fp8"}, "precision must be auto or one of"),
+    ({"long": "chunk", "max_length": 100, "chunk_overlap": 100},
+     "chunk overlap \\(100\\) must be smaller than the window \\(100\\)"),
+    ({"toks_per_batch": 0}, "toks_per_batch must be a positive number"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, fasta, tiny_weights, bad, message):
     with pytest.raises(ValueError, match=message):

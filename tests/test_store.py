@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -16,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_extract import assert_same_cache, cache_contents
 
 from embedcache import atomic
 from embedcache.cli import main
@@ -35,7 +35,6 @@ from embedcache.store import (
 )
 
 from conftest import SEQUENCES, write_fasta
-from test_extract import assert_same_cache, cache_contents
 
 
 def config(weights, **kw) -> ExtractConfig:
@@ -56,14 +55,15 @@ def snapshot(path: Path) -> dict:
     with EmbeddingCache(path) as c:
         info = c.info()
         info.pop("path"), info.pop("file_size_bytes")
-        return dict(
-            ids=list(c.ids), skipped=list(c.skipped_ids), info=info,
-            headers=[c.header(i) for i in c.ids + c.skipped_ids], seqs=[c.sequence(i) for i in c.ids],
-            keys=[c.key(i) for i in c.ids], status=[int(c.status(i)) for i in c.ids],
-            lengths=[c.length(i) for i in c.ids], residues=[c.per_residue(i).tobytes() for i in c.ids],
-            many=[a.tobytes() for a in c.per_residue_many(c.ids)], pooled=c.pooled().tobytes(),
-            by_key=c.rows(keys=[c.key(i) for i in c.ids]).tolist(), has=c.has_keys([c.key(i) for i in c.ids]).tolist(),
-        )
+        keys = [c.key(i) for i in c.ids]
+        return {
+            "ids": list(c.ids), "skipped": list(c.skipped_ids), "info": info,
+            "headers": [c.header(i) for i in c.ids + c.skipped_ids], "seqs": [c.sequence(i) for i in c.ids],
+            "keys": keys, "status": [int(c.status(i)) for i in c.ids],
+            "lengths": [c.length(i) for i in c.ids], "residues": [c.per_residue(i).tobytes() for i in c.ids],
+            "many": [a.tobytes() for a in c.per_residue_many(c.ids)], "pooled": c.pooled().tobytes(),
+            "by_key": c.rows(keys=keys).tolist(), "has": c.has_keys(keys).tolist(),
+        }
 
 
 def make_version_1(path: Path) -> None:
@@ -300,9 +300,8 @@ def test_second_writer_through_a_symlink_is_refused(tmp_path, fasta, tiny_weight
     real.parent.mkdir()
     link = tmp_path / "link.h5"
     link.symlink_to(real)
-    with WriterLock(real):
-        with pytest.raises(CacheLockedError, match="another embedcache process"):
-            extract(fasta, link, config(tiny_weights), progress=False)
+    with WriterLock(real), pytest.raises(CacheLockedError, match="another embedcache process"):
+        extract(fasta, link, config(tiny_weights), progress=False)
     assert not real.exists() and not (tmp_path / "link.h5.parts").exists()
 
 
@@ -447,7 +446,13 @@ def test_sigterm_and_sigint_at_random_moments_then_resume_gives_identical_conten
         # before it has opened anything. The moments that matter follow the first log line:
         # loading the model, the parts, the final write and the clean-up after it.
         first = proc.stdout.readline()
-        time.sleep(rng.uniform(0.0, 4.0))
+        if attempt == 0:  # a first stop that the speed of the machine cannot skip: while parts are written
+            deadline = time.time() + 120
+            while not (parts_dir(out).exists() and len(list(parts_dir(out).glob("part-*.h5"))) >= 2):
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+                time.sleep(0.01)
+        else:
+            time.sleep(rng.uniform(0.0, 4.0))
         if proc.poll() is not None:
             assert proc.returncode == 0
             break
