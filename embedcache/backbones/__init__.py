@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import PRECISIONS, Backbone, ModelLoadError, file_kind, pick_precision, sha256_of
+from .base import PRECISIONS, Backbone, ModelLoadError, file_kind, pick_precision
 from .esm2 import ESM2Backbone, hub_checkpoint_dir
 from .hf_esm2 import HFESM2Backbone, hub_cache_dir
 from .unirep import WEIGHTS_ENV, UniRepBackbone

@@ -22,7 +22,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -236,14 +236,16 @@ class HFESM2Backbone(Backbone):
         from transformers import EsmModel
 
         try:
-            net, info = EsmModel.from_pretrained(str(directory), add_pooling_layer=False, dtype=torch.float32,
-                                                 attn_implementation="sdpa", local_files_only=True,
-                                                 output_loading_info=True)
+            loaded = EsmModel.from_pretrained(str(directory), add_pooling_layer=False, dtype=torch.float32,
+                                              attn_implementation="sdpa", local_files_only=True,
+                                              output_loading_info=True)
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise ModelLoadError(f"{directory}: weights do not load into transformers' EsmModel: {err}") from None
+        # With output_loading_info, from_pretrained returns (model, {missing_keys: ..., ...}).
+        net, info = cast(tuple[Any, dict], loaded)
         # transformers fills tensors missing from the file with random values and only warns.
         incomplete = [key for kind in ("missing_keys", "mismatched_keys") for key in info.get(kind, [])
-                                    if str(key).split(".")[0] not in _OPTIONAL_MODULES]
+                      if str(key).split(".")[0] not in _OPTIONAL_MODULES]
         if incomplete:
             raise ModelLoadError(f"{weights_path}: incomplete for its config.json: {len(incomplete)} tensors are "
                                  f"missing or of another shape (first: {', '.join(map(str, incomplete[:4]))}); "
