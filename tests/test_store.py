@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_extract import assert_same_cache, cache_contents
 
 from embedcache import atomic
 from embedcache.cli import main
@@ -35,6 +34,7 @@ from embedcache.store import (
 )
 
 from conftest import SEQUENCES, write_fasta
+from test_extract import assert_same_cache, cache_contents
 
 
 def config(weights, **kw) -> ExtractConfig:
