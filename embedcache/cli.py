@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -56,10 +57,17 @@ class Interrupted(BaseException):
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    # A second signal must not cut the clean-up of the first short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A second signal must not raise into the clean-up of the first; but the first can be lost
+    # (Python swallows exceptions raised inside weakref callbacks and __del__), so the second
+    # ends the process at once: as safe as kill -9, which every writer survives.
+    signal.signal(signal.SIGTERM, _on_second_signal)
+    signal.signal(signal.SIGINT, _on_second_signal)
     raise Interrupted(signum)
+
+
+def _on_second_signal(signum: int, frame: FrameType | None) -> None:
+    os.write(2, b"interrupted again; stopping now (run the same command again to resume)\n")
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager

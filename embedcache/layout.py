@@ -61,6 +61,7 @@ CONTENT_SETTINGS = (
     "long_policy",
     "max_length",
     "chunk_overlap",
+    "embed_dim",
 )
 
 
@@ -101,6 +102,11 @@ def check_format(attrs, path: Path) -> int:
         )
     if version < OLDEST_READABLE:
         raise CacheDamagedError(f"{path}: format_version {version} is not a valid version; the file is damaged")
+    if version < 2 and "attrs_checksum" in attrs:
+        # Version 1 never wrote checksums: a file that has them lost its version, and reading it
+        # as version 1 would switch every check off.
+        raise CacheDamagedError(f"{path}: carries checksums but says format version {version}; the file's "
+                                "attributes are damaged")
     return version
 
 

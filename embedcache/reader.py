@@ -105,6 +105,9 @@ class EmbeddingCache:
                     "Run the same extract command again to complete it."
                 )
             raise CacheError(f"{self.path}: no such cache file")
+        if not self.path.is_file():
+            # h5py would block forever on a FIFO, and call a directory damaged.
+            raise CacheError(f"{self.path}: not a regular file (a directory, FIFO or device), so not a cache")
         try:
             self._file = h5py.File(self.path, "r")
         except H5_ERRORS as err:
@@ -245,8 +248,18 @@ class EmbeddingCache:
     def sequence(self, ident: str) -> str:
         return self._sequence_row(self._row_of(ident))
 
+    def _valid_rows(self, rows) -> np.ndarray:
+        """Row numbers as an int64 array; a negative or too large one is an IndexError, never numpy's
+        count-from-the-end (which would silently read another protein)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = len(self._offsets) - 1
+        bad = rows[(rows < 0) | (rows >= n)]
+        if len(bad):
+            raise IndexError(f"{self.path}: rows {bad[:5].tolist()} out of range; the cache has rows 0..{n - 1}")
+        return rows
+
     def sequences_rows(self, rows: Sequence[int]) -> list[str]:
-        return [self._sequence_row(int(r)) for r in rows]
+        return [self._sequence_row(int(r)) for r in self._valid_rows(rows)]
 
     def key(self, ident: str) -> str:
         return self._keys[self._row_of(ident)]
@@ -282,7 +295,7 @@ class EmbeddingCache:
         return np.array([k in self._key_row for k in keys], dtype=bool)
 
     def n_residues_rows(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = self._valid_rows(rows)
         return (self._offsets[rows + 1] - self._offsets[rows]).astype(np.int64)
 
     def pooled_rows(self, rows: np.ndarray | Sequence[int], layer: int | None = None) -> np.ndarray:
@@ -290,7 +303,7 @@ class EmbeddingCache:
         if layer not in self._pooled:
             with self._reading(f"L{layer}/pooled"):
                 self._pooled[layer] = self._table(f"L{layer}/pooled")
-        return self._pooled[layer][np.asarray(rows, dtype=np.int64)]
+        return self._pooled[layer][self._valid_rows(rows)]
 
     def _checked(self, layer: int, row: int, rows: np.ndarray) -> np.ndarray:
         if self.verify and self.has_checksums:
@@ -309,7 +322,7 @@ class EmbeddingCache:
 
     def per_residue_rows(self, rows: np.ndarray | Sequence[int], layer: int | None = None) -> list[np.ndarray]:
         """Per-residue arrays of several rows, one slab read when they lie close together."""
-        rows = [int(r) for r in rows]
+        rows = self._valid_rows(rows).tolist()
         if not rows:
             return []
         layer = self._layer(layer)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -174,7 +175,7 @@ class CacheWriter:
 
     def _remove_stale_temporaries(self) -> None:
         """What a killed run can leave besides parts: a parts directory being made, a cache.tmp."""
-        for stale in self.path.parent.glob(f"{self.parts.name}.tmp-*"):
+        for stale in self.path.parent.glob(f"{glob.escape(self.parts.name)}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
 
@@ -190,12 +191,16 @@ class CacheWriter:
     def _read_existing(self) -> None:
         if not self.path.exists():
             return
+        if not self.path.is_file():
+            raise CacheError(f"{self.path}: exists and is not a regular file (a directory, FIFO or device); "
+                             "refusing to touch it")
         try:
             with h5py.File(self.path, "r") as f:
-                if f.attrs.get("format") != FORMAT:
-                    raise CacheError(f"{self.path}: exists and is not an embedcache file; refusing to touch it")
+                is_cache = f.attrs.get("format") == FORMAT
         except H5_ERRORS as err:
             raise CacheError(f"{self.path}: cannot be read as HDF5 ({err})") from None
+        if not is_cache:
+            raise CacheError(f"{self.path}: exists and is not an embedcache file; refusing to touch it")
         # The reader checks the format version, checksums and the ID index.
         with EmbeddingCache(self.path) as cache:
             self._check_settings(settings_of(cache.attrs), str(self.path))

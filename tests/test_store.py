@@ -498,3 +498,66 @@ def test_real_full_disk_on_a_small_tmpfs_then_resume(tmp_path, tiny_weights, mon
         assert_same_cache(reference, out)
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_file_with_checksums_that_lost_its_version_is_damaged_not_version_1(tmp_path):
+    """Read as version 1, every check would be off and damaged rows would come back as numbers."""
+    path = synthetic_cache(tmp_path)
+    for edit in ("delete", "one"):
+        copy = tmp_path / f"{edit}.h5"
+        shutil.copy(path, copy)
+        with h5py.File(copy, "r+") as f:
+            if edit == "delete":
+                del f.attrs["format_version"]
+            else:
+                f.attrs["format_version"] = 1
+        with pytest.raises(CacheDamagedError, match="carries checksums but says format version 1"):
+            EmbeddingCache(copy)
+
+
+def test_rows_out_of_range_are_an_index_error_never_another_protein(tmp_path):
+    path = synthetic_cache(tmp_path)
+    with EmbeddingCache(path) as cache:
+        n = len(cache.rows(keys=[cache.key(i) for i in cache.ids]))
+        for rows in ([-1], [n], [0, n + 5]):
+            for read in (cache.pooled_rows, cache.per_residue_rows, cache.n_residues_rows, cache.sequences_rows):
+                with pytest.raises(IndexError, match="out of range"):
+                    read(rows)
+
+
+def test_a_fifo_or_directory_as_cache_or_weights_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "c.h5"
+    os.mkfifo(fifo)
+    folder = tmp_path / "d.h5"
+    folder.mkdir()
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKTAYIAK"})
+    code = ("import sys; from embedcache.cli import main; sys.argv = ['embedcache', *sys.argv[1:]]; main()")
+    for args, message in ((["info", fifo], "not a regular file"), (["verify", fifo], "not a regular file"),
+                          (["info", folder], "is a directory"),
+                          (["extract", fasta, fifo, "--weights", empty], "an empty file"),
+                          (["extract", fasta, tmp_path / "o.h5", "--weights", fifo], "not a regular file")):
+        done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+        said = done.stdout + done.stderr
+        assert done.returncode != 0 and message in said and "Traceback" not in said, (args, done)
+
+
+def test_external_arrays_of_another_width_under_the_same_name_are_refused(tmp_path):
+    path = synthetic_cache(tmp_path, dim=8)
+    records = read_sequences(write_fasta(tmp_path / "more.fasta", {"new": "MKVLAAGI"}))
+    with pytest.raises(CacheError, match="embed_dim"):
+        write_arrays(path, records, [np.ones((8, 16), dtype=np.float32)], "synthetic", layer=0)
+    assert not (tmp_path / "c.h5.parts").exists()
+
+
+def test_an_hdf5_file_of_something_else_is_named_as_such(tmp_path):
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.zeros(3)
+    fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKTAYIAK"})
+    records = read_sequences(fasta)
+    with pytest.raises(CacheError, match="exists and is not an embedcache file") as err:
+        write_arrays(plain, records, [np.ones((8, 4), dtype=np.float32)], "synthetic", layer=0)
+    assert "cannot be read as HDF5" not in str(err.value)

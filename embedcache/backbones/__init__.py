@@ -36,6 +36,8 @@ _WHERE = {
 }
 
 _KINDS = {
+    "special": "not a regular file (a FIFO or device)",
+    "empty": "an empty file",
     "text": "a text file",
     "directory": "a directory without a Hugging Face config.json",
     "hf-dir": "a Hugging Face directory of an unsupported model type",

@@ -47,8 +47,12 @@ def file_kind(path: Path) -> str:
     """
     if path.is_dir():
         return "hf-dir" if hf_model_type(path) is not None else "directory"
+    if not path.is_file():
+        return "special"  # a FIFO or device: reading it could block or never end
     with open(path, "rb") as handle:
         head = handle.read(4096)
+    if not head:
+        return "empty"
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
