@@ -21,6 +21,6 @@ else
     echo "demo: (embedcache fetch said: ${why#Error: })" >&2
     out=${out%.h5}_RANDOM_WEIGHTS.h5
     embedcache tiny-model demo/random_esm2_8M_shape.pt --layers 6 --dim 320 --heads 20
-    embedcache extract "$fasta" "$out" --weights demo/random_esm2_8M_shape.pt --precision bf16
+    embedcache extract "$fasta" "$out" --weights demo/random_esm2_8M_shape.pt
 fi
 embedcache info "$out"
