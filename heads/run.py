@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from embedcache.atomic import real_path
-from embedcache.backbones import backbone_for_cache, family_of_name, weights_digest
+from embedcache.backbones import ModelLoadError, backbone_for_cache, family_of_name, weights_digest
 from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
@@ -358,7 +358,14 @@ def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | No
             if all(r.id in known for r in records):
                 log.info("%s: embeddings of %s already there", target, sequences)
                 return target
-    model, weights = backbone_for_cache(prov, Path(finished.config.get("cache_path") or finished.config["cache"]))
+    try:
+        model, weights = backbone_for_cache(prov, Path(finished.config.get("cache_path") or finished.config["cache"]))
+    except ModelLoadError as err:
+        # Its advice (--weights/--model) is for fine-tuning; predict uses only the run's own weights.
+        raise ModelLoadError(f"{finished.path}: cannot embed {sequences} with the run's backbone: "
+                             f"{str(err).split('. Pass --weights')[0]}. Put those weights back where the run's "
+                             "cache recorded them, or beside that cache, or embed the proteins with them "
+                             "yourself and pass --cache") from None
     config = ExtractConfig(
         model=model, weights=weights, layers=(int(identity["layer"]),), long=prov.get("long_policy", "truncate"),
         max_length=_int_or_none(prov.get("max_length")), chunk_overlap=int(prov.get("chunk_overlap") or 0),

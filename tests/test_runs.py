@@ -361,3 +361,20 @@ def test_a_cache_without_provenance_is_refused_with_a_message(tmp_path):
     run_identity = {"model": "esm2_t6_8M_UR50D", "weights_sha256": "ab" * 32, "layer": 6}
     with pytest.raises(RunDirectoryError, match="records no provenance"):
         check_identity(run_identity, {}, tmp_path / "run", tmp_path / "cache.h5")
+
+
+def test_predict_without_the_runs_weights_says_how_to_get_them_back(tmp_path, tiny_weights):
+    """The weights that built the run's cache are gone: predict --sequences stops with advice that
+    fits predict (it has no --weights/--model of its own)."""
+    weights = tmp_path / "w.pt"
+    shutil.copy(tiny_weights, weights)
+    csv = planted_dataset(tmp_path, n_per_class=10)
+    cache = tmp_path / "c.h5"
+    extract(csv, cache, ExtractConfig(weights=str(weights), threads=1), progress=False)
+    out = tmp_path / "run"
+    assert cv(csv, cache, out).exit_code == 0
+    weights.unlink()
+    fasta = write_fasta(tmp_path / "new.fasta", [("novel", "MKKRRKRLLIVKRKKRDEKR")])
+    result = run_cli("predict", "--run", out, "--sequences", fasta, "--out", tmp_path / "p.tsv")
+    assert result.exit_code == 1 and "Put those weights back" in result.output
+    assert "Pass --weights" not in result.output and not (tmp_path / "p.tsv").exists()
