@@ -417,7 +417,9 @@ def open_finished(run: Path | str) -> FinishedRun:
     if manifest.get("fingerprint") != config["fingerprint"]:
         raise RunDirectoryError(f"{path}: belongs to another run (fingerprint {str(manifest.get('fingerprint'))[:12]}, "
                                 f"config.json says {config['fingerprint'][:12]})")
-    if canonical_json(manifest.get("backbone")) != canonical_json(config.get("backbone")):
+    # Manifests written before they held the backbone lack the key; the manifest's own hash still
+    # protects everything they do hold.
+    if "backbone" in manifest and canonical_json(manifest["backbone"]) != canonical_json(config.get("backbone")):
         raise RunDirectoryError(f"{run}: config.json's backbone {config.get('backbone')} is not the one the run "
                                 f"trained on ({manifest.get('backbone')}, in its manifest); config.json was edited")
     if manifest.get("classes") != config["classes"]:

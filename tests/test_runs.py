@@ -378,3 +378,18 @@ def test_predict_without_the_runs_weights_says_how_to_get_them_back(tmp_path, ti
     result = run_cli("predict", "--run", out, "--sequences", fasta, "--out", tmp_path / "p.tsv")
     assert result.exit_code == 1 and "Put those weights back" in result.output
     assert "Pass --weights" not in result.output and not (tmp_path / "p.tsv").exists()
+
+
+def test_a_manifest_written_before_it_held_the_backbone_still_predicts(planted, tmp_path):
+    csv, cache = planted
+    out = tmp_path / "run"
+    assert cv(csv, cache, out).exit_code == 0
+    manifest_path = out / "models" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["backbone"]
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    config = json.loads((out / "config.json").read_text())
+    config["manifest_sha256"] = sha256(manifest_path)
+    (out / "config.json").write_text(json.dumps(config))
+    result = predict(out, cache, tmp_path / "p.tsv")
+    assert result.exit_code == 0, result.output
