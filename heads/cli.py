@@ -1,7 +1,7 @@
 """``heads`` command line: a thin click layer over :mod:`heads.run`.
 
 Like ``embedcache``'s, it imports torch and the heads only inside the commands, after the
-signal handlers are in place (:class:`embedcache.cli.InterruptibleGroup`).
+signal handlers are in place (:class:`embedcache.cliutil.InterruptibleGroup`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import click
 
 from embedcache import __version__
-from embedcache.cli import InterruptibleGroup, LazyChoice, resumable
+from embedcache.cliutil import InterruptibleGroup, LazyChoice, resumable
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -27,6 +27,7 @@ from embedcache.atomic import atomic_path, write_json, write_text
 from .datasets import LabeledSet
 from .evaluate import MethodResult
 from .metrics import bootstrap_ci, classification_metrics, mcnemar, paired_bootstrap
+from .rundir import json_default
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +129,7 @@ def write_config(out: Path, config: dict, classes: list[str]) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    write_json(path, obj, default=_json_default)
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
+    write_json(path, obj, default=json_default)
 
 
 def plot_run(folder: Path, data: LabeledSet, results: list[MethodResult], metrics: dict[str, dict]) -> None:

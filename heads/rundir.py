@@ -127,7 +127,8 @@ def check_identity(run_identity: dict | None, cache_provenance: dict, run: Path,
                         name, found.get(name), run_identity.get(name))
 
 
-def _json_default(obj):
+def json_default(obj):
+    """numpy scalars and arrays, tuples and sets as JSON; anything else as its string."""
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):
@@ -140,7 +141,7 @@ def _json_default(obj):
 
 
 def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
 
 
 def run_fingerprint(settings: dict, identity: dict | None, methods: dict, data: LabeledSet) -> str:

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from embedcache import __version__
-from embedcache.cli import RESUME, main
+from embedcache.cli import main
+from embedcache.cliutil import RESUME
 from embedcache.extract import ExtractConfig, extract
 from embedcache.store import EmbeddingCache
 
