@@ -34,9 +34,8 @@ class Interrupted(BaseException):
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    # A second signal must not raise into the clean-up of the first; but the first can be lost
-    # (Python swallows exceptions raised inside weakref callbacks and __del__), so the second
-    # ends the process at once: as safe as kill -9, which every writer survives.
+    # A second signal must not raise into the clean-up of the first, so it ends the process at
+    # once: as safe as kill -9, which every writer survives.
     signal.signal(signal.SIGTERM, _on_second_signal)
     signal.signal(signal.SIGINT, _on_second_signal)
     raise Interrupted(signum)
@@ -45,6 +44,25 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 def _on_second_signal(signum: int, frame: FrameType | None) -> None:
     os.write(2, b"interrupted again; stopping now (run the same command again to resume)\n")
     os._exit(128 + signum)
+
+
+def _on_unraisable(hook_args: Any) -> None:
+    # A signal whose handler ran inside a weakref callback or __del__ (h5py and torch free objects
+    # all the time) raised into code that cannot propagate it: Python prints it and goes on, and
+    # the run would finish as if nobody had asked it to stop. Raise it again a moment later from
+    # a timer, whose handler runs at the main thread's next bytecode, past the callback (and if
+    # that is another callback, this comes round again). Not a signal sent from here, nor a
+    # thread: the handler of either would run inside this hook, where exceptions are lost too.
+    if isinstance(hook_args.exc_value, Interrupted):
+        signum = hook_args.exc_value.signum
+
+        def again(alarm: int, frame: FrameType | None) -> None:
+            raise Interrupted(signum)
+
+        signal.signal(signal.SIGALRM, again)
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
+    sys.__unraisablehook__(hook_args)
 
 
 @contextlib.contextmanager
@@ -67,17 +85,23 @@ class InterruptibleGroup(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         previous = {}
+        previous_hook = sys.unraisablehook
         if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
             # SIGINT first: a process seen to catch SIGTERM then catches both.
             previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous[signal.SIGALRM] = signal.getsignal(signal.SIGALRM)
+            sys.unraisablehook = _on_unraisable
         try:
             return super().main(*args, **kwargs)
         except Interrupted as err:
             click.echo(RESUME if err.resumable else "interrupted", err=True)
             sys.exit(128 + err.signum)
         finally:
+            if previous:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            sys.unraisablehook = previous_hook
 
 
 class LazyChoice(click.Choice):

@@ -170,6 +170,31 @@ def test_interruption_inside_the_work_says_resume_and_restores_the_handlers(tmp_
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_a_signal_handled_inside_a_finaliser_is_not_lost(tmp_path, fasta, tiny_weights, monkeypatch):
+    # h5py and torch free objects in weakref callbacks and __del__ all the time; an exception
+    # raised by a signal handler there is printed and dropped by Python, and the run went on to
+    # the end as if the signal had never come.
+    from embedcache import extract as extract_module
+
+    class SignalsWhenFreed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside __del__
+
+    def interrupted(*args, **kwargs):
+        SignalsWhenFreed()
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            time.sleep(0.01)
+        raise AssertionError("the SIGTERM handled inside __del__ was lost")
+
+    monkeypatch.setattr(extract_module, "extract", interrupted)
+    hook = sys.unraisablehook
+    result = CliRunner().invoke(main, ["extract", str(fasta), str(tmp_path / "c.h5"), "--weights", str(tiny_weights)])
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip() == RESUME
+    assert sys.unraisablehook is hook
+
+
 def test_interruption_before_the_work_says_only_interrupted(tmp_path, fasta, tiny_weights, monkeypatch):
     from embedcache import extract as extract_module
 
