@@ -104,6 +104,7 @@ class AttentionHead(Head):
     """Attention pooling + MLP trained on per-residue embeddings."""
 
     kind = "attention"
+    title = "attention pooling"
     input = "per_residue"
     file_suffix = ".pt"
     fitted_attributes = ("classes_", "module_")

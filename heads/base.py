@@ -46,6 +46,7 @@ class NewerVersionWarning(UserWarning):
 
 class Head(ClassifierMixin, BaseEstimator):
     kind: ClassVar[str] = ""  # registry name, recorded in every saved file
+    title: ClassVar[str] = ""  # how figures and reports name it
     input: ClassVar[str] = "pooled"  # pooled | per_residue | sequence
     file_suffix: ClassVar[str] = ".joblib"
     # Attributes that exist only once fit has finished.

@@ -57,6 +57,7 @@ class LogisticHead(Head):
     """
 
     kind = "logreg"
+    title = "logistic regression"
     fitted_attributes = ("classes_", "model_", "scaler_")
     constraints: ClassVar[dict] = {"Cs": _cs_check, "class_weight": class_weight_check(allow_dict=True),
                    "max_iter": integer(1), "metric": METRIC, "random_state": seed_check}
@@ -125,6 +126,7 @@ class LightGBMHead(Head):
     """Gradient-boosted trees on pooled embeddings; boosting stops early on the validation loss."""
 
     kind = "lightgbm"
+    title = "LightGBM"
     fitted_attributes = ("classes_", "model_")
     constraints: ClassVar[dict] = {
         "n_estimators": integer(1), "learning_rate": number(0, low_open=True), "num_leaves": integer(2),

@@ -121,6 +121,7 @@ class FinetuneHead(Head):
     """
 
     kind = "finetune"
+    title = "fine-tuned backbone"
     input = "sequence"
     file_suffix = ".finetune.pt"
     fitted_attributes = ("classes_", "classifier_")

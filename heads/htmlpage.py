@@ -1,0 +1,77 @@
+"""Self-contained HTML pages: the run report and the dataset report.
+
+One file that opens anywhere, offline, years later: figures inline as data URIs, styles inline,
+no scripts and nothing fetched from elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from embedcache.atomic import write_text
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 2em;
+     border-bottom: 1px solid #ddd; padding-bottom: 0.2em; } h3 { font-size: 1.05em; }
+.subtitle { color: #555; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.88em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #444; font-size: 0.9em; }
+.notes li { margin: 0.2em 0; } code, pre { background: #f6f6f6; font-size: 0.88em; }
+pre { padding: 0.6em; overflow-x: auto; white-space: pre-wrap; }
+"""
+
+
+def escape(text: object) -> str:
+    return html.escape(str(text))
+
+
+def image(path: Path | str, alt: str, caption: str | None = None) -> str:
+    """A PNG inline as a data URI, with its caption."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    body = f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
+    if caption:
+        body += f"<figcaption>{escape(caption)}</figcaption>"
+    return f"<figure>{body}</figure>"
+
+
+def table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "" if value != value else float_format.format(value)  # NaN: an empty cell
+        return escape(value)
+
+    head = "".join(f"<th>{escape(c)}</th>" for c in frame.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def bullets(items: Iterable[str]) -> str:
+    return '<ul class="notes">' + "".join(f"<li>{escape(i)}</li>" for i in items) + "</ul>"
+
+
+def section(title: str, *parts: str) -> str:
+    return f"<h2>{escape(title)}</h2>" + "".join(parts)
+
+
+def page(title: str, subtitle: str, sections: Iterable[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{escape(title)}</h1><p class=\"subtitle\">{escape(subtitle)}</p>"
+            + "".join(sections) + "</body></html>\n")
+
+
+def write_page(path: Path | str, title: str, subtitle: str, sections: Iterable[str]) -> Path:
+    path = Path(path)
+    write_text(path, page(title, subtitle, sections))
+    return path
