@@ -85,3 +85,20 @@ class FigureContext:
 
         head = HEADS.get(name)
         return head.title if head is not None and head.title else name
+
+
+@dataclass
+class Figure:
+    """A figure written by ``save_figure``, with what a report says about it."""
+
+    stem: Path  # STEM.svg and STEM.png exist
+    section: str  # the report section it belongs to, e.g. "Comparison", "Per class", "Training"
+    caption: str  # one or two sentences a reader needs: what is plotted, what the bars or bands are
+
+    @property
+    def png(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".png")
+
+    @property
+    def svg(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".svg")
