@@ -1,0 +1,491 @@
+"""A dataset report: what a labelled set holds before any model is trained on it.
+
+``describe(...)`` returns every number as a plain dict (what ``describe.json`` holds), so a
+notebook can call it; ``write_report`` adds the figures and a self-contained ``describe.html``.
+
+What it counts: proteins per class, per organism group and per fold (and class x fold, class x
+group); identical sequences under several IDs and whether their labels agree; lengths; how many
+proteins exceed the model's window and what truncation or chunking does to them; tokens per
+protein with the special tokens, and their 95th percentile; residues outside the 20 standard
+amino acids; and, against another set, the proteins both share (identical sequences, and with
+MMseqs2 those above an identity threshold).
+
+The window, long-sequence policy and special tokens come from a cache when one is given (its
+recorded settings and backbone family), so a UniRep cache is described as UniRep, with no
+window; without a cache the report assumes ESM-2 (1,022 residues, BOS and EOS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from embedcache.batching import chunk_windows
+from embedcache.sequences import AMINO_ACIDS, InputError, read_sequences, sequence_key
+
+from .datasets import LabeledSet, detect_kind, load_labeled
+
+log = logging.getLogger(__name__)
+
+KIND_TITLES = {"deeplocpro": "DeepLocPro", "deeploc1": "DeepLoc 1.0", "csv": "CSV"}
+STANDARD = frozenset(AMINO_ACIDS)
+# ESM-2's, for a report without a cache: 1024 positions in training, less BOS and EOS.
+ESM2_WINDOW = 1022
+ESM2_EXTRA_TOKENS = 2
+DEFAULT_CHUNK_OVERLAP = 256  # embedcache extract's default --chunk-overlap
+LISTED = 200  # longest list of IDs written per finding (the counts are always complete)
+
+
+@dataclass
+class ModelWindow:
+    """What a backbone sees of a protein: its window and what is done with longer ones."""
+
+    backbone: str  # e.g. "esm2_t6_8M_UR50D (ESM-2, esm2)" or "ESM-2 (assumed; no cache given)"
+    family: str  # backbone family: esm2 | hf-esm2 | unirep
+    window: int | None  # residues per forward pass; None: unbounded (a recurrent model)
+    long_policy: str  # truncate | chunk | skip: what the cache did (or would do) with longer proteins
+    chunk_overlap: int  # residues neighbouring windows share under chunking
+    extra_tokens: int  # tokens a protein costs beyond its residues (BOS/EOS, UniRep's start token)
+    supports_chunking: bool  # whether the family's windows can be stitched (not UniRep)
+    source: str  # "cache" or "assumed"
+
+
+def window_from_cache(provenance: dict, path: str | Path) -> ModelWindow:
+    """The window, policy and special tokens a cache was built with, from its recorded settings."""
+    from embedcache.backbones import FAMILIES, ESM2Backbone, UniRepBackbone
+
+    family_name = str(provenance.get("family") or "")
+    family = FAMILIES.get(family_name)
+    if family is None:
+        # Caches written before families were recorded hold fair-esm ESM-2 or UniRep.
+        family = UniRepBackbone if str(provenance.get("architecture", "")).startswith("UniRep") else ESM2Backbone
+        family_name = family.family
+    raw = provenance.get("max_length")
+    window = None if raw in (None, "none", "None") else int(raw)
+    policy = str(provenance.get("long_policy") or "truncate")
+    overlap = int(provenance.get("chunk_overlap") or 0)
+    if policy == "chunk" and not overlap:
+        overlap = DEFAULT_CHUNK_OVERLAP
+    name = provenance.get("model") or "unnamed"
+    architecture = provenance.get("architecture") or family_name
+    return ModelWindow(f"{name} ({architecture})", family_name, window, policy,
+                       overlap if policy == "chunk" else DEFAULT_CHUNK_OVERLAP,
+                       int(family.extra_tokens), bool(family.supports_chunking), f"cache {path}")
+
+
+def assumed_window() -> ModelWindow:
+    return ModelWindow("ESM-2 (assumed: no cache given)", "esm2", ESM2_WINDOW, "truncate", DEFAULT_CHUNK_OVERLAP,
+                       ESM2_EXTRA_TOKENS, True, "assumed")
+
+
+def dataset_title(path: Path | str, kind: str) -> str:
+    path = Path(path)
+    return f"{KIND_TITLES.get(kind, kind)} ({path.name})" if kind != "csv" else path.name
+
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- counts --------------------------------------------------------------------------------
+
+
+def _table(rows: list[str], cols: list[Any], row_names: list[str], col_names: list[Any]) -> dict:
+    """{row: {col: count}} with every row and column present, zeros included."""
+    out = {str(r): {str(c): 0 for c in col_names} for r in row_names}
+    for r, c in zip(rows, cols):
+        out[str(r)][str(c)] += 1
+    return out
+
+
+def counts(data: LabeledSet) -> dict:
+    """Proteins per class, group and fold, and the class x fold and class x group tables."""
+    names = [data.classes[i] for i in data.labels]
+    out: dict[str, Any] = {
+        "n": len(data),
+        "classes": list(data.classes),
+        "per_class": {c: int(n) for c, n in zip(data.classes, np.bincount(data.labels, minlength=data.n_classes))},
+    }
+    if data.groups is not None:
+        groups = sorted({str(g) for g in data.groups})
+        out["groups"] = groups
+        out["per_group"] = {g: int(n) for g, n in sorted(Counter(str(g) for g in data.groups).items())}
+        out["class_by_group"] = _table(names, [str(g) for g in data.groups], data.classes, groups)
+    if data.folds is not None:
+        folds = sorted({int(f) for f in data.folds})
+        out["folds"] = folds
+        out["per_fold"] = {str(f): int((data.folds == f).sum()) for f in folds}
+        out["class_by_fold"] = _table(names, [int(f) for f in data.folds], data.classes, folds)
+    return out
+
+
+def duplicates(data: LabeledSet, listed: int = LISTED) -> dict:
+    """Identical sequences under several IDs, whether their labels (and folds) agree.
+
+    A repeated ID cannot occur here: the readers refuse a file that gives an ID twice, naming
+    both places, since two labels for one protein would count it twice and could put it on
+    both sides of a split.
+    """
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for i, seq in enumerate(data.sequences):
+        by_key[sequence_key(seq)].append(i)
+    sets = []
+    for members in by_key.values():
+        if len(members) < 2:
+            continue
+        labels = sorted({data.classes[data.labels[i]] for i in members})
+        entry: dict[str, Any] = {
+            "ids": [data.ids[i] for i in members],
+            "labels": [data.classes[data.labels[i]] for i in members],
+            "labels_agree": len(labels) == 1,
+            "length": len(data.sequences[members[0]]),
+        }
+        if data.folds is not None:
+            folds = [int(data.folds[i]) for i in members]
+            entry["folds"] = folds
+            entry["same_fold"] = len(set(folds)) == 1
+        sets.append(entry)
+    sets.sort(key=lambda e: (e["labels_agree"], -len(e["ids"]), e["ids"][0]))
+    out: dict[str, Any] = {
+        "unique_sequences": len(by_key),
+        "duplicate_sets": len(sets),
+        "proteins_in_duplicate_sets": sum(len(e["ids"]) for e in sets),
+        "redundant_proteins": len(data) - len(by_key),
+        "sets_with_conflicting_labels": sum(not e["labels_agree"] for e in sets),
+        "repeated_ids": 0,
+        "repeated_ids_note": "the readers refuse a file that gives an ID twice (an error naming both lines), "
+                             "so every ID here is unique; identical sequences under different IDs are allowed",
+        "sets": sets[:listed],
+        "sets_listed": min(len(sets), listed),
+    }
+    if data.folds is not None:
+        out["sets_across_folds"] = sum(not e["same_fold"] for e in sets)
+    return out
+
+
+# -- lengths, windows, tokens, residues ----------------------------------------------------
+
+
+def _summary(values: np.ndarray) -> dict:
+    if not len(values):
+        return {"n": 0}
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {"n": int(len(values)), "min": int(values.min()), "q1": float(q1), "median": float(median),
+            "mean": float(values.mean()), "q3": float(q3), "max": int(values.max())}
+
+
+def lengths(data: LabeledSet) -> dict:
+    length = np.array([len(s) for s in data.sequences], dtype=np.int64)
+    return {
+        "all": _summary(length),
+        "per_class": {c: _summary(length[data.labels == k]) for k, c in enumerate(data.classes)},
+    }
+
+
+def window_effects(data: LabeledSet, model: ModelWindow, listed: int = LISTED) -> dict:
+    """Proteins over the window, and what truncation, chunking or skipping would do to them."""
+    length = np.array([len(s) for s in data.sequences], dtype=np.int64)
+    out: dict[str, Any] = {
+        "backbone": model.backbone, "family": model.family, "window": model.window,
+        "long_policy": model.long_policy, "chunk_overlap": model.chunk_overlap,
+        "extra_tokens": model.extra_tokens, "source": model.source,
+    }
+    if model.window is None:
+        out.update(over_window=0, note=f"{model.family} has no window: it reads every protein whole, "
+                                       "so nothing is truncated or chunked")
+        return out
+    over = length > model.window
+    lost = np.maximum(length - model.window, 0)
+    windows = np.array([len(chunk_windows(int(n), model.window, model.chunk_overlap)) if n > model.window else 1
+                        for n in length], dtype=np.int64)
+    order = np.argsort(-length[over], kind="stable")
+    over_index = np.flatnonzero(over)[order]
+    out.update(
+        over_window=int(over.sum()),
+        over_window_fraction=float(over.mean()) if len(length) else 0.0,
+        over_window_per_class={c: int(over[data.labels == k].sum()) for k, c in enumerate(data.classes)},
+        truncation={
+            "residues_lost": int(lost.sum()),
+            "residues_total": int(length.sum()),
+            "fraction_of_residues_lost": float(lost.sum() / max(int(length.sum()), 1)),
+            "largest_loss": int(lost.max()) if len(lost) else 0,
+            "median_loss_of_truncated": float(np.median(lost[over])) if over.any() else 0.0,
+        },
+        chunking={
+            "supported": model.supports_chunking,
+            "overlap": model.chunk_overlap,
+            "windows_total": int(windows.sum()),
+            "extra_windows": int((windows - 1).sum()),
+            "most_windows": int(windows.max()) if len(windows) else 0,
+        },
+        over_window_ids=[{"id": data.ids[i], "label": data.classes[data.labels[i]], "length": int(length[i]),
+                          "residues_lost_truncated": int(lost[i]), "windows_chunked": int(windows[i])}
+                         for i in over_index[:listed]],
+    )
+    if not model.supports_chunking:
+        out["chunking"]["note"] = f"{model.family} cannot be chunked: its windows cannot be stitched together"
+    return out
+
+
+def tokens(data: LabeledSet, model: ModelWindow) -> dict:
+    """Tokens per protein, special tokens included; p95 is the smallest count covering 95% of proteins."""
+    count = np.array([len(s) + model.extra_tokens for s in data.sequences], dtype=np.int64)
+    if not len(count):
+        return {"extra_tokens": model.extra_tokens, "n": 0}
+    # inverted_cdf: an observed count, the smallest with at least 95% of proteins at or below it.
+    p95 = int(np.quantile(count, 0.95, method="inverted_cdf"))
+    p50 = int(np.quantile(count, 0.5, method="inverted_cdf"))
+    out = {
+        "extra_tokens": model.extra_tokens,
+        "n": int(len(count)),
+        "median": p50,
+        "p95": p95,
+        "covered_by_p95": float((count <= p95).mean()),
+        "max": int(count.max()),
+        "total": int(count.sum()),
+        "max_length_for_95_percent": p95,
+    }
+    if model.window is not None:
+        limit = model.window + model.extra_tokens
+        out["model_positions"] = limit
+        out["covered_by_model_positions"] = float((count <= limit).mean())
+    return out
+
+
+def residues(data: LabeledSet, listed: int = LISTED) -> dict:
+    """Residues outside the 20 standard amino acids (X, B, Z, J, U, O), per letter and per protein."""
+    per_letter: Counter[str] = Counter()
+    proteins = []
+    for i, seq in enumerate(data.sequences):
+        odd = Counter(ch for ch in seq if ch not in STANDARD)
+        if odd:
+            per_letter.update(odd)
+            proteins.append({"id": data.ids[i], "label": data.classes[data.labels[i]], "length": len(seq),
+                             "nonstandard": sum(odd.values()), "letters": dict(sorted(odd.items()))})
+    proteins.sort(key=lambda p: (-p["nonstandard"], p["id"]))
+    per_protein = np.array([p["nonstandard"] for p in proteins], dtype=np.int64)
+    return {
+        "per_letter": dict(sorted(per_letter.items())),
+        "total": int(sum(per_letter.values())),
+        "proteins_with_any": len(proteins),
+        "most_in_one_protein": int(per_protein.max()) if len(per_protein) else 0,
+        "per_protein_histogram": {str(k): int(v) for k, v in sorted(Counter(per_protein.tolist()).items())},
+        "proteins": proteins[:listed],
+        "proteins_listed": min(len(proteins), listed),
+    }
+
+
+def cache_coverage(data: LabeledSet, cache: Any) -> dict:
+    """How many of the set's sequences the cache holds (found by content, as the heads find them),
+    and how many it stores shortened (truncated to its window)."""
+    keys = [sequence_key(s) for s in data.sequences]
+    present = cache.has_keys(keys)
+    found = np.flatnonzero(present)
+    stored = cache.n_residues_rows(cache.rows(keys=[keys[i] for i in found])) if len(found) else np.zeros(0)
+    full = np.array([len(data.sequences[i]) for i in found], dtype=np.int64)
+    missing = [data.ids[i] for i in np.flatnonzero(~present)]
+    return {"in_cache": int(present.sum()), "missing": len(missing), "missing_ids": missing[:LISTED],
+            "stored_truncated": int((stored < full).sum())}
+
+
+# -- overlap with another set --------------------------------------------------------------
+
+
+def read_other(path: Path | str, kind: str | None = None, **csv_options) -> tuple[list[str], list[str], list[str] | None]:
+    """IDs, sequences and (when the file has them) labels of the set to compare with.
+
+    A labelled file is read as ``heads cv`` would; a plain FASTA or CSV without labels is read
+    for its sequences alone.
+    """
+    try:
+        other = load_labeled(path, kind, **csv_options)
+        return other.ids, other.sequences, [other.classes[i] for i in other.labels]
+    except InputError as err:
+        if "ID" in err.problem and "twice" in err.problem:
+            raise
+        log.info("%s: not a labelled set (%s); reading its sequences only", path, err.problem)
+    records = read_sequences(path, id_col=csv_options.get("id_col"), seq_col=csv_options.get("seq_col"))
+    return [r.id for r in records], [r.sequence for r in records], None
+
+
+def exact_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str],
+                  other_labels: list[str] | None, listed: int = LISTED) -> dict:
+    """Proteins of ``data`` whose sequence (by content key) also occurs in the other set."""
+    where: dict[str, list[int]] = defaultdict(list)
+    for j, seq in enumerate(other_seqs):
+        where[sequence_key(seq)].append(j)
+    pairs = []
+    for i, seq in enumerate(data.sequences):
+        hits = where.get(sequence_key(seq))
+        if not hits:
+            continue
+        entry: dict[str, Any] = {"id": data.ids[i], "label": data.classes[data.labels[i]],
+                                 "other_ids": [other_ids[j] for j in hits]}
+        if other_labels is not None:
+            entry["other_labels"] = [other_labels[j] for j in hits]
+            entry["labels_agree"] = all(other_labels[j] == entry["label"] for j in hits)
+        pairs.append(entry)
+    keys = {sequence_key(s) for s in data.sequences}
+    out: dict[str, Any] = {
+        "proteins": len(pairs),
+        "other_proteins": sum(1 for s in other_seqs if sequence_key(s) in keys),
+        "ids": [p["id"] for p in pairs[:listed]],
+        "pairs": pairs[:listed],
+    }
+    if other_labels is not None:
+        out["labels_disagree"] = sum(not p["labels_agree"] for p in pairs)
+    return out
+
+
+def _write_fasta(path: Path, ids: list[str], seqs: list[str]) -> None:
+    # MMseqs2 is given row numbers, not the IDs: an ID may hold characters it would cut at.
+    path.write_text("".join(f">{i}\n{s}\n" for i, s in zip(range(len(ids)), seqs)))
+
+
+def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str], identity: float = 0.3,
+                   threads: int = 2, listed: int = LISTED) -> dict:
+    """Proteins of ``data`` with a hit in the other set at ``identity`` or more (MMseqs2 easy-search).
+
+    Identity is identical residues over the shorter sequence's length, as the homology folds
+    use it (GraphPart's 'shortest' denominator); MMseqs2's own E-value cut (1e-3) applies first.
+    Its output goes to this module's log (debug), never to standard output.
+    """
+    binary = shutil.which("mmseqs")
+    if binary is None:
+        return {"available": False, "note": "MMseqs2 (mmseqs) is not installed; Debian: apt-get install mmseqs2"}
+    with tempfile.TemporaryDirectory(prefix="describe_mmseqs_") as tmp:
+        tmpdir = Path(tmp)
+        query, target, result = tmpdir / "query.fasta", tmpdir / "target.fasta", tmpdir / "hits.m8"
+        _write_fasta(query, data.ids, data.sequences)
+        _write_fasta(target, other_ids, other_seqs)
+        command = [binary, "easy-search", str(query), str(target), str(result), str(tmpdir / "work"),
+                   "--format-output", "query,target,nident,qlen,tlen,fident,alnlen,evalue",
+                   "--threads", str(threads), "-v", "1"]
+        log.info("MMseqs2: %d query proteins against %d (identity >= %.2f)", len(data), len(other_ids), identity)
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=tmpdir)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            log.debug("mmseqs: %s", line)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"mmseqs easy-search failed (exit {proc.returncode}): {' | '.join(tail)}")
+        rows = result.read_text().splitlines() if result.exists() else []
+    best: dict[int, tuple[float, int]] = {}
+    hit_targets: set[int] = set()
+    for row in rows:
+        q, t, nident, qlen, tlen = row.split("\t")[:5]
+        value = int(nident) / min(int(qlen), int(tlen))
+        if value < identity:
+            continue
+        qi, ti = int(q), int(t)
+        hit_targets.add(ti)
+        if qi not in best or value > best[qi][0]:
+            best[qi] = (value, ti)
+    order = sorted(best, key=lambda i: (-best[i][0], data.ids[i]))
+    return {
+        "available": True,
+        "identity": identity,
+        "identity_definition": "identical residues / length of the shorter sequence (MMseqs2 easy-search, "
+                               "E-value <= 1e-3)",
+        "proteins": len(best),
+        "other_proteins": len(hit_targets),
+        "ids": [data.ids[i] for i in order[:listed]],
+        "best_hits": [{"id": data.ids[i], "label": data.classes[data.labels[i]],
+                       "other_id": other_ids[best[i][1]], "identity": round(best[i][0], 4)} for i in order[:listed]],
+    }
+
+
+# -- the whole report ----------------------------------------------------------------------
+
+
+def load(path: Path | str, kind: str | None = None, **csv_options) -> tuple[LabeledSet, str]:
+    """The labelled set as ``heads cv`` reads it, and the reader used."""
+    kind = kind or detect_kind(path)
+    return load_labeled(path, kind, **csv_options), kind
+
+
+def describe(
+    data_path: Path | str,
+    *,
+    kind: str | None = None,
+    cache: Path | str | None = None,
+    against: Path | str | None = None,
+    identity: float = 0.3,
+    threads: int = 2,
+    id_col: str | None = None,
+    seq_col: str | None = None,
+    label_col: str = "label",
+    class_names: dict[str, str] | None = None,
+) -> dict:
+    """Every number of the dataset report for a file, as a JSON-ready dict (``describe.json``)."""
+    csv_options = {"id_col": id_col, "seq_col": seq_col, "label_col": label_col, "class_names": class_names}
+    data, kind = load(data_path, kind, **csv_options)
+    return describe_data(data, data_path, kind, cache=cache, against=against, identity=identity, threads=threads,
+                         csv_options=csv_options)
+
+
+def describe_data(
+    data: LabeledSet,
+    data_path: Path | str,
+    kind: str,
+    *,
+    cache: Path | str | None = None,
+    against: Path | str | None = None,
+    identity: float = 0.3,
+    threads: int = 2,
+    csv_options: dict | None = None,
+) -> dict:
+    """The report of a set already read from ``data_path`` (with reader ``kind``)."""
+    if not len(data):
+        raise InputError(data_path, "no proteins")
+    if not 0 <= identity <= 1:
+        raise ValueError(f"identity must be between 0 and 1, not {identity}")
+    report: dict[str, Any] = {
+        "dataset": dataset_title(data_path, kind),
+        "data": {"path": str(Path(data_path).resolve()), "sha256": file_sha256(data_path), "kind": kind},
+        "counts": counts(data),
+        "duplicates": duplicates(data),
+        "lengths": lengths(data),
+    }
+    if cache is not None:
+        from embedcache.reader import EmbeddingCache
+
+        with EmbeddingCache(cache) as opened:
+            provenance = dict(opened.attrs)
+            model = window_from_cache(provenance, cache)
+            report["cache"] = {"path": str(Path(cache).resolve()), "format_version": opened.format_version,
+                               "settings": {k: provenance.get(k) for k in
+                                            ("model", "family", "architecture", "weights_sha256", "layers",
+                                             "max_length", "long_policy", "chunk_overlap", "pooling", "dtype")},
+                               **cache_coverage(data, opened)}
+    else:
+        model = assumed_window()
+    report["window"] = window_effects(data, model)
+    report["tokens"] = tokens(data, model)
+    report["residues"] = residues(data)
+    if against is not None:
+        other_ids, other_seqs, other_labels = read_other(against, **(csv_options or {}))
+        try:
+            other_title = dataset_title(against, detect_kind(against))
+        except InputError:
+            other_title = Path(against).name
+        report["against"] = {
+            "path": str(Path(against).resolve()), "sha256": file_sha256(against), "dataset": other_title,
+            "n": len(other_ids),
+            "exact": exact_overlap(data, other_ids, other_seqs, other_labels),
+            "homology": mmseqs_overlap(data, other_ids, other_seqs, identity, threads),
+        }
+    return report
