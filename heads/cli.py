@@ -223,6 +223,61 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
                f"ensemble of {frame.attrs['models']} {frame.attrs['head']} models")
 
 
+@main.command("describe")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for describe.json, describe.html and the figures (SVG and PNG).")
+@click.option("--cache", type=click.Path(exists=True, dir_okay=False),
+              help="Embedding cache: the model window, long-sequence policy and special tokens come from its "
+                   "recorded settings [ESM-2: 1,022 residues, BOS and EOS].")
+@click.option("--against", type=click.Path(exists=True, dir_okay=False),
+              help="Another set (e.g. a benchmark): proteins both share, identical and by MMseqs2 identity.")
+@click.option("--identity", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="--against: identity over the shorter sequence counted as overlap.")
+@click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]), help="Dataset format [recognised].")
+@click.option("--id-col")
+@click.option("--seq-col")
+@click.option("--label-col", default="label", show_default=True)
+@click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="MMseqs2 threads.")
+@click.option("--verbose", "-v", is_flag=True)
+def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, label_col, class_names, threads,
+                 verbose) -> None:
+    """Describe a labelled dataset: classes, groups, folds, duplicates, lengths against the model
+    window, tokens, unusual residues and overlap with another set."""
+    import shlex
+    import sys
+
+    _logging(verbose)
+    from .describe import write_report
+
+    user_errors = _user_errors()
+    try:
+        with resumable():
+            report = write_report(out, data, kind=kind, cache=cache, against=against, identity=identity,
+                                  threads=threads, id_col=id_col, seq_col=seq_col, label_col=label_col,
+                                  class_names=_class_names(class_names),
+                                  command=shlex.join(["heads", *sys.argv[1:]]))
+    except user_errors as err:
+        raise click.ClickException(str(err)) from None
+    counts, dup, window, tok = report["counts"], report["duplicates"], report["window"], report["tokens"]
+    click.echo(f"{report['dataset']}: {counts['n']:,} proteins, {len(counts['classes'])} classes, "
+               f"{dup['duplicate_sets']:,} duplicated sequences ({dup['sets_with_conflicting_labels']:,} with "
+               f"conflicting labels)")
+    if window["window"] is not None:
+        click.echo(f"over the {window['window']:,}-residue window: {window['over_window']:,}; "
+                   f"tokens p95 {tok['p95']:,}")
+    else:
+        click.echo(f"no model window ({window['family']}); tokens p95 {tok['p95']:,}")
+    if "against" in report:
+        other = report["against"]
+        line = f"overlap with {other['dataset']}: {other['exact']['proteins']:,} identical"
+        if other["homology"].get("available"):
+            line += f", {other['homology']['proteins']:,} at >= {other['homology']['identity']:.0%} identity"
+        click.echo(line)
+    click.echo(f"report written to {out}/describe.html")
+
+
 @main.command("export-backbone")
 @click.option("--model", "model_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A fine-tuned model: OUT/models/finetune/SPLIT.finetune.pt of a run.")

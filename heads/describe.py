@@ -374,7 +374,8 @@ def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str]
         _write_fasta(target, other_ids, other_seqs)
         command = [binary, "easy-search", str(query), str(target), str(result), str(tmpdir / "work"),
                    "--format-output", "query,target,nident,qlen,tlen,fident,alnlen,evalue",
-                   "--threads", str(threads), "-v", "1"]
+                   # -a: without the backtrace MMseqs2 14 reports nident as 0
+                   "-a", "--threads", str(threads), "-v", "1"]
         log.info("MMseqs2: %d query proteins against %d (identity >= %.2f)", len(data), len(other_ids), identity)
         proc = subprocess.run(command, capture_output=True, text=True, cwd=tmpdir)
         for line in (proc.stdout + proc.stderr).splitlines():
@@ -488,4 +489,289 @@ def describe_data(
             "exact": exact_overlap(data, other_ids, other_seqs, other_labels),
             "homology": mmseqs_overlap(data, other_ids, other_seqs, identity, threads),
         }
+    return report
+
+
+# -- figures and the HTML page -------------------------------------------------------------
+
+
+def _title(ax: Any, what: str, report: dict) -> None:
+    ax.set_title(f"{what}\n{report['dataset']} · n = {report['counts']['n']:,}", loc="left")
+
+
+def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
+    """The report's figures, each saved as SVG and PNG; returns figstyle.Figure records."""
+    from .figstyle import Figure, colour, pyplot, save_figure
+
+    plt = pyplot()
+    made: list[Figure] = []
+    classes = list(data.classes)
+    length = np.array([len(s) for s in data.sequences], dtype=np.int64)
+    window = report["window"]
+    n_classes = len(classes)
+
+    # Class balance: one bar per class, split by organism group where the data has groups.
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * n_classes + 1.4))
+    y = np.arange(n_classes)
+    counts_ = report["counts"]
+    if "class_by_group" in counts_:
+        left = np.zeros(n_classes)
+        for k, group in enumerate(counts_["groups"]):
+            values = np.array([counts_["class_by_group"][c][group] for c in classes])
+            ax.barh(y, values, left=left, color=colour(k), label=group, height=0.7)
+            left += values
+        ax.legend(title="organism group", frameon=False, loc="lower right")
+    else:
+        ax.barh(y, [counts_["per_class"][c] for c in classes], color=colour(0), height=0.7)
+    total = counts_["n"]
+    for k, c in enumerate(classes):
+        value = counts_["per_class"][c]
+        ax.text(value, k, f" {value:,} ({100 * value / total:.1f}%)", va="center", fontsize=8)
+    ax.set_yticks(y, classes)
+    ax.invert_yaxis()
+    ax.set_xlabel("proteins")
+    ax.set_xlim(0, max(counts_["per_class"].values()) * 1.3)
+    _title(ax, "Proteins per class", report)
+    made.append(Figure(save_figure(fig, out / "class_balance")["png"].with_suffix(""), "Counts",
+                       "Proteins per class" + (", split by organism group." if "class_by_group" in counts_ else ".")
+                       + " Percentages are of all proteins."))
+
+    # Per-fold class counts.
+    if "class_by_fold" in counts_:
+        folds = [str(f) for f in counts_["folds"]]
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(folds) + 3), 3.6))
+        bottom = np.zeros(len(folds))
+        for k, c in enumerate(classes):
+            values = np.array([counts_["class_by_fold"][c][f] for f in folds])
+            ax.bar(np.arange(len(folds)), values, bottom=bottom, color=colour(k), label=c, width=0.7)
+            bottom += values
+        for x, value in enumerate(bottom):
+            ax.text(x, value, f"{int(value):,}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(np.arange(len(folds)), folds)
+        ax.set_xlabel("fold")
+        ax.set_ylabel("proteins")
+        ax.set_ylim(0, bottom.max() * 1.12)
+        ax.legend(title="class", frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+        _title(ax, "Class counts per fold", report)
+        made.append(Figure(save_figure(fig, out / "fold_class_counts")["png"].with_suffix(""), "Counts",
+                           "Proteins per fold (as the file assigns them), stacked by class; fold sizes on top."))
+
+    # Length histogram per class: one panel per class, shared x axis on a log scale.
+    limit = window.get("window")
+    edges = np.logspace(np.log10(max(length.min(), 1)), np.log10(length.max() + 1), 40)
+    cols = 2 if n_classes > 1 else 1
+    rows = int(np.ceil(n_classes / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(7.2, 1.7 * rows + 0.9), sharex=True, squeeze=False)
+    for k, c in enumerate(classes):
+        ax = axes[k // cols][k % cols]
+        ax.hist(length[data.labels == k], bins=edges, color=colour(k))
+        ax.set_xscale("log")
+        if limit is not None:
+            ax.axvline(limit, color="#444", linestyle="--", linewidth=0.9)
+        ax.set_title(f"{c} (n = {int((data.labels == k).sum()):,})", fontsize=9, loc="left")
+        ax.set_ylabel("proteins")
+    for k in range(n_classes, rows * cols):
+        axes[k // cols][k % cols].set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("length (residues, log scale)")
+    if rows > 1 and n_classes % cols:
+        axes[-2][-1].xaxis.set_tick_params(labelbottom=True)
+        axes[-2][-1].set_xlabel("length (residues, log scale)")
+    window_note = f"; dashed: the model window ({limit:,} residues)" if limit is not None else ""
+    fig.suptitle(f"Sequence length per class\n{report['dataset']} · n = {total:,}", x=0.02, ha="left", fontsize=10)
+    fig.tight_layout()
+    made.append(Figure(save_figure(fig, out / "length_histogram")["png"].with_suffix(""), "Lengths",
+                       f"Length histograms per class, 40 log-spaced bins{window_note}."))
+
+    # Box plot of lengths per class.
+    fig, ax = plt.subplots(figsize=(max(4.8, 0.8 * n_classes + 2), 3.8))
+    parts = ax.boxplot([length[data.labels == k] for k in range(n_classes)], showfliers=True,
+                       flierprops={"marker": ".", "markersize": 2, "alpha": 0.5}, patch_artist=True,
+                       medianprops={"color": "black"})
+    for k, box in enumerate(parts["boxes"]):
+        box.set_facecolor(colour(k))
+        box.set_alpha(0.75)
+    ax.set_yscale("log")
+    ax.set_xticks(range(1, n_classes + 1),
+                  [f"{c}\n(n = {int((data.labels == k).sum()):,})" for k, c in enumerate(classes)],
+                  rotation=30 if n_classes > 4 else 0, ha="right" if n_classes > 4 else "center")
+    if limit is not None:
+        ax.axhline(limit, color="#444", linestyle="--", linewidth=0.9, label=f"model window ({limit:,})")
+        ax.legend(frameon=False, loc="upper right")
+    ax.set_ylabel("length (residues, log scale)")
+    _title(ax, "Sequence length per class", report)
+    made.append(Figure(save_figure(fig, out / "length_boxplot")["png"].with_suffix(""), "Lengths",
+                       "Length per class: boxes span the quartiles, the line is the median, whiskers reach 1.5 "
+                       "interquartile ranges, dots are the proteins beyond them."))
+
+    # Tokens per protein with the 95th percentile.
+    tok = report["tokens"]
+    count = length + tok["extra_tokens"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.hist(count, bins=60, color=colour(0))
+    ax.axvline(tok["p95"], color=colour(5), linewidth=1.3,
+               label=f"95th percentile: {tok['p95']:,} tokens ({100 * tok['covered_by_p95']:.1f}% at or below)")
+    if "model_positions" in tok:
+        ax.axvline(tok["model_positions"], color="#444", linestyle="--", linewidth=0.9,
+                   label=f"model positions: {tok['model_positions']:,} "
+                         f"({100 * tok['covered_by_model_positions']:.1f}% fit)")
+    ax.set_xlabel(f"tokens per protein (residues + {tok['extra_tokens']} special)")
+    ax.set_ylabel("proteins")
+    ax.legend(frameon=False, loc="upper right")
+    _title(ax, "Tokens per protein", report)
+    made.append(Figure(save_figure(fig, out / "tokens")["png"].with_suffix(""), "Tokens",
+                       f"Tokens per protein including {tok['extra_tokens']} special token(s) "
+                       f"({window['backbone']}); a max_length of {tok['p95']:,} covers 95% of the proteins."))
+    return made
+
+
+def _frame(table: dict, index_name: str) -> pd.DataFrame:
+    frame = pd.DataFrame(table).T
+    frame.insert(0, index_name, frame.index)
+    frame["total"] = frame.drop(columns=[index_name]).sum(axis=1)
+    totals = {index_name: "total", **{c: int(frame[c].sum()) for c in frame.columns if c != index_name}}
+    return pd.concat([frame, pd.DataFrame([totals])], ignore_index=True)
+
+
+def html_sections(report: dict, made: list[Any]) -> list[str]:
+    from .htmlpage import bullets, image, section, table
+
+    def figs(name: str) -> list[str]:
+        return [image(f.png, f.caption, f.caption) for f in made if f.section == name]
+
+    c, d, w, t, r = report["counts"], report["duplicates"], report["window"], report["tokens"], report["residues"]
+    out = []
+    per_class = pd.DataFrame({"class": list(c["per_class"]), "proteins": list(c["per_class"].values())})
+    per_class["share"] = per_class["proteins"] / c["n"]
+    parts = [table(per_class)]
+    if "class_by_group" in c:
+        parts += ["<h3>Class × organism group</h3>", table(_frame(c["class_by_group"], "class"))]
+    if "class_by_fold" in c:
+        parts += ["<h3>Class × fold</h3>", table(_frame(c["class_by_fold"], "class"))]
+    out.append(section("Counts", *parts, *figs("Counts")))
+
+    notes = [f"{d['unique_sequences']:,} unique sequences among {c['n']:,} proteins; "
+             f"{d['duplicate_sets']:,} sequences occur under more than one ID "
+             f"({d['proteins_in_duplicate_sets']:,} proteins, {d['redundant_proteins']:,} redundant).",
+             f"{d['sets_with_conflicting_labels']:,} of them carry different labels.",
+             f"Repeated IDs: {d['repeated_ids_note']}."]
+    if "sets_across_folds" in d:
+        notes.append(f"{d['sets_across_folds']:,} identical sequences sit in different folds (a leak between "
+                     "training and test).")
+    parts = [bullets(notes)]
+    if d["sets"]:
+        rows = pd.DataFrame([{"IDs": ", ".join(e["ids"]), "labels": ", ".join(e["labels"]),
+                              "labels agree": "yes" if e["labels_agree"] else "NO", "length": e["length"],
+                              **({"folds": ", ".join(map(str, e["folds"]))} if "folds" in e else {})}
+                             for e in d["sets"]])
+        parts.append(table(rows))
+    out.append(section("Duplicate sequences", *parts))
+
+    stats = pd.DataFrame([{"class": k, **v} for k, v in report["lengths"]["per_class"].items()]
+                         + [{"class": "all", **report["lengths"]["all"]}])
+    out.append(section("Lengths", table(stats, "{:.1f}"), *figs("Lengths")))
+
+    if w["window"] is None:
+        notes = [f"Backbone: {w['backbone']} ({w['source']}).", w["note"] + "."]
+        parts = [bullets(notes)]
+    else:
+        tr, ch = w["truncation"], w["chunking"]
+        notes = [f"Backbone: {w['backbone']} ({w['source']}); window {w['window']:,} residues, long proteins: "
+                 f"{w['long_policy']}.",
+                 f"{w['over_window']:,} proteins ({100 * w['over_window_fraction']:.1f}%) are longer than the window.",
+                 f"Truncation keeps the first {w['window']:,} residues: {tr['residues_lost']:,} of "
+                 f"{tr['residues_total']:,} residues lost ({100 * tr['fraction_of_residues_lost']:.2f}%), "
+                 f"at most {tr['largest_loss']:,} from one protein.",
+                 (f"Chunking (windows overlapping by {ch['overlap']} residues): {ch['windows_total']:,} windows "
+                  f"for {c['n']:,} proteins, {ch['extra_windows']:,} more than one each; at most "
+                  f"{ch['most_windows']} for one protein." if ch["supported"] else ch.get("note", "") + ".")]
+        parts = [bullets(notes)]
+        if w["over_window"]:
+            per = pd.DataFrame({"class": list(w["over_window_per_class"]),
+                                "over the window": list(w["over_window_per_class"].values())})
+            parts += [table(per), "<h3>Proteins over the window</h3>", table(pd.DataFrame(w["over_window_ids"]))]
+    if "cache" in report:
+        cache = report["cache"]
+        parts.append(bullets([f"Cache {cache['path']} (format version {cache['format_version']}): holds "
+                              f"{cache['in_cache']:,} of the {c['n']:,} sequences (found by content), "
+                              f"{cache['stored_truncated']:,} of them stored truncated; "
+                              f"{cache['missing']:,} missing."]))
+    out.append(section("Model window", *parts))
+
+    notes = [f"Tokens per protein include {t['extra_tokens']} special token(s).",
+             f"Median {t['median']:,}, 95th percentile {t['p95']:,} ({100 * t['covered_by_p95']:.1f}% of proteins "
+             f"at or below: a max_length of {t['p95']:,} covers 95%), longest {t['max']:,}."]
+    out.append(section("Tokens", bullets(notes), *figs("Tokens")))
+
+    notes = [f"{r['total']:,} residues outside the 20 standard amino acids in {r['proteins_with_any']:,} proteins"
+             + (f" ({', '.join(f'{k}: {v:,}' for k, v in r['per_letter'].items())})" if r["per_letter"] else "")
+             + f"; at most {r['most_in_one_protein']:,} in one protein."]
+    parts = [bullets(notes)]
+    if r["proteins"]:
+        parts.append(table(pd.DataFrame([{**{k: v for k, v in p.items() if k != "letters"},
+                                          "letters": ", ".join(f"{a}: {n}" for a, n in p["letters"].items())}
+                                         for p in r["proteins"]])))
+    out.append(section("Unknown and ambiguous residues", *parts))
+
+    if "against" in report:
+        a = report["against"]
+        ex, hom = a["exact"], a["homology"]
+        notes = [f"Compared with {a['dataset']} ({a['n']:,} proteins, sha256 {a['sha256'][:16]}…).",
+                 f"Identical sequences: {ex['proteins']:,} of {c['n']:,} proteins here "
+                 f"({ex['other_proteins']:,} proteins there)"
+                 + (f"; {ex['labels_disagree']:,} with a different label there." if "labels_disagree" in ex
+                    else ".")]
+        if hom.get("available"):
+            notes.append(f"At {100 * hom['identity']:.0f}% identity or more ({hom['identity_definition']}): "
+                         f"{hom['proteins']:,} proteins here, {hom['other_proteins']:,} there.")
+        else:
+            notes.append(hom["note"] + ".")
+        parts = [bullets(notes)]
+        if ex["pairs"]:
+            parts += ["<h3>Identical sequences</h3>",
+                      table(pd.DataFrame([{"id": p["id"], "label": p["label"], "there": ", ".join(p["other_ids"]),
+                                           **({"label there": ", ".join(p["other_labels"])}
+                                              if "other_labels" in p else {})} for p in ex["pairs"]]))]
+        if hom.get("best_hits"):
+            parts += [f"<h3>Best hit at {100 * hom['identity']:.0f}% identity or more</h3>",
+                      table(pd.DataFrame(hom["best_hits"]))]
+        out.append(section("Overlap", *parts))
+
+    prov = [f"Data: {report['data']['path']} (sha256 {report['data']['sha256']}, read as {report['data']['kind']})"]
+    if "cache" in report:
+        prov.append("Cache settings: " + ", ".join(f"{k}={v}" for k, v in report["cache"]["settings"].items()))
+    prov.append(f"Lists in this page and in describe.json stop at {LISTED} entries; counts are complete.")
+    out.append(section("Provenance", bullets(prov)))
+    return out
+
+
+def write_report(out: Path | str, data_path: Path | str, *, kind: str | None = None,
+                 cache: Path | str | None = None, against: Path | str | None = None, identity: float = 0.3,
+                 threads: int = 2, id_col: str | None = None, seq_col: str | None = None, label_col: str = "label",
+                 class_names: dict[str, str] | None = None, command: str | None = None) -> dict:
+    """describe.json, the figures and describe.html in ``out``; returns the report dict."""
+    from embedcache import __version__
+    from embedcache.atomic import write_json
+
+    from .htmlpage import write_page
+
+    csv_options = {"id_col": id_col, "seq_col": seq_col, "label_col": label_col, "class_names": class_names}
+    data, kind = load(data_path, kind, **csv_options)
+    report = describe_data(data, data_path, kind, cache=cache, against=against, identity=identity,
+                           threads=threads, csv_options=csv_options)
+    report["provenance"] = {"embedcache_version": __version__, "command": command}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    made = figures(data, report, out)
+    report["figures"] = [f.stem.name for f in made]
+    write_json(out / "describe.json", report)
+    subtitle = (f"{report['counts']['n']:,} proteins · {len(data.classes)} classes · window: "
+                f"{report['window']['backbone']}")
+    sections = html_sections(report, made)
+    if command:
+        from .htmlpage import escape
+
+        sections.append(f"<pre>{escape(command)}</pre>")
+    write_page(out / "describe.html", f"Dataset report: {report['dataset']}", subtitle, sections)
+    log.info("dataset report written to %s", out)
     return report
