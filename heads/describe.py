@@ -395,12 +395,20 @@ def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str]
         hit_targets.add(ti)
         if qi not in best or value > best[qi][0]:
             best[qi] = (value, ti)
+    # Identical sequences are 100% identical whatever MMseqs2 finds: it misses short peptides,
+    # whose best alignment cannot pass its E-value cut.
+    where = {sequence_key(s): j for j, s in enumerate(other_seqs)}
+    for i, seq in enumerate(data.sequences):
+        j = where.get(sequence_key(seq))
+        if j is not None:
+            hit_targets.add(j)
+            best[i] = (1.0, j)
     order = sorted(best, key=lambda i: (-best[i][0], data.ids[i]))
     return {
         "available": True,
         "identity": identity,
         "identity_definition": "identical residues / length of the shorter sequence (MMseqs2 easy-search, "
-                               "E-value <= 1e-3)",
+                               "E-value <= 1e-3; identical sequences always count)",
         "proteins": len(best),
         "other_proteins": len(hit_targets),
         "ids": [data.ids[i] for i in order[:listed]],
@@ -499,6 +507,21 @@ def _title(ax: Any, what: str, report: dict) -> None:
     ax.set_title(f"{what}\n{report['dataset']} · n = {report['counts']['n']:,}", loc="left")
 
 
+def _class_colours(n: int) -> list[Any]:
+    """Distinct colours for ``n`` stacked classes: the house palette up to its size, tab20 beyond."""
+    from .figstyle import COLOURS, pyplot
+
+    if n <= len(COLOURS):
+        return list(COLOURS[:n])
+    cmap = pyplot().get_cmap("tab20")
+    return [cmap(k % 20) for k in range(n)]
+
+
+def _log_axis(values: np.ndarray) -> bool:
+    """A log axis only where the values span more than a factor of 20."""
+    return bool(len(values)) and values.max() > 20 * max(values.min(), 1)
+
+
 def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
     """The report's figures, each saved as SVG and PNG; returns figstyle.Figure records."""
     from .figstyle import Figure, colour, pyplot, save_figure
@@ -541,9 +564,10 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
         folds = [str(f) for f in counts_["folds"]]
         fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(folds) + 3), 3.6))
         bottom = np.zeros(len(folds))
+        stacked = _class_colours(n_classes)
         for k, c in enumerate(classes):
             values = np.array([counts_["class_by_fold"][c][f] for f in folds])
-            ax.bar(np.arange(len(folds)), values, bottom=bottom, color=colour(k), label=c, width=0.7)
+            ax.bar(np.arange(len(folds)), values, bottom=bottom, color=stacked[k], label=c, width=0.7)
             bottom += values
         for x, value in enumerate(bottom):
             ax.text(x, value, f"{int(value):,}", ha="center", va="bottom", fontsize=8)
@@ -558,22 +582,30 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
 
     # Length histogram per class: one panel per class, shared x axis on a log scale.
     limit = window.get("window")
-    edges = np.logspace(np.log10(max(length.min(), 1)), np.log10(length.max() + 1), 40)
+    log_length = _log_axis(length)
+    scale = "log scale" if log_length else "linear scale"
+    edges = (np.logspace(np.log10(max(length.min(), 1)), np.log10(length.max() + 1), 40) if log_length
+             else np.linspace(length.min(), length.max() + 1, 40))
     cols = 2 if n_classes > 1 else 1
     rows = int(np.ceil(n_classes / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(7.2, 1.7 * rows + 0.9), sharex=True, squeeze=False)
     for k, c in enumerate(classes):
         ax = axes[k // cols][k % cols]
-        ax.hist(length[data.labels == k], bins=edges, color=colour(k))
-        ax.set_xscale("log")
+        # One colour: each panel is named, and repeating colours past eight classes would mislead.
+        ax.hist(length[data.labels == k], bins=edges, color=colour(0))
+        if log_length:
+            ax.set_xscale("log")
         if limit is not None:
-            ax.axvline(limit, color="#444", linestyle="--", linewidth=0.9)
+            ax.axvline(limit, color="#444", linestyle="--", linewidth=0.9,
+                       label=f"model window ({limit:,} residues)" if k == 0 else None)
         ax.set_title(f"{c} (n = {int((data.labels == k).sum()):,})", fontsize=9, loc="left")
         ax.set_ylabel("proteins")
+    if limit is not None:
+        fig.legend(frameon=False, loc="upper right", bbox_to_anchor=(0.99, 0.99))
     for k in range(n_classes, rows * cols):
         axes[k // cols][k % cols].set_visible(False)
     for ax in axes[-1]:
-        ax.set_xlabel("length (residues, log scale)")
+        ax.set_xlabel(f"length (residues, {scale})")
     if rows > 1 and n_classes % cols:
         axes[-2][-1].xaxis.set_tick_params(labelbottom=True)
         axes[-2][-1].set_xlabel("length (residues, log scale)")
@@ -581,24 +613,25 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
     fig.suptitle(f"Sequence length per class\n{report['dataset']} · n = {total:,}", x=0.02, ha="left", fontsize=10)
     fig.tight_layout()
     made.append(Figure(save_figure(fig, out / "length_histogram")["png"].with_suffix(""), "Lengths",
-                       f"Length histograms per class, 40 log-spaced bins{window_note}."))
+                       f"Length histograms per class, 40 {'log-spaced ' if log_length else ''}bins{window_note}."))
 
     # Box plot of lengths per class.
     fig, ax = plt.subplots(figsize=(max(4.8, 0.8 * n_classes + 2), 3.8))
     parts = ax.boxplot([length[data.labels == k] for k in range(n_classes)], showfliers=True,
                        flierprops={"marker": ".", "markersize": 2, "alpha": 0.5}, patch_artist=True,
                        medianprops={"color": "black"})
-    for k, box in enumerate(parts["boxes"]):
-        box.set_facecolor(colour(k))
-        box.set_alpha(0.75)
-    ax.set_yscale("log")
+    for box in parts["boxes"]:
+        box.set_facecolor(colour(0))
+        box.set_alpha(0.6)
+    if log_length:
+        ax.set_yscale("log")
     ax.set_xticks(range(1, n_classes + 1),
                   [f"{c}\n(n = {int((data.labels == k).sum()):,})" for k, c in enumerate(classes)],
                   rotation=30 if n_classes > 4 else 0, ha="right" if n_classes > 4 else "center")
     if limit is not None:
         ax.axhline(limit, color="#444", linestyle="--", linewidth=0.9, label=f"model window ({limit:,})")
         ax.legend(frameon=False, loc="upper right")
-    ax.set_ylabel("length (residues, log scale)")
+    ax.set_ylabel(f"length (residues, {scale})")
     _title(ax, "Sequence length per class", report)
     made.append(Figure(save_figure(fig, out / "length_boxplot")["png"].with_suffix(""), "Lengths",
                        "Length per class: boxes span the quartiles, the line is the median, whiskers reach 1.5 "
@@ -608,16 +641,23 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
     tok = report["tokens"]
     count = length + tok["extra_tokens"]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.hist(count, bins=60, color=colour(0))
+    # Log-spaced bins on a log axis, as for lengths: a few very long proteins would otherwise
+    # squeeze every other one into a handful of bars.
+    log_count = _log_axis(count)
+    ax.hist(count, color=colour(0), bins=np.logspace(np.log10(count.min()), np.log10(count.max() + 1), 50)
+            if log_count else 50)
+    if log_count:
+        ax.set_xscale("log")
     ax.axvline(tok["p95"], color=colour(5), linewidth=1.3,
                label=f"95th percentile: {tok['p95']:,} tokens ({100 * tok['covered_by_p95']:.1f}% at or below)")
     if "model_positions" in tok:
         ax.axvline(tok["model_positions"], color="#444", linestyle="--", linewidth=0.9,
                    label=f"model positions: {tok['model_positions']:,} "
                          f"({100 * tok['covered_by_model_positions']:.1f}% fit)")
-    ax.set_xlabel(f"tokens per protein (residues + {tok['extra_tokens']} special)")
+    ax.set_xlabel(f"tokens per protein (residues + {tok['extra_tokens']} special{'; log scale' if log_count else ''})")
     ax.set_ylabel("proteins")
-    ax.legend(frameon=False, loc="upper right")
+    # Below the axes: inside them it would cover bars wherever the mass of the distribution lies.
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(0, -0.2))
     _title(ax, "Tokens per protein", report)
     made.append(Figure(save_figure(fig, out / "tokens")["png"].with_suffix(""), "Tokens",
                        f"Tokens per protein including {tok['extra_tokens']} special token(s) "
