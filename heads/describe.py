@@ -351,9 +351,17 @@ def exact_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str],
     return out
 
 
-def _write_fasta(path: Path, ids: list[str], seqs: list[str]) -> None:
-    # MMseqs2 is given row numbers, not the IDs: an ID may hold characters it would cut at.
-    path.write_text("".join(f">{i}\n{s}\n" for i, s in zip(range(len(ids)), seqs)))
+# MMseqs2 refuses a database from which it cannot extract a k-mer ("Maybe the sequences length
+# is less than 14 residues"); shorter sequences are left out of the search, counted, and still
+# found when identical.
+MMSEQS_MIN_LENGTH = 14
+
+
+def _write_fasta(path: Path, seqs: list[str]) -> int:
+    """Sequences long enough for MMseqs2, named by their row (an ID may hold characters it cuts at)."""
+    rows = [(i, s) for i, s in enumerate(seqs) if len(s) >= MMSEQS_MIN_LENGTH]
+    path.write_text("".join(f">{i}\n{s}\n" for i, s in rows))
+    return len(rows)
 
 
 def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str], identity: float = 0.3,
@@ -370,20 +378,21 @@ def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str]
     with tempfile.TemporaryDirectory(prefix="describe_mmseqs_") as tmp:
         tmpdir = Path(tmp)
         query, target, result = tmpdir / "query.fasta", tmpdir / "target.fasta", tmpdir / "hits.m8"
-        _write_fasta(query, data.ids, data.sequences)
-        _write_fasta(target, other_ids, other_seqs)
+        searched = (_write_fasta(query, data.sequences), _write_fasta(target, other_seqs))
         command = [binary, "easy-search", str(query), str(target), str(result), str(tmpdir / "work"),
                    "--format-output", "query,target,nident,qlen,tlen,fident,alnlen,evalue",
                    # -a: without the backtrace MMseqs2 14 reports nident as 0
                    "-a", "--threads", str(threads), "-v", "1"]
-        log.info("MMseqs2: %d query proteins against %d (identity >= %.2f)", len(data), len(other_ids), identity)
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=tmpdir)
-        for line in (proc.stdout + proc.stderr).splitlines():
-            log.debug("mmseqs: %s", line)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(f"mmseqs easy-search failed (exit {proc.returncode}): {' | '.join(tail)}")
-        rows = result.read_text().splitlines() if result.exists() else []
+        rows: list[str] = []
+        if all(searched):
+            log.info("MMseqs2: %d query proteins against %d (identity >= %.2f)", searched[0], searched[1], identity)
+            proc = subprocess.run(command, capture_output=True, text=True, cwd=tmpdir)
+            for line in (proc.stdout + proc.stderr).splitlines():
+                log.debug("mmseqs: %s", line)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+                raise RuntimeError(f"mmseqs easy-search failed (exit {proc.returncode}): {' | '.join(tail)}")
+            rows = result.read_text().splitlines() if result.exists() else []
     best: dict[int, tuple[float, int]] = {}
     hit_targets: set[int] = set()
     for row in rows:
@@ -411,6 +420,8 @@ def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str]
                                "E-value <= 1e-3; identical sequences always count)",
         "proteins": len(best),
         "other_proteins": len(hit_targets),
+        "too_short_to_search": {"here": len(data) - searched[0], "there": len(other_ids) - searched[1],
+                                "min_length": MMSEQS_MIN_LENGTH},
         "ids": [data.ids[i] for i in order[:listed]],
         "best_hits": [{"id": data.ids[i], "label": data.classes[data.labels[i]],
                        "other_id": other_ids[best[i][1]], "identity": round(best[i][0], 4)} for i in order[:listed]],
