@@ -305,7 +305,9 @@ def cache_coverage(data: LabeledSet, cache: Any) -> dict:
 # -- overlap with another set --------------------------------------------------------------
 
 
-def read_other(path: Path | str, kind: str | None = None, **csv_options) -> tuple[list[str], list[str], list[str] | None]:
+def read_other(
+    path: Path | str, kind: str | None = None, **csv_options
+) -> tuple[list[str], list[str], list[str] | None]:
     """IDs, sequences and (when the file has them) labels of the set to compare with.
 
     A labelled file is read as ``heads cv`` would; a plain FASTA or CSV without labels is read
@@ -684,8 +686,18 @@ def _frame(table: dict, index_name: str) -> pd.DataFrame:
     return pd.concat([frame, pd.DataFrame([totals])], ignore_index=True)
 
 
+HTML_ROWS = 50  # rows of a list shown in the page; describe.json holds up to LISTED
+
+
 def html_sections(report: dict, made: list[Any]) -> list[str]:
-    from .htmlpage import bullets, image, section, table
+    from .htmlpage import bullets, image, section
+    from .htmlpage import table as full_table
+
+    def table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+        if len(frame) <= HTML_ROWS:
+            return full_table(frame, float_format)
+        return (full_table(frame.head(HTML_ROWS), float_format)
+                + f"<p>First {HTML_ROWS} of {len(frame):,} rows listed; describe.json lists up to {LISTED}.</p>")
 
     def figs(name: str) -> list[str]:
         return [image(f.png, f.caption, f.caption) for f in made if f.section == name]
