@@ -24,8 +24,10 @@ truncated cache's rows) have weight 0 and lie outside ``residues_seen``.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,12 @@ def group_name(ident: str) -> str:
     """An HDF5 name for any ID: '/' and '%' percent-encoded, and a leading '.' too."""
     name = quote(ident, safe="")
     return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def file_name(ident: str) -> str:
+    """A readable file name for an ID: runs of characters other than letters, digits, '.', '-' become '_'."""
+    name = re.sub(r"[^A-Za-z0-9.\-]+", "_", ident).strip("._") or "protein"
+    return name if name == ident else f"{name}_{hashlib.sha1(ident.encode()).hexdigest()[:6]}"
 
 
 @dataclass
@@ -307,34 +315,48 @@ def draw_attention(protein: ProteinAttention, stem: Path | str, context: str = "
     fig.add_subplot(grid[0, 1]).axis("off")
 
     uniform = 1.0 / max(1, int(protein.seen.sum()))
+    unseen = ~protein.seen
+    # Residues the models did not read are left blank (not drawn as weight 0) and hatched.
+    shown = np.where(unseen, np.nan, weights)
+    shown_mean = np.where(unseen, np.nan, mean)
     for h in range(n_heads):
-        ax.plot(x, weights[h], color="0.6", lw=0.6, alpha=0.5, label="single attention head" if h == 0 else None)
-    ax.plot(x, mean, color=colour(0), lw=1.3, label=f"mean of {n_heads} attention heads")
-    ax.axhline(uniform, color="0.3", lw=0.7, ls=":", label="uniform (1 / residues read)")
-    top = float(max(weights.max(), mean.max(), uniform)) * 1.22
+        ax.plot(x, shown[h], color="0.6", lw=0.6, alpha=0.5, label="single attention head" if h == 0 else None)
+    ax.plot(x, shown_mean, color=colour(0), lw=1.3, label=f"mean of {n_heads} attention heads")
+    for i, (first, last) in enumerate(seen_ranges(protein.seen)):
+        ax.hlines(uniform, first - 0.5, last + 0.5, color="0.3", lw=0.7, ls=":",
+                  label="uniform (1 / residues read)" if i == 0 else None)
+    top = float(max(np.nanmax(shown), np.nanmax(shown_mean), uniform)) * 1.22
     ax.set_ylim(0, top)
     nterm = min(N_TERMINAL, length)
-    for a in (ax, strip):
-        a.axvspan(0.5, nterm + 0.5, color=colour(1), alpha=0.15, lw=0)
-    ax.text((nterm + 1) / 2, top * 0.985, f"N-terminal {nterm}", ha="center", va="top", fontsize=7, color="0.25")
-    unseen = ~protein.seen
+    # Only the line panel is shaded: a tint over the heat strip would change its colours.
+    ax.axvspan(0.5, nterm + 0.5, color=colour(1), alpha=0.15, lw=0)
+    # Beside the band, not in it: for long proteins 30 residues are narrower than the label.
+    ax.text(nterm + 0.5 + length * 0.008, top * 0.985, f"\u2190 N-terminal {nterm} residues", ha="left", va="top",
+            fontsize=7, color="0.25")
+    strip.axvline(nterm + 0.5, color="white", lw=0.8, ls="--")
+    handles = []
     if unseen.any():
+        from matplotlib.patches import Patch
+
         for first, last in seen_ranges(unseen):
             for a in (ax, strip):
-                a.axvspan(first - 0.5, last + 0.5, color="0.85", alpha=0.6, lw=0, hatch="//")
-        ax.text(0.99, 0.80, "hatched: not read by the model", transform=ax.transAxes, ha="right", fontsize=7,
-                color="0.3")
-    for i in top_positions(mean):
+                a.axvspan(first - 0.5, last + 0.5, facecolor="0.92", edgecolor="0.6", lw=0, hatch="//")
+        handles.append(Patch(facecolor="0.92", edgecolor="0.6", hatch="//", label="not read by the model (cropped)"))
+    for i in top_positions(np.where(unseen, 0.0, mean), k=5, spacing=max(3, -(-length // 18))):
+        # A label is about 4 characters wide: labelled residues are kept that many positions apart.
         ax.annotate(f"{seq[i]}{i + 1}", (i + 1, mean[i]), xytext=(0, 3), textcoords="offset points", ha="center",
                     va="bottom", fontsize=7, color=colour(0))
     ax.set_ylabel("attention weight")
-    ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.93) if unseen.any() else (1.0, 1.0), frameon=False)
+    lines, labels = ax.get_legend_handles_labels()
+    ax.legend(lines + handles, labels + [h.get_label() for h in handles], loc="upper right", frameon=True,
+              framealpha=0.9, edgecolor="none")
     plt.setp(ax.get_xticklabels(), visible=False)
 
-    image = strip.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest",
+    masked = np.ma.masked_array(weights, np.broadcast_to(unseen, weights.shape))
+    image = strip.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest",
                          extent=(0.5, length + 0.5, n_heads + 0.5, 0.5), vmin=0)
     strip.set_yticks(range(1, n_heads + 1) if n_heads <= 8 else [1, n_heads])
-    strip.set_ylabel("head", labelpad=2)
+    strip.set_ylabel("attention\nhead", labelpad=2)
     strip.set_xlabel("residue position")
     strip.set_xlim(0.5, length + 0.5)
     from matplotlib.ticker import MaxNLocator
@@ -347,8 +369,8 @@ def draw_attention(protein: ProteinAttention, stem: Path | str, context: str = "
     training = " · in the run's training data" if protein.in_training_data else ""
     fig.suptitle(f"{protein.id}: predicted {protein.predicted} (p = {protein.probability:.2f}), {length} residues",
                  x=0.06, ha="left", y=0.995, fontsize=10)
-    sub = (f"{protein.method_title} ({protein.method}), attention averaged over {protein.n_models} fold models"
-           f"{training}")
+    name = protein.method_title if protein.method == protein.kind else f"{protein.method_title} ({protein.method})"
+    sub = f"{name}: weights averaged over {protein.n_models} fold models{training}"
     ax.set_title(f"{sub}\n{context}" if context else sub, loc="left", fontsize=8, color="0.3")
     return save_figure(fig, stem)
 
@@ -378,5 +400,5 @@ def explain(run: Path | str, ident: str, out: Path | str, *, attention: Path | s
                          "itself with --cache or --sequences")
     else:
         protein = compute_attention(run, ident, cache=cache, sequences=sequences, head=head, **options)
-    stem = Path(out) / f"attention_{group_name(ident)}"
+    stem = Path(out) / f"attention_{file_name(ident)}"
     return draw_attention(protein, stem, run_context(finished))

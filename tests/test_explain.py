@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -15,6 +16,7 @@ from heads.explain import (
     AttentionFileError,
     check_has_attention,
     compute_attention,
+    file_name,
     group_name,
     read_attention,
     seen_ranges,
@@ -139,6 +141,9 @@ def test_group_names_keep_any_id_apart():
     assert len(set(names)) == len(ids)
     assert all("/" not in n and not n.startswith(".") for n in names)
     assert group_name("plain_ID-1.2") == "plain_ID-1.2"
+    files = [file_name(i) for i in ids]
+    assert len(set(files)) == len(ids) and all(re.fullmatch(r"[A-Za-z0-9._\-]+", f) for f in files)
+    assert file_name("P12345") == "P12345" and file_name("sp/P1|x").startswith("sp_P1_x_")
 
 
 def test_seen_ranges_and_top_positions():
@@ -229,7 +234,7 @@ def test_cli_explain_draws_one_protein_from_the_file_or_computed(motif_run, tmp_
     result = runner.invoke(heads_main, ["explain", "--run", str(out), "--id", ident, "--attention",
                                         str(tmp_path / "a.h5"), "--out", str(tmp_path / "fig")])
     assert result.exit_code == 0, result.output
-    stem = tmp_path / "fig" / f"attention_{group_name(ident)}"
+    stem = tmp_path / "fig" / f"attention_{file_name(ident)}"
     png, svg = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
     assert png.read_bytes()[:4] == b"\x89PNG" and "predicted" in svg.read_text()
     # Computed for the protein alone, from the cache or from the labelled file itself.
