@@ -109,8 +109,11 @@ class SequenceClassifier(nn.Module):
         """Logits and the attention pooling's weights (B, residues, heads); pooling must be attention."""
         with self.backbone.autocast():
             states, mask = self.backbone.residue_states(sequences, False)
-        pooled, attention = self.head.pool(states.float(), mask)
-        return self.head.classifier(pooled), attention
+        head = self.head
+        if not isinstance(head, AttentionPooling):
+            raise ValueError(f"this model pools residues by their {self.pooling}: it has no attention weights")
+        pooled, attention = head.pool(states.float(), mask)
+        return head.classifier(pooled), attention
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What training changes: parameters that require gradients, and the head's buffers."""

@@ -330,8 +330,8 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
             features = FeatureSource.from_rows(cache, cache.rows(ids), layer)
         seqs = [str(s) for s in features.sequences()]
         total = np.zeros((len(ids), len(classes)))
-        maps = [None] * len(ids) if attention else None
-        seen = [np.zeros(len(s), dtype=bool) for s in seqs] if attention else None
+        maps: list[np.ndarray | None] | None = [None] * len(ids) if attention else None
+        seen = [np.zeros(len(s), dtype=bool) for s in seqs]
         for entry in entries:  # one at a time: a fine-tuned model holds a whole backbone
             path = run / "models" / entry["file"]
             model = Head.load(path)
@@ -356,9 +356,10 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
     frame.attrs["head"] = head
     frame.attrs["models"] = len(entries)
     frame.attrs["cache"] = None if cache_path is None else str(cache_path)
-    if maps is not None:
-        maps = [m / len(entries) for m in maps]
-    return Ensemble(frame, seqs, head, len(entries), maps, seen)
+    if maps is None:
+        return Ensemble(frame, seqs, head, len(entries))
+    averaged = [np.zeros((0, len(s)), dtype=np.float32) if m is None else m / len(entries) for m, s in zip(maps, seqs)]
+    return Ensemble(frame, seqs, head, len(entries), averaged, seen)
 
 
 def _check_ids(wanted: list[str], known: set[str], source) -> None:
