@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -93,6 +94,15 @@ class AttentionPooling(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(x, mask)[0])
+
+
+@dataclass
+class ResidueAttention:
+    """What a model with attention pooling predicted for some proteins, and where it looked."""
+
+    proba: np.ndarray  # (proteins, classes) probabilities, columns as the model's classes_
+    weights: list[np.ndarray]  # per protein (attention heads, residues seen): each head's weights sum to 1
+    positions: list[np.ndarray]  # per protein, the 0-based sequence index of each residue seen
 
 
 def _conv_kernel_check(v) -> str | None:
@@ -212,6 +222,32 @@ class AttentionHead(Head):
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
         with torch_threads(self.threads or available_cores()):
             return self._proba(X)
+
+    def attention(self, X) -> ResidueAttention:
+        """Probabilities and each protein's attention weights over the residues the module saw.
+
+        A cache's residue rows start at the sequence's first residue (BOS/EOS are not stored;
+        truncation keeps the N-terminal part) and the head reads at most ``crop`` of them, so
+        the residues seen are the first ``min(stored, crop)`` of the sequence.
+        """
+        self.check_fitted()
+        X = _as_residues(X)
+        check_width(self, X.dim)
+        proba = np.zeros((len(X), len(self.classes_)), dtype=np.float32)
+        weights: list[np.ndarray] = [np.zeros((self.heads_, 0), dtype=np.float32)] * len(X)
+        if len(X) == 0:
+            return ResidueAttention(proba, weights, [])
+        module = self.module_
+        module.eval()
+        lengths = np.minimum(X.lengths, self.crop or 1 << 30)
+        with torch_threads(self.threads or available_cores()), torch.inference_mode():
+            for idx in length_batches(lengths, self.batch_tokens, self.max_batch):
+                x, mask = pad(_read(X, idx), self.crop)
+                pooled, attention = module.pool(torch.from_numpy(x), torch.from_numpy(mask))
+                proba[idx] = torch.softmax(module.classifier(pooled), dim=1).numpy()
+                for row, i in enumerate(idx):
+                    weights[i] = attention[row, :lengths[i]].T.contiguous().numpy()
+        return ResidueAttention(proba, weights, [np.arange(n) for n in lengths])
 
     def selection_summary(self):
         return {"best_epoch": self.best_epoch_, "epochs_run": len(self.history_)}

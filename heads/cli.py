@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import click
 
@@ -190,30 +191,45 @@ def compare_cmd(heads, **kw) -> None:
               help="Folder for the caches --sequences builds [RUN/embeddings].")
 @click.option("--device", default="auto", show_default=True, help="--sequences: where to embed (cpu, cuda, cuda:N).")
 @click.option("--threads", type=click.IntRange(min=1), help="--sequences: torch CPU threads [cores available].")
+@click.option("--attention", "attention_out", type=click.Path(dir_okay=False),
+              help="Also write every protein's per-residue attention weights (each attention head and their mean, "
+                   "averaged over the fold models) to this HDF5 file; for the attention head and fine-tuning with "
+                   "attention pooling.")
 @click.option("--verbose", "-v", is_flag=True)
 def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embeddings_dir, device, threads,
-                verbose) -> None:
+                attention_out, verbose) -> None:
     """Predict proteins with the ensemble of a run's fold models.
 
     Give the proteins as a cache of the run's own backbone (--cache) or as a FASTA/CSV file
     (--sequences), which is embedded the way the run's cache was. Only the model files the
     run recorded are used, each checked against its sha256. The column in_training_data
-    marks proteins whose sequence the run trained on.
+    marks proteins whose sequence the run trained on. --attention FILE.h5 also writes where
+    each protein's models looked (`heads explain` draws it).
     """
     _logging(verbose)
     if (cache is None) == (sequences is None):
         raise click.UsageError("give the proteins with --cache C.h5 or with --sequences FILE (one of them)")
     if sequences is None and (id_col or seq_col):
         raise click.UsageError("--id-col and --seq-col apply to --sequences")
+    if attention_out is not None and Path(attention_out).resolve() == Path(out).resolve():
+        raise click.UsageError("--attention and --out must be different files")
     from embedcache.atomic import atomic_path
 
-    from .run import predict
+    from .run import ensemble
 
     user_errors = _user_errors()
     try:
         with resumable():
-            frame = predict(run_dir, cache, head, sequences=sequences, id_col=id_col, seq_col=seq_col,
-                            embeddings_dir=embeddings_dir, device=device, threads=threads)
+            result = ensemble(run_dir, cache, head, sequences=sequences, id_col=id_col, seq_col=seq_col,
+                              embeddings_dir=embeddings_dir, device=device, threads=threads,
+                              attention=attention_out is not None)
+            frame = result.frame
+            if attention_out is not None:
+                from .explain import proteins_of, write_attention
+                from .rundir import open_finished
+
+                finished = open_finished(run_dir)
+                write_attention(attention_out, proteins_of(result, finished), finished)
             with atomic_path(out) as tmp:
                 frame.to_csv(tmp, sep="\t", index=False, float_format="%.5f")
     except user_errors as err:
@@ -221,6 +237,52 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
     seen = int(frame["in_training_data"].sum())
     click.echo(f"{out}: {len(frame)} proteins ({seen} with a sequence from the run's training data), "
                f"ensemble of {frame.attrs['models']} {frame.attrs['head']} models")
+    if attention_out is not None:
+        click.echo(f"{attention_out}: per-residue attention of every protein (mean over the "
+                   f"{frame.attrs['models']} models)")
+
+
+@main.command("explain")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A run directory.")
+@click.option("--id", "ident", required=True, help="The protein's ID.")
+@click.option("--attention", type=click.Path(exists=True, dir_okay=False),
+              help="Attention file written by `heads predict --attention` for this run.")
+@click.option("--cache", type=click.Path(exists=True, dir_okay=False),
+              help="Or compute it now: an embedding cache holding the protein (the run's backbone and settings).")
+@click.option("--sequences", type=click.Path(exists=True, dir_okay=False),
+              help="Or compute it now: a FASTA or CSV/TSV holding the protein (only it is embedded).")
+@click.option("--id-col", help="--sequences CSV: ID column [recognised].")
+@click.option("--seq-col", help="--sequences CSV: sequence column [recognised].")
+@click.option("--head", help="Which head's fold models [the run's best with attention].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for attention_ID.svg and .png.")
+@click.option("--embeddings", "embeddings_dir", type=click.Path(file_okay=False),
+              help="Folder for the cache --sequences builds [RUN/embeddings].")
+@click.option("--device", default="auto", show_default=True, help="--sequences: where to embed (cpu, cuda, cuda:N).")
+@click.option("--threads", type=click.IntRange(min=1), help="--sequences: torch CPU threads [cores available].")
+@click.option("--verbose", "-v", is_flag=True)
+def explain_cmd(run_dir, ident, attention, cache, sequences, id_col, seq_col, head, out, embeddings_dir, device,
+                threads, verbose) -> None:
+    """Draw where a run's attention models looked in one protein: residue position against attention
+    (each attention head and their mean), the predicted class and probability, the N-terminal 30
+    residues shaded."""
+    _logging(verbose)
+    given = sum(x is not None for x in (attention, cache, sequences))
+    if given != 1:
+        raise click.UsageError("give one of --attention FILE.h5 (from heads predict), --cache C.h5 or "
+                               "--sequences FILE")
+    if sequences is None and (id_col or seq_col):
+        raise click.UsageError("--id-col and --seq-col apply to --sequences")
+    from .explain import explain
+
+    user_errors = _user_errors()
+    try:
+        with resumable():
+            paths = explain(run_dir, ident, out, attention=attention, cache=cache, sequences=sequences, head=head,
+                            id_col=id_col, seq_col=seq_col, embeddings_dir=embeddings_dir, device=device,
+                            threads=threads)
+    except user_errors as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{paths['png']} and {paths['svg'].name}: attention of {ident}")
 
 
 @main.command("describe")

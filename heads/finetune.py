@@ -37,7 +37,7 @@ from embedcache.atomic import atomic_path, write_json
 from embedcache.backbone import Backbone
 from embedcache.extract import ExtractConfig, available_cores, load_backbone, pick_device, torch_threads
 
-from .attention import AttentionPooling, usable_heads
+from .attention import AttentionPooling, ResidueAttention, usable_heads
 from .base import METRIC, Head, boolean, check_labels, class_weight_check, integer, number, one_of, path_check
 from .features import length_batches
 from .training import Schedule, Task, class_weights, isolated_rng, seed_torch, train
@@ -69,6 +69,16 @@ def crop_sequence(seq: str, max_residues: int | None, policy: str, rng: np.rando
     return seq[:max_residues]
 
 
+def crop_positions(length: int, max_residues: int | None, policy: str) -> np.ndarray:
+    """The 0-based sequence indices :func:`crop_sequence` keeps at prediction (no ``rng``)."""
+    if not max_residues or length <= max_residues:
+        return np.arange(length)
+    if policy == "ends":
+        head = (max_residues + 1) // 2
+        return np.concatenate([np.arange(head), np.arange(length - (max_residues - head), length)])
+    return np.arange(max_residues)
+
+
 class SequenceClassifier(nn.Module):
     """A backbone's last-layer residue states, pooled over residues (padding masked), classified."""
 
@@ -94,6 +104,16 @@ class SequenceClassifier(nn.Module):
         weights = mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1)
         return self.head(pooled)
+
+    def forward_with_attention(self, sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the attention pooling's weights (B, residues, heads); pooling must be attention."""
+        with self.backbone.autocast():
+            states, mask = self.backbone.residue_states(sequences, False)
+        head = self.head
+        if not isinstance(head, AttentionPooling):
+            raise ValueError(f"this model pools residues by their {self.pooling}: it has no attention weights")
+        pooled, attention = head.pool(states.float(), mask)
+        return head.classifier(pooled), attention
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What training changes: parameters that require gradients, and the head's buffers."""
@@ -312,6 +332,33 @@ class FinetuneHead(Head):
         self.check_fitted()
         with torch_threads(self.threads or available_cores()):
             return self._proba(list(X))
+
+    def attention(self, X) -> ResidueAttention:
+        """Probabilities and each protein's attention weights over the residues it saw (pooling="attention").
+
+        Residue states are aligned to residues (BOS/EOS removed by the backbone), so weight j
+        belongs to the j-th residue of the cropped sequence, mapped back to its place in the
+        whole sequence.
+        """
+        self.check_fitted()
+        if self.pooling != "attention":
+            raise ValueError(f"this fine-tuned model pools residues by their {self.pooling}, so it has no attention "
+                             "weights; only finetune.pooling=attention (or the attention head) has them")
+        sequences = [str(s) for s in X]
+        classifier = self.classifier_
+        classifier.eval()
+        cropped = [crop_sequence(s, self.crop, self.crop_policy) for s in sequences]
+        lengths = np.array([len(s) for s in cropped]) + classifier.backbone.extra_tokens
+        proba = np.zeros((len(cropped), len(self.classes_)), dtype=np.float32)
+        weights: list[np.ndarray] = [np.zeros((0, 0), dtype=np.float32)] * len(cropped)
+        with torch_threads(self.threads or available_cores()), torch.inference_mode():
+            for idx in length_batches(lengths, self._budget(), self.max_batch):
+                logits, attention = classifier.forward_with_attention([cropped[i] for i in idx])
+                proba[idx] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                for row, i in enumerate(idx):
+                    weights[i] = attention[row, :len(cropped[i])].T.float().cpu().contiguous().numpy()
+        positions = [crop_positions(len(s), self.crop, self.crop_policy) for s in sequences]
+        return ResidueAttention(proba, weights, positions)
 
     def selection_summary(self):
         return {"best_epoch": self.best_epoch_, "epochs_run": len(self.history_)}

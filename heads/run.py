@@ -250,6 +250,29 @@ def predict(run: Path | str, cache_path: Path | str | None = None, head: str | N
     per input file, reused when asked again. The frame's ``in_training_data`` says whether a
     protein's sequence was among the run's training (or validation) sequences.
     """
+    return ensemble(run, cache_path, head, sequences=sequences, id_col=id_col, seq_col=seq_col,
+                    embeddings_dir=embeddings_dir, device=device, threads=threads).frame
+
+
+@dataclass
+class Ensemble:
+    """What :func:`ensemble` predicted, and with ``attention`` where the models looked."""
+
+    frame: pd.DataFrame  # as predict returns it
+    sequences: list[str]  # the proteins' sequences, in the frame's order
+    head: str  # the method whose fold models were averaged
+    n_models: int
+    # Per protein (attention heads, sequence length): each model's weights placed at their residues
+    # (0 at residues a model did not see), averaged over the fold models.
+    attention: list[np.ndarray] | None = None
+    seen: list[np.ndarray] | None = None  # per protein, True at the residues the models saw
+
+
+def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | None = None, *,
+             sequences: Path | str | None = None, id_col: str | None = None, seq_col: str | None = None,
+             embeddings_dir: Path | str | None = None, device: str = "auto", threads: int | None = None,
+             attention: bool = False, only_ids: list[str] | None = None) -> Ensemble:
+    """:func:`predict`, optionally with residue attention (``attention``) and for some IDs only."""
     if (cache_path is None) == (sequences is None):
         raise ValueError("give the proteins to predict as an embedding cache or as a sequence file (one of them)")
     run = Path(run)
@@ -257,6 +280,10 @@ def predict(run: Path | str, cache_path: Path | str | None = None, head: str | N
     classes = finished.classes
     if head is None:
         head = _best_method(finished)
+    if attention:
+        from .explain import check_has_attention
+
+        check_has_attention(finished, head)
     entries = finished.models(head)
     kind = entries[0]["input"]
     training = finished.training_keys()
@@ -267,6 +294,10 @@ def predict(run: Path | str, cache_path: Path | str | None = None, head: str | N
         if kind == "sequence" and sequences is not None:
             # Fine-tuned models read residues, not embeddings: nothing to embed.
             records = read_sequences(sequences, None, id_col, seq_col)
+            if only_ids is not None:
+                known = {r.id for r in records}
+                _check_ids(only_ids, known, sequences)
+                records = [r for r in records if r.id in set(only_ids)]
             ids, keys = [r.id for r in records], [r.key for r in records]
             features = FeatureSource(None, [r.sequence for r in records])
         else:
@@ -287,10 +318,20 @@ def predict(run: Path | str, cache_path: Path | str | None = None, head: str | N
                 log.warning("%s: %d IDs have no embedding (longer than max_length, skipped) and get no prediction",
                             cache_path, len(cache.skipped_ids))
             ids = cache.ids
+            if only_ids is not None:
+                _check_ids(only_ids, set(ids) | set(cache.skipped_ids), cache_path)
+                skipped = sorted(set(only_ids) & set(cache.skipped_ids))
+                if skipped:
+                    raise ValueError(f"{cache_path}: {', '.join(skipped[:5])} has no embedding (longer than the "
+                                     "cache's max_length, skipped)")
+                ids = [i for i in ids if i in set(only_ids)]
             keys = [cache.key(i) for i in ids]
             layer = (finished.config.get("backbone") or {}).get("layer")
             features = FeatureSource.from_rows(cache, cache.rows(ids), layer)
+        seqs = [str(s) for s in features.sequences()]
         total = np.zeros((len(ids), len(classes)))
+        maps: list[np.ndarray | None] | None = [None] * len(ids) if attention else None
+        seen = [np.zeros(len(s), dtype=bool) for s in seqs]
         for entry in entries:  # one at a time: a fine-tuned model holds a whole backbone
             path = run / "models" / entry["file"]
             model = Head.load(path)
@@ -298,7 +339,14 @@ def predict(run: Path | str, cache_path: Path | str | None = None, head: str | N
             if [classes[k] for k in columns] != entry["classes"] or model.input != entry["input"]:
                 raise RunDirectoryError(f"{path}: holds a model of classes {columns.tolist()} ({model.input}); the "
                                         f"manifest says {entry['classes']} ({entry['input']})")
-            total[:, columns] += model.predict_proba(features.for_input(model.input))
+            if maps is None:
+                total[:, columns] += model.predict_proba(features.for_input(model.input))
+            else:
+                if not hasattr(model, "attention"):
+                    raise ValueError(f"{path}: a {model.kind} model has no attention weights")
+                found = model.attention(features.for_input(model.input))
+                total[:, columns] += found.proba
+                _add_attention(maps, seen, found, seqs, path)
             del model
         proba = total / len(entries)
     frame = pd.DataFrame({"id": ids, "prediction": [classes[k] for k in proba.argmax(1)],
@@ -308,7 +356,32 @@ def predict(run: Path | str, cache_path: Path | str | None = None, head: str | N
     frame.attrs["head"] = head
     frame.attrs["models"] = len(entries)
     frame.attrs["cache"] = None if cache_path is None else str(cache_path)
-    return frame
+    if maps is None:
+        return Ensemble(frame, seqs, head, len(entries))
+    averaged = [np.zeros((0, len(s)), dtype=np.float32) if m is None else m / len(entries) for m, s in zip(maps, seqs)]
+    return Ensemble(frame, seqs, head, len(entries), averaged, seen)
+
+
+def _check_ids(wanted: list[str], known: set[str], source) -> None:
+    missing = [i for i in wanted if i not in known]
+    if missing:
+        raise ValueError(f"{source}: no protein with ID {', '.join(map(repr, missing[:5]))}")
+
+
+def _add_attention(maps: list, seen: list, found, sequences: list[str], path: Path) -> None:
+    """Add one model's weights, placed at the residues they belong to, to the running sums."""
+    for i, (w, pos) in enumerate(zip(found.weights, found.positions)):
+        if len(pos) and pos.max() >= len(sequences[i]):
+            raise ValueError(f"{path}: attention over {pos.max() + 1} residues for a sequence of {len(sequences[i])}")
+        full = np.zeros((w.shape[0], len(sequences[i])), dtype=np.float32)
+        full[:, pos] = w
+        if maps[i] is None:
+            maps[i] = full
+        elif maps[i].shape[0] != full.shape[0]:
+            raise ValueError(f"{path}: {full.shape[0]} attention heads, the run's other models have {maps[i].shape[0]}")
+        else:
+            maps[i] += full
+        seen[i][pos] = True
 
 
 def _best_method(finished: FinishedRun) -> str:
