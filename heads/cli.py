@@ -82,7 +82,8 @@ class HeadsGroup(InterruptibleGroup):
     """Keeps the command line as typed, for the run's config.json and report."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta[ARGV] = [ctx.info_name or "heads", *args]
+        # info_name is "python -m heads" when run as a module: one word each.
+        ctx.meta[ARGV] = [*(ctx.info_name or "heads").split(), *args]
         return super().parse_args(ctx, args)
 
 

@@ -11,6 +11,7 @@ import html
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from embedcache.atomic import write_text
@@ -24,6 +25,9 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-to
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.88em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+td.text { text-align: left; }
+table.pairs th { text-align: left; font-weight: normal; background: #f8f8f8; } table.pairs td { text-align: left; }
+.mono { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.95em; }
 figure { margin: 1em 0 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.9em; }
 .notes li { margin: 0.2em 0; } code, pre { background: #f6f6f6; font-size: 0.88em; }
@@ -47,13 +51,19 @@ def image(path: Path | str, alt: str, caption: str | None = None) -> str:
 def table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
     def cell(value: object) -> str:
         if isinstance(value, float):
-            return "" if value != value else float_format.format(value)  # NaN: an empty cell
-        return escape(value)
+            return "<td>" + ("" if value != value else float_format.format(value)) + "</td>"  # NaN: empty
+        # Numbers align right, text (names, paths, hashes) left.
+        return f"<td>{escape(value)}</td>" if isinstance(value, (int, np.integer)) else f'<td class="text">{escape(value)}</td>'
 
     head = "".join(f"<th>{escape(c)}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
+    rows = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def pairs(items: Iterable[tuple[str, object]]) -> str:
+    """A two-column table of names and values (None shows as "none")."""
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape('none' if v is None else v)}</td></tr>" for k, v in items)
+    return f'<table class="pairs"><tbody>{rows}</tbody></table>'
 
 
 def bullets(items: Iterable[str]) -> str:

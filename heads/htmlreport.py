@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 REPORT = "report.html"
 # Distributions whose versions a run records (importlib.metadata names).
-SOFTWARE = ("embedcache", "torch", "scikit-learn", "lightgbm", "numpy", "pandas", "scipy", "transformers", "peft",
+SOFTWARE = ("torch", "scikit-learn", "lightgbm", "numpy", "pandas", "scipy", "transformers", "peft",
             "h5py", "matplotlib", "umap-learn")
 # Figures of runs written before figures carried a section and caption: by file name.
 LEGACY_FIGURES = {
@@ -41,15 +41,17 @@ LEGACY_FIGURES = {
 # -- what a run records for its report -------------------------------------------------------
 def software_versions() -> dict[str, str]:
     """Python and the versions of the packages a run's numbers depend on."""
+    import embedcache
     from embedcache.extract import _git_sha
 
-    out = {"python": platform.python_version()}
+    # This package's version from the code that runs (an installed copy's metadata can be older).
+    out = {"python": platform.python_version(), "embedcache (embedcache and heads)": embedcache.__version__,
+           "embedcache git commit": _git_sha()}
     for name in SOFTWARE:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "not installed"
-    out["embedcache git"] = _git_sha()
     return out
 
 
@@ -156,17 +158,22 @@ def write_report(out: Path, context: FigureContext, figures: list[Figure], metri
 def write_report_to(path: Path, run: Path, context: FigureContext, figures: list[Figure], metrics: dict,
                     tests: dict, table: pd.DataFrame, config: dict, notes: list[str]) -> Path:
     name = context.method_title
-    sections = [
-        htmlpage.section("Comparison", _headline(metrics, table, name), htmlpage.bullets(notes) if notes else ""),
-    ]
+    parts: dict[str, list[str]] = {"Comparison": [_headline(metrics, table, name)]}
+    if notes:
+        parts["Comparison"].append(htmlpage.bullets(notes))
     if tests:
-        sections.append(htmlpage.section("Paired tests", _paired(tests, name)))
-    sections.append(htmlpage.section("Per class", *_per_class(metrics, name)))
+        parts["Paired tests"] = [_paired(tests, name)]
+    parts["Per class"] = _per_class(metrics, name)
     groups = _per_group(metrics, name)
     if groups:
-        sections.append(htmlpage.section("Per group", groups))
-    sections += _figure_sections(figures)
-    sections.append(htmlpage.section("Provenance", *_provenance(run, config)))
+        parts["Per group"] = [groups]
+    for figure in figures:
+        if not figure.png.is_file():
+            raise RunDirectoryError(f"{figure.png}: a figure of the run is missing; the report cannot show it")
+        parts.setdefault(figure.section, []).append(
+            htmlpage.image(figure.png, alt=figure.caption or figure.stem.name, caption=figure.caption or None))
+    parts["Provenance"] = _provenance(run, config)
+    sections = [htmlpage.section(title, *body) for title, body in parts.items()]
     title = f"{context.dataset}: {', '.join(name(m) for m in metrics)}"
     return htmlpage.write_page(path, title, context.subtitle(), sections)
 
@@ -247,18 +254,14 @@ def _per_group(metrics: dict, name) -> str:
     return htmlpage.table(pd.DataFrame(rows)) if rows else ""
 
 
-def _figure_sections(figures: list[Figure]) -> list[str]:
-    by_section: dict[str, list[str]] = {}
-    for figure in figures:
-        if not figure.png.is_file():
-            raise RunDirectoryError(f"{figure.png}: a figure of the run is missing; the report cannot show it")
-        by_section.setdefault(figure.section, []).append(
-            htmlpage.image(figure.png, alt=figure.caption or figure.stem.name, caption=figure.caption or None))
-    return [htmlpage.section(title, *parts) for title, parts in by_section.items()]
-
-
-def _pairs(items: list[tuple[str, object]]) -> str:
-    return htmlpage.table(pd.DataFrame([{"": k, "value": "" if v is None else str(v)} for k, v in items]))
+def _commands(value) -> list[str]:
+    """The cache's extraction commands: recorded as a JSON list (in a string)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return [value]
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def _provenance(run: Path, config: dict) -> list[str]:
@@ -297,7 +300,7 @@ def _provenance(run: Path, config: dict) -> list[str]:
     items.append(("fold sizes", ", ".join(f"{f}: {n}" for f, n in sizes.items())))
     items.append(("proteins", info.get("n")))
     items.append(("splits", ", ".join(config.get("splits") or [])))
-    parts.append("<h3>Folds</h3>" + _pairs(items))
+    parts.append("<h3>Folds</h3>" + htmlpage.pairs(items))
 
     # Backbone: the manifest's copy is under the hash config.json records.
     backbone = config.get("backbone")
@@ -315,8 +318,8 @@ def _provenance(run: Path, config: dict) -> list[str]:
         if prov.get("weights"):
             items.append(("weights file", prov["weights"]))
         if prov.get("commands"):
-            items.append(("cache made by", prov["commands"]))
-        parts.append("<h3>Backbone</h3>" + _pairs(items))
+            items.append(("cache made by", "; ".join(_commands(prov["commands"]))))
+        parts.append("<h3>Backbone</h3>" + htmlpage.pairs(items))
     else:
         parts.append("<h3>Backbone</h3><p>No embedding cache: heads read sequences.</p>")
 
@@ -329,13 +332,13 @@ def _provenance(run: Path, config: dict) -> list[str]:
 
     # Software and command.
     software = config.get("software")
-    parts.append("<h3>Software</h3>" + (_pairs(list(software.items())) if software
+    parts.append("<h3>Software</h3>" + (htmlpage.pairs(list(software.items())) if software
                                          else "<p>Not recorded (the run predates it).</p>"))
     command = config.get("command")
-    text = shlex.join(command) if command else "not recorded"
+    text = " ".join(shlex.quote(w) for w in command) if command else "not recorded (the run predates it)"
     items = [("fingerprint", config.get("fingerprint")), ("created", config.get("created")),
              ("manifest sha256", config.get("manifest_sha256"))]
-    parts.append("<h3>Run</h3><pre>" + htmlpage.escape(text) + "</pre>" + _pairs(items))
+    parts.append("<h3>Command</h3><pre>" + htmlpage.escape(text) + "</pre>" + htmlpage.pairs(items))
     return parts
 
 

@@ -123,7 +123,8 @@ def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodRes
     write_text(out / "comparison.md", markdown_table(table, title, notes))
     plot_run(out / "plots", data, results, metrics)
     context, figures = context_from_config(config, len(data)), legacy_figures(out)
-    config = {**config, "report": report_record(context, figures, run_notes, out)}
+    # The page is written from config.json as it will be, so that `heads report` rebuilds it exactly.
+    config = {**config, "report": report_record(context, figures, run_notes, out), "classes": data.classes}
     write_report(out, context, figures, metrics, tests, table, config, run_notes)
     write_config(out, config, data.classes)
     return {"metrics": metrics, "tests": tests, "table": table}

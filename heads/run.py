@@ -24,7 +24,7 @@ from .datasets import LabeledSet, load_labeled, merge
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
 from .folds import homology_folds, scheme, stratified_folds
-from .htmlreport import file_digests, software_versions
+from .htmlreport import describe_folds, file_digests, software_versions
 from .registry import Head, make_head
 from .report import write_config, write_run
 from .rundir import (
@@ -189,7 +189,8 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         run_dir = stack.enter_context(RunDirectory(out, fingerprint, overwrite, inputs))
 
         notes = [
-            f"{len(data)} proteins, {data.n_classes} classes; folds: {fold_info}; scheme {config.scheme} "
+            f"{len(data)} proteins, {data.n_classes} classes; folds: {describe_folds(fold_info)} (sizes "
+            f"{', '.join(str(n) for n in fold_info['sizes'].values())}); scheme {config.scheme} "
             f"({len(splits)} models per head)",
             "95% intervals: percentile bootstrap over proteins",
         ]
