@@ -8,6 +8,7 @@ and caption, the notes) is recorded in config.json under ``report`` when the run
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -213,25 +214,26 @@ def _headline(metrics: dict, table: pd.DataFrame, name) -> str:
 
 
 def _paired(tests: dict, name) -> str:
-    rows = []
+    rows, against = [], []
     for key, t in tests.items():
         a, _, b = key.partition(" vs ")
+        against.append(name(b))
         f1, acc, mc = t["macro_f1_difference"], t["accuracy_difference"], t["mcnemar"]
         rows.append({
-            "comparison": f"{name(a)} − {name(b)}",
+            "first − second": f"{name(a)} − {name(b)}",
             "n": int(t["n"]),
-            "macro-F1 difference [95% CI]": f"{f1['difference']:+.3f} [{f1['ci95'][0]:+.3f}, {f1['ci95'][1]:+.3f}]",
-            "bootstrap p (macro-F1)": _p(f1["p_value"]),
-            "accuracy difference [95% CI]": f"{acc['difference']:+.3f} [{acc['ci95'][0]:+.3f}, {acc['ci95'][1]:+.3f}]",
-            "bootstrap p (accuracy)": _p(acc["p_value"]),
-            f"only {name(a)} right": int(mc["only_a_right"]),
-            f"only {name(b)} right": int(mc["only_b_right"]),
+            "Δ macro-F1 [95% CI]": f"{f1['difference']:+.3f} [{f1['ci95'][0]:+.3f}, {f1['ci95'][1]:+.3f}]",
+            "p (macro-F1)": _p(f1["p_value"]),
+            "Δ accuracy": f"{acc['difference']:+.3f}",
+            "only first right": int(mc["only_a_right"]),
+            "only second right": int(mc["only_b_right"]),
             "McNemar p": _p(mc["p_value"]),
         })
+    baseline = against[0] if len(set(against)) == 1 else "the baseline"
     return (htmlpage.table(pd.DataFrame(rows))
-            + "<p>Each method against the best by macro-F1, on the proteins both predicted. Differences: first "
-              "minus second, with a paired bootstrap interval and two-sided p; McNemar's exact test on the "
-              "proteins exactly one of the two gets right.</p>")
+            + f"<p>Each method against {htmlpage.escape(baseline)}, on the proteins both predicted. Δ: first minus "
+              "second; for macro-F1 with a paired bootstrap 95% interval and two-sided p (accuracy's are in "
+              "metrics.json). McNemar's exact test on the proteins exactly one of the two gets right.</p>")
 
 
 def _p(p: float) -> str:
@@ -251,7 +253,11 @@ def _per_group(metrics: dict, name) -> str:
     rows = [{"method": name(method), "group": group, "n": g["n"], "accuracy": g["accuracy"],
              "macro-F1": g["macro_f1"], "MCC": g["mcc"]}
             for method, m in metrics.items() for group, g in (m.get("per_group") or {}).items()]
-    return htmlpage.table(pd.DataFrame(rows)) if rows else ""
+    if not rows:
+        return ""
+    return (htmlpage.table(pd.DataFrame(rows))
+            + "<p>Macro-F1 within a group averages over every class of the run, also those the group has no "
+              "proteins of (F1 0 there): compare it between methods, not with the overall macro-F1.</p>")
 
 
 def _commands(value) -> list[str]:
@@ -269,7 +275,13 @@ def _provenance(run: Path, config: dict) -> list[str]:
     # Data.
     recorded = config.get("data_files")
     if recorded:
-        frame = pd.DataFrame([{"role": d["role"], "path": d["path"], "sha256": d["sha256"]} for d in recorded])
+        rows = [{"role": d["role"], "path": d["path"], "sha256": d["sha256"]} for d in recorded
+                if d["role"] != "reference"]
+        reference = [d for d in recorded if d["role"] == "reference"]
+        if reference:  # a folder of one file per fold pair: one row, every file's hash stays in config.json
+            rows.append({"role": "reference", "path": config.get("reference") or str(Path(reference[0]["path"]).parent),
+                         "sha256": f"{len(reference)} files; the sha256 of each in config.json (data_files)"})
+        frame = pd.DataFrame(rows)
     else:
         data = config.get("data")
         paths = [("data", p) for p in ([data] if isinstance(data, str) else list(data or []))]
@@ -285,7 +297,8 @@ def _provenance(run: Path, config: dict) -> list[str]:
     parts.append("<h3>Data</h3>" + htmlpage.table(frame))
     classes = config.get("classes")
     if config.get("class_names"):
-        parts.append(f"<p>Class names: {htmlpage.escape(', '.join(f'{k} = {v}' for k, v in config['class_names'].items()))}</p>")
+        names = ", ".join(f"{k} = {v}" for k, v in config["class_names"].items())
+        parts.append(f"<p>Class names (label value = class): {htmlpage.escape(names)}</p>")
     elif classes:
         parts.append(f"<p>Classes: {htmlpage.escape(', '.join(classes))}</p>")
 
@@ -306,10 +319,8 @@ def _provenance(run: Path, config: dict) -> list[str]:
     backbone = config.get("backbone")
     manifest_path = run / MANIFEST
     if manifest_path.is_file():
-        try:
+        with contextlib.suppress(OSError, ValueError):
             backbone = json.loads(manifest_path.read_text()).get("backbone", backbone)
-        except (OSError, ValueError):
-            pass
     if backbone:
         keys = ("model", "family", "architecture", "weights_sha256", "layer", "pooling", "embed_dim", "dtype",
                 "precision", "long_policy", "max_length", "chunk_overlap")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -78,20 +79,16 @@ class DevTools:
         self.events: list[dict] = []
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.send("Browser.close", wait=False)
-        except OSError:
-            pass
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
         for fd in (self._to_child, self._from_child):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         if self.process.stderr is not None:
             self.process.stderr.close()
         shutil.rmtree(self.profile, ignore_errors=True)
@@ -199,7 +196,8 @@ def _problems(events: list[dict], page: Path) -> list[str]:
             problems.append(f"console error: {text}")
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             entry = params["entry"]
-            problems.append(f"console error ({entry.get('source')}): {entry.get('text')} {entry.get('url', '')}".rstrip())
+            where = f" {entry['url']}" if entry.get("url") else ""
+            problems.append(f"console error ({entry.get('source')}): {entry.get('text')}{where}")
         elif method == "Network.loadingFailed":
             problems.append(f"failed to load a resource: {params.get('errorText')} ({params.get('type')})")
         elif method == "Network.requestWillBeSent":
