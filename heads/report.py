@@ -7,6 +7,7 @@ A run directory holds::
     predictions.csv    one row per protein and method: truth, fold, prediction, probabilities
     metrics.json       every metric of every method (overall, per class, per group), intervals, tests
     comparison.md/.csv the side-by-side table
+    report.html        the run on one self-contained page: tables, paired tests, figures inline, provenance
     splits.json        per split: sizes, time, what validation chose, training curves
     plots/             metrics per method, confusion matrices, per-class F1, training curves (PNG)
     models/            fitted heads, one file per split, manifest.json (file, sha256, classes of
