@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import click
@@ -75,6 +76,22 @@ def _class_names(value: str | None) -> dict | None:
     return dict(pairs)
 
 
+ARGV = "heads.argv"  # click's context meta key for the command line
+
+
+class HeadsGroup(InterruptibleGroup):
+    """Keeps the command line as typed, for the run's config.json and report."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # info_name is "python -m heads" when run as a module: one word each.
+        ctx.meta[ARGV] = [*(ctx.info_name or "heads").split(), *args]
+        return super().parse_args(ctx, args)
+
+
+def _command_line() -> list[str]:
+    return list(click.get_current_context().meta.get(ARGV) or ["heads", *sys.argv[1:]])
+
+
 def common(func):
     options = [
         click.option("--cache", type=click.Path(exists=True, dir_okay=False),
@@ -139,15 +156,15 @@ def _run(heads: tuple[str, ...], kw: dict) -> None:
     user_errors = _user_errors()
     try:
         with resumable():
-            summary = run_comparison(config, out, overwrite=overwrite)
+            summary = run_comparison(config, out, overwrite=overwrite, command=_command_line())
     except user_errors as err:
         raise click.ClickException(str(err)) from None
     table = summary["table"]
     click.echo(table[[c for c in table.columns if not c.endswith("_ci95")]].to_string(index=False, float_format="%.3f"))
-    click.echo(f"\nrun written to {out}")
+    click.echo(f"\nrun written to {out} (report: {out}/report.html)")
 
 
-@click.group(cls=InterruptibleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HeadsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="heads")
 def main() -> None:
     """Train light heads on an embedding cache and compare them under the same folds."""
@@ -338,6 +355,27 @@ def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, lab
             line += f", {other['homology']['proteins']:,} at >= {other['homology']['identity']:.0%} identity"
         click.echo(line)
     click.echo(f"report written to {out}/describe.html")
+
+
+@main.command("report")
+@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write the page [RUN/report.html].")
+@click.option("--verbose", "-v", is_flag=True)
+def report_cmd(run_dir, out, verbose) -> None:
+    """Write a finished run's report.html again from its files (e.g. for runs made before reports).
+
+    One self-contained page: comparison table, paired tests, per-class and per-group tables,
+    the run's figures inline and its provenance.
+    """
+    _logging(verbose)
+    from .htmlreport import rebuild_report
+
+    user_errors = _user_errors()
+    try:
+        path = rebuild_report(run_dir, out)
+    except user_errors as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{path}: report of {run_dir}")
 
 
 @main.command("export-backbone")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from embedcache.atomic import write_text
@@ -24,6 +26,10 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-to
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.88em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+td.text, th.text { text-align: left; } td:not(.text) { white-space: nowrap; }
+table.pairs th { text-align: left; font-weight: normal; background: #f8f8f8; }
+table.pairs td { text-align: left; white-space: normal; overflow-wrap: anywhere; }
+.mono { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.95em; }
 figure { margin: 1em 0 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.9em; }
 .notes li { margin: 0.2em 0; } code, pre { background: #f6f6f6; font-size: 0.88em; }
@@ -44,16 +50,39 @@ def image(path: Path | str, alt: str, caption: str | None = None) -> str:
     return f"<figure>{body}</figure>"
 
 
-def table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
-    def cell(value: object) -> str:
-        if isinstance(value, float):
-            return "" if value != value else float_format.format(value)  # NaN: an empty cell
-        return escape(value)
+def _looks_numeric(value: object) -> bool:
+    if isinstance(value, (int, float, np.number)):
+        return True
+    return isinstance(value, str) and NUMBER.match(value) is not None
 
-    head = "".join(f"<th>{escape(c)}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+
+# Text that reads as a number ("0.763 [0.748, 0.777]", "+0.012", "< 0.001") aligns right like one.
+NUMBER = re.compile(r"^\s*[-+\u2212<>]?\s*\d")
+
+
+def table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+    """An HTML table; columns of numbers align right, columns of text (names, paths, hashes) left."""
+    text = [not all(_looks_numeric(v) for v in frame[c] if not (isinstance(v, float) and v != v))
+            for c in frame.columns]
+
+    def cell(value: object, left: bool) -> str:
+        if isinstance(value, float):
+            body = "" if value != value else float_format.format(value)  # NaN: an empty cell
+        else:
+            body = escape(value)
+        return f'<td class="text">{body}</td>' if left else f"<td>{body}</td>"
+
+    head = "".join(f'<th class="text">{escape(c)}</th>' if left else f"<th>{escape(c)}</th>"
+                   for c, left in zip(frame.columns, text))
+    rows = "".join("<tr>" + "".join(cell(v, left) for v, left in zip(row, text)) + "</tr>"
                    for row in frame.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def pairs(items: Iterable[tuple[str, object]]) -> str:
+    """A two-column table of names and values (None shows as "none")."""
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape('none' if v is None else v)}</td></tr>" for k, v in items)
+    return f'<table class="pairs"><tbody>{rows}</tbody></table>'
 
 
 def bullets(items: Iterable[str]) -> str:

@@ -7,6 +7,7 @@ A run directory holds::
     predictions.csv    one row per protein and method: truth, fold, prediction, probabilities
     metrics.json       every metric of every method (overall, per class, per group), intervals, tests
     comparison.md/.csv the side-by-side table
+    report.html        the run on one self-contained page: tables, paired tests, figures inline, provenance
     splits.json        per split: sizes, time, what validation chose, training curves
     plots/             metrics per method, confusion matrices, per-class F1, training curves (PNG)
     models/            fitted heads, one file per split, manifest.json (file, sha256, classes of
@@ -26,6 +27,7 @@ from embedcache.atomic import atomic_path, write_json, write_text
 
 from .datasets import LabeledSet
 from .evaluate import MethodResult
+from .htmlreport import context_from_config, legacy_figures, report_record, write_report
 from .metrics import bootstrap_ci, classification_metrics, mcnemar, paired_bootstrap
 from .rundir import json_default
 
@@ -107,6 +109,7 @@ def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodRes
     tests = paired_tests(results, data, baseline, n_boot, seed) if baseline else {}
     table = comparison_table(metrics)
     notes = list(notes or [])
+    run_notes = list(notes)  # the report shows the paired tests as a table of their own
     for name, test in tests.items():
         d = test["macro_f1_difference"]
         notes.append(f"{name}: macro-F1 difference {d['difference']:+.3f} (95% CI {d['ci95'][0]:+.3f} to "
@@ -120,6 +123,10 @@ def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodRes
         table.to_csv(tmp, index=False)
     write_text(out / "comparison.md", markdown_table(table, title, notes))
     plot_run(out / "plots", data, results, metrics)
+    context, figures = context_from_config(config, len(data)), legacy_figures(out)
+    # The page is written from config.json as it will be, so that `heads report` rebuilds it exactly.
+    config = {**config, "report": report_record(context, figures, run_notes, out), "classes": data.classes}
+    write_report(out, context, figures, metrics, tests, table, config, run_notes)
     write_config(out, config, data.classes)
     return {"metrics": metrics, "tests": tests, "table": table}
 

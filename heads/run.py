@@ -24,6 +24,7 @@ from .datasets import LabeledSet, load_labeled, merge
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
 from .folds import homology_folds, scheme, stratified_folds
+from .htmlreport import describe_folds, file_digests, software_versions
 from .registry import Head, make_head
 from .report import write_config, write_run
 from .rundir import (
@@ -155,12 +156,14 @@ def _backbone_params(config: RunConfig, provenance: dict | None, params: dict) -
                      "are then used)")
 
 
-def run_comparison(config: RunConfig, out: Path | str, title: str | None = None, overwrite: bool = False) -> dict:
+def run_comparison(config: RunConfig, out: Path | str, title: str | None = None, overwrite: bool = False,
+                   command: list[str] | None = None) -> dict:
     """Cross-validate every head on the same splits, add the reference, write the run.
 
     ``out`` must be new, empty, or hold this same run (same fingerprint), which then resumes:
     finished methods are computed again, fine-tuning continues from its checkpoints. Another
-    run there is refused unless ``overwrite``, which deletes it first.
+    run there is refused unless ``overwrite``, which deletes it first. ``command`` (the command
+    line) and the software versions go into config.json but not into the fingerprint.
     """
     out = Path(out)
     data, fold_info = load_data(config)
@@ -186,7 +189,8 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         run_dir = stack.enter_context(RunDirectory(out, fingerprint, overwrite, inputs))
 
         notes = [
-            f"{len(data)} proteins, {data.n_classes} classes; folds: {fold_info}; scheme {config.scheme} "
+            f"{len(data)} proteins, {data.n_classes} classes; folds: {describe_folds(fold_info)} (sizes "
+            f"{', '.join(str(n) for n in fold_info['sizes'].values())}); scheme {config.scheme} "
             f"({len(splits)} models per head)",
             "95% intervals: percentile bootstrap over proteins",
         ]
@@ -208,6 +212,9 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
             "backbone": identity,
             "fingerprint": fingerprint,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "data_files": file_digests(asdict(config)),
+            "software": software_versions(),
+            "command": list(command) if command else None,
         }
         # Written first so that an interrupted run is recognised (and resumed) by its fingerprint;
         # without manifest_sha256 it does not count as finished.
