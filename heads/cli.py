@@ -99,6 +99,8 @@ def common(func):
         click.option("--layer", type=int, help="Cache layer [highest stored]."),
         click.option("--reference", type=click.Path(exists=True, file_okay=False),
                      help="Folder of model_{test}_{val}.csv probabilities of another tool."),
+        click.option("--reference-name",
+                     help="The reference tool's name in figures and tables, e.g. DeepLocPro [reference]."),
         click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]),
                      help="Dataset format [recognised]."),
         click.option("--id-col"), click.option("--seq-col"),

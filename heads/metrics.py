@@ -79,6 +79,15 @@ def classification_metrics(
     return out
 
 
+def per_class_f1_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """(..., K) F1 of each class of (..., K, K) confusion matrices; 0 where a class is neither true nor predicted."""
+    c = confusion.astype(np.float64)
+    tp = np.diagonal(c, axis1=-2, axis2=-1)
+    both = c.sum(-1) + c.sum(-2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(both > 0, 2 * tp / both, 0.0)
+
+
 def metrics_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy, macro-F1 (over all classes, 0 where undefined) and MCC of (..., K, K) confusion matrices."""
     c = confusion.astype(np.float64)
@@ -108,6 +117,14 @@ def bootstrap_ci(
     values = metrics_from_confusion(_resampled_confusions(np.asarray(y), np.asarray(pred), n_classes, n_boot, seed))
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {m: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for m, v in values.items()}
+
+
+def bootstrap_per_class_f1(
+    y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> np.ndarray:
+    """(K, 2) percentile intervals of each class's F1, over the same resamples as ``bootstrap_ci`` draws."""
+    f1 = per_class_f1_from_confusion(_resampled_confusions(np.asarray(y), np.asarray(pred), n_classes, n_boot, seed))
+    return np.percentile(f1, [(1 - level) / 2 * 100, (1 + level) / 2 * 100], axis=0).T
 
 
 def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict:
