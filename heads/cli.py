@@ -114,6 +114,8 @@ def common(func):
                      help="finetune: local fair-esm ESM-2 .pt file [the backbone that built --cache]."),
         click.option("--lr", "lrs", type=float, multiple=True,
                      help="finetune learning rate; repeat for a sweep (one method per value, same splits)."),
+        click.option("--figures/--no-figures", default=True, show_default=True,
+                     help="Draw every figure into OUT/plots (SVG and PNG); --no-figures saves the time in sweeps."),
         click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True),
         click.option("--verbose", "-v", is_flag=True),
     ]

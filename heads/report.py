@@ -104,7 +104,8 @@ def markdown_table(table: pd.DataFrame, title: str, notes: list[str]) -> str:
 
 def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodResult], title: str,
               notes: list[str] | None = None, baseline: str | None = None, n_boot: int = 1000,
-              seed: int = 0, context: FigureContext | None = None, features: np.ndarray | None = None) -> dict:
+              seed: int = 0, context: FigureContext | None = None, features: np.ndarray | None = None,
+              figures: bool = True) -> dict:
     """Every output of a run; config.json last (its ``manifest_sha256`` marks a finished run).
 
     metrics.json depends only on the predictions, ``n_boot`` and ``seed``: no times, no dates.
@@ -135,9 +136,9 @@ def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodRes
     if context is None:
         context = FigureContext(data.name, describe_identity(config.get("backbone")),
                                 f"{config.get('scheme', 'simple')} cross-validation", len(data))
-    figures = draw_run(out / "plots", context, data, results, metrics, features)
+    drawn = draw_run(out / "plots", context, data, results, metrics, features) if figures else []
     write_config(out, config, data.classes)
-    return {"metrics": metrics, "tests": tests, "table": table, "figures": figures}
+    return {"metrics": metrics, "tests": tests, "table": table, "figures": drawn}
 
 
 def _shown_name(name: str, context: FigureContext | None) -> str:

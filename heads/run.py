@@ -65,6 +65,7 @@ class RunConfig:
     layer: int | None = None  # cache layer to use; None: the highest stored
     reference: str | None = None  # folder of model_{test}_{val}.csv probabilities from another tool
     reference_name: str | None = None  # the reference tool's name in figures and tables (display only)
+    figures: bool = True  # draw plots/ (display only: a sweep of many runs may leave them out)
     test_data: str | None = None  # a labelled file held out as the only test set (train and validate on `data`)
     head_params: dict = field(default_factory=dict)  # {"attention": {"max_epochs": 30}, ...}
     kind: str | None = None  # dataset reader; None: recognised from the file
@@ -230,15 +231,16 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         saved = [model for result in results for model in result.saved]
         run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys, identity)
         context = figure_context(config, data, fold_info, len(splits), prov, layer if cache is not None else None)
-        pooled = features.pooled() if cache is not None else None  # read already by any frozen head
+        pooled = features.pooled() if cache is not None and config.figures else None  # read already by frozen heads
         summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
-                            n_boot=config.n_boot, seed=config.seed, context=context, features=pooled)
+                            n_boot=config.n_boot, seed=config.seed, context=context, features=pooled,
+                            figures=config.figures)
     log.info("run written to %s%s", out, " (resumed)" if run_dir.resumed else "")
     return summary
 
 
 # Settings that change how a run is shown, never what it computes.
-DISPLAY_ONLY = ("reference_name",)
+DISPLAY_ONLY = ("reference_name", "figures")
 
 
 def _fingerprint_settings(config: RunConfig) -> dict:

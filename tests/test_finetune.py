@@ -220,7 +220,7 @@ def test_compare_frozen_and_finetuned_heads_with_an_lr_sweep(tiny_weights, tmp_p
     run_config = json.loads((out / "config.json").read_text())
     assert run_config["methods"]["finetune_lr0.001"]["weights"] == str(tiny_weights)  # the cache's backbone
     assert (out / "plots" / "comparison.png").exists()
-    assert (out / "plots" / "training_curves_finetune_lr0.003.png").exists()
+    assert (out / "plots" / "training_finetune_lr0.003.png").exists()
     models = sorted((out / "models" / "finetune_lr0.003").glob("*.finetune.pt"))
     assert len(models) == 3
     for split in ("test0_val1", "test1_val2", "test2_val0"):

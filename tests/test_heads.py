@@ -236,7 +236,8 @@ def test_cli_compare_writes_a_complete_run_and_predicts(planted, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     for name in ("config.json", "metrics.json", "predictions.csv", "comparison.md", "comparison.csv", "splits.json",
-                 "plots/confusion_matrices.png", "plots/per_class_f1.png", "plots/training_curves_attention.png"):
+                 "plots/confusion_logreg.png", "plots/per_class_f1.png", "plots/training_attention.png",
+                 "plots/embedding_map.svg"):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["classes"] == ["class0", "class1", "class2"] and config["head_params"]["attention"]["max_epochs"] == 5
