@@ -288,24 +288,31 @@ def curve_figures(folder: Path, context: FigureContext, data: LabeledSet, result
             truth = y == k
             if truth.all() or not truth.any():
                 continue
+            style = {"color": colour(k), "ls": _dashes(k), "lw": 1.2}
             fpr, tpr, _ = roc_curve(truth, proba[:, k])
             aucs.append(roc_auc_score(truth, proba[:, k]))
-            roc_ax.plot(fpr, tpr, color=colour(k), lw=1.2, label=f"{c} ({aucs[-1]:.3f})")
+            ap = average_precision_score(truth, proba[:, k])
+            roc_ax.plot(fpr, tpr, label=f"{c} ({aucs[-1]:.3f} / {ap:.3f})", **style)
             precision, recall, _ = precision_recall_curve(truth, proba[:, k])
-            pr_ax.plot(recall, precision, color=colour(k), lw=1.2, drawstyle="steps-post",
-                       label=f"{c} ({average_precision_score(truth, proba[:, k]):.3f})")
+            pr_ax.plot(recall, precision, drawstyle="steps-post", **style)
         _roc_pr_axes(roc_ax, pr_ax, None)
-        roc_ax.legend(title="class (ROC AUC)", loc="lower right", fontsize=7, title_fontsize=7)
-        pr_ax.legend(title="class (AP)", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
-                     title_fontsize=7, frameon=False)
+        handles, labels = roc_ax.get_legend_handles_labels()
+        pr_ax.legend(handles, labels, title="class (ROC AUC / AP)", loc="upper left", bbox_to_anchor=(1.03, 1.0),
+                     fontsize=7, title_fontsize=7, frameon=False)
         fig.tight_layout()
         macro = f", macro ROC AUC {np.mean(aucs):.3f}" if aucs else ""
         _title(fig, f"ROC and precision-recall curves, one class against the rest: {title}{macro}", context)
         caption = (f"{title}: each class against all others, scored by the method's probability of that class. "
-                   "Legends give each class's area under the ROC curve and its average precision (AP). "
+                   "The legend gives each class's area under the ROC curve and its average precision (AP); "
+                   "classes beyond the eighth repeat the colours dashed. "
                    "Grey diagonal: a random score.")
         figures.append(_save(fig, folder, f"roc_pr_{_file_name(r.name)}", "ROC and precision-recall", caption))
     return figures
+
+
+def _dashes(k: int) -> str:
+    """Solid for the first eight classes, dashed for the next eight: the palette has eight colours."""
+    return "-" if k < 8 else "--"
 
 
 def _roc_pr_axes(roc_ax, pr_ax, prevalence: float | None) -> None:
@@ -453,6 +460,7 @@ def embedding_map(folder: Path, context: FigureContext, data: LabeledSet, featur
         inside = data.labels == k
         if inside.any():
             ax.scatter(coords[inside, 0], coords[inside, 1], s=size, color=colour(int(k)), alpha=0.7, lw=0,
+                       marker="o" if k < 8 else "^",
                        label=f"{data.classes[k]} (n={counts[k]:,})", rasterized=True)
     ax.set_xticks([])
     ax.set_yticks([])
