@@ -66,7 +66,7 @@ def draw_run(folder: Path, context: FigureContext, data: LabeledSet, results: li
 # ---------------------------------------------------------------- shared pieces
 
 def _title(fig, what: str, context: FigureContext) -> None:
-    """``what`` in bold above the run's subtitle, both wrapped to the figure's width (the subtitle at its separators)."""
+    """``what`` in bold above the run's subtitle, both wrapped to the figure's width (the subtitle at " · ")."""
     chars = max(40, int(fig.get_figwidth() * 72 / (8 * 0.52)))  # 8 pt text: about 0.52 em per character
     lines, line = [], ""
     for part in context.subtitle().split(" · "):
@@ -186,12 +186,11 @@ def confusion_figure(folder: Path, context: FigureContext, data: LabeledSet, nam
 
 # ---------------------------------------------------------------- 3. per class and per group
 
-def _grouped_hbars(ax, rows: list[str], names: list[str], titles: list[str], values: np.ndarray,
-                   ci: np.ndarray) -> None:
+def _grouped_hbars(ax, rows: list[str], titles: list[str], values: np.ndarray, ci: np.ndarray) -> None:
     """Horizontal bars, a group per row, a bar per method; ``ci`` is (methods, rows, 2)."""
-    height = 0.8 / len(names)
+    height = 0.8 / len(titles)
     y = np.arange(len(rows))
-    for k, (name, title) in enumerate(zip(names, titles)):
+    for k, title in enumerate(titles):
         pos = y - 0.4 + height * (k + 0.5)
         err = np.clip(np.abs(ci[k].T - values[k]), 0, None)
         ax.barh(pos, values[k], height, color=colour(k), label=title, xerr=err, capsize=2,
@@ -209,7 +208,7 @@ def per_class_figure(folder: Path, context: FigureContext, data: LabeledSet, met
     ci = np.array([[metrics[n]["per_class"][c].get("f1_ci95", (np.nan, np.nan)) for c in classes] for n in names])
     height = max(2.6, 0.22 * len(classes) * len(names) + 0.35 * len(classes) + 0.8)
     fig, ax = plt.subplots(figsize=(6.5, height))
-    _grouped_hbars(ax, _class_labels(data, metrics), names, titles, values, ci)
+    _grouped_hbars(ax, _class_labels(data, metrics), titles, values, ci)
     ax.set_xlim(0, 1)
     ax.set_xlabel("F1 (bars: 95% bootstrap interval)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="method")
@@ -233,7 +232,7 @@ def per_group_figure(folder: Path, context: FigureContext, metrics: dict) -> Fig
         values = np.array([[metrics[n]["per_group"][g][key] for g in groups] for n in names])
         ci = np.array([[metrics[n]["per_group"][g].get("ci95", {}).get(key, (np.nan, np.nan)) for g in groups]
                        for n in names])
-        _grouped_hbars(ax, rows, names, titles, values, ci)
+        _grouped_hbars(ax, rows, titles, values, ci)
         ax.set_title(METRIC_TITLES[key])
         ax.set_xlim(min(0.0, float(np.nanmin(ci[..., 0])) - 0.05) if key == "mcc" else 0, 1)
         if ax is not axes[0]:

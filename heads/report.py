@@ -45,9 +45,10 @@ def method_metrics(result: MethodResult, data: LabeledSet, n_boot: int = 1000, s
     out["ci95"] = bootstrap_ci(y, pred, data.n_classes, n_boot=n_boot, seed=seed)
     for c, interval in zip(data.classes, bootstrap_per_class_f1(y, pred, data.n_classes, n_boot, seed)):
         out["per_class"][c]["f1_ci95"] = (float(interval[0]), float(interval[1]))
-    for group, g in out.get("per_group", {}).items():
-        inside = groups.astype(str) == group
-        g["ci95"] = bootstrap_ci(y[inside], pred[inside], data.n_classes, n_boot=n_boot, seed=seed)
+    if groups is not None:
+        for group, g in out["per_group"].items():
+            inside = groups.astype(str) == group
+            g["ci95"] = bootstrap_ci(y[inside], pred[inside], data.n_classes, n_boot=n_boot, seed=seed)
     return out
 
 

@@ -264,7 +264,7 @@ def figure_context(config: RunConfig, data: LabeledSet, fold_info: dict, n_split
 
 
 def backbone_title(provenance: dict | None, layer: int | None, config: RunConfig | None = None) -> str:
-    """The embeddings' backbone as a reader knows it: "UniRep-256 (unirep256)", "ESM-2 8M (esm2_t6_8M_UR50D), layer 6"."""
+    """The embeddings' backbone as a reader knows it, e.g. "UniRep-256 (unirep256)" or "ESM-2 8M (NAME), layer 6"."""
     if not provenance:
         if config is not None and "finetune" in config.heads:
             return f"fine-tuned {config.model or Path(config.weights or '').name or 'ESM-2'}"

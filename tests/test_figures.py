@@ -15,8 +15,8 @@ from heads.figstyle import FigureContext
 from heads.figures import baselines, length_bins
 from heads.metrics import bootstrap_per_class_f1, per_class_f1_from_confusion
 from heads.report import write_run
-from heads.rundir import run_fingerprint
 from heads.run import RunConfig, _fingerprint_settings, figure_context
+from heads.rundir import run_fingerprint
 
 
 def synthetic_run(n_classes: int, n: int = 150, groups: bool = False, seed: int = 0):
@@ -172,7 +172,7 @@ def test_reference_name_and_figures_switch_do_not_change_the_fingerprint(tmp_pat
         run_fingerprint(_fingerprint_settings(replace(plain, figures=False)), None, {}, data)
     assert run_fingerprint(_fingerprint_settings(plain), None, {}, data) != \
         run_fingerprint(_fingerprint_settings(replace(plain, n_boot=500)), None, {}, data)
-    context = figure_context(named, data, {"source": "file", "sizes": {f: 30 for f in range(5)}}, 5, None, None)
+    context = figure_context(named, data, {"source": "file", "sizes": dict.fromkeys(range(5), 30)}, 5, None, None)
     assert context.method_title("reference") == "DeepLocPro" and "the file's 5 folds" in context.folds
     results[1].name = "reference"
     _write(tmp_path, data, results, None, context)
