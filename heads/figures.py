@@ -443,7 +443,8 @@ def project_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 
         if x.shape[1] > 50:  # neighbours are found faster in 50 principal components, and hardly differ
             x = PCA(n_components=50, random_state=seed).fit_transform(x)
-        coords = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(x)
+        coords = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, n_epochs=200,
+                           random_state=seed).fit_transform(x)
     log.info("UMAP of %d proteins in %.1f s", len(x), time.perf_counter() - start)
     return np.asarray(coords), "UMAP"
 
@@ -471,7 +472,8 @@ def embedding_map(folder: Path, context: FigureContext, data: LabeledSet, featur
               frameon=False, title="class", markerscale=2)
     fig.tight_layout()
     _title(fig, f"Pooled embeddings in two dimensions ({method}), coloured by class", context)
-    how = ("UMAP (of the first 50 principal components; 15 neighbours, min_dist 0.1, seed 0)" if method == "UMAP"
+    how = ("UMAP (of the first 50 principal components; 15 neighbours, min_dist 0.1, 200 epochs, seed 0)"
+           if method == "UMAP"
            else f"the first two principal components (PCA; sets under {UMAP_MIN_PROTEINS} proteins)")
     caption = (f"Every protein's mean-pooled embedding, projected to two dimensions by {how}, coloured by its "
                "true class. The projection sees no labels; axes have no units.")

@@ -231,7 +231,12 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         saved = [model for result in results for model in result.saved]
         run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys, identity)
         context = figure_context(config, data, fold_info, len(splits), prov, layer if cache is not None else None)
-        pooled = features.pooled() if cache is not None and config.figures else None  # read already by frozen heads
+        pooled = None
+        if cache is not None and config.figures:
+            try:  # read already by any pooled head; only the embedding map needs it otherwise
+                pooled = features.pooled()
+            except (KeyError, ValueError, OSError) as err:
+                log.warning("%s: no pooled embeddings for the embedding map (%s); the map is left out", cache.path, err)
         summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
                             n_boot=config.n_boot, seed=config.seed, context=context, features=pooled,
                             figures=config.figures)
