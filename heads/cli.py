@@ -117,6 +117,8 @@ def common(func):
         click.option("--layer", type=int, help="Cache layer [highest stored]."),
         click.option("--reference", type=click.Path(exists=True, file_okay=False),
                      help="Folder of model_{test}_{val}.csv probabilities of another tool."),
+        click.option("--reference-name",
+                     help="The reference tool's name in figures and tables, e.g. DeepLocPro [reference]."),
         click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]),
                      help="Dataset format [recognised]."),
         click.option("--id-col"), click.option("--seq-col"),
@@ -130,6 +132,8 @@ def common(func):
                      help="finetune: local fair-esm ESM-2 .pt file [the backbone that built --cache]."),
         click.option("--lr", "lrs", type=float, multiple=True,
                      help="finetune learning rate; repeat for a sweep (one method per value, same splits)."),
+        click.option("--figures/--no-figures", default=True, show_default=True,
+                     help="Draw every figure into OUT/plots (SVG and PNG); --no-figures saves the time in sweeps."),
         click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True),
         click.option("--verbose", "-v", is_flag=True),
     ]

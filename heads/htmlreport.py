@@ -256,8 +256,8 @@ def _per_group(metrics: dict, name) -> str:
     if not rows:
         return ""
     return (htmlpage.table(pd.DataFrame(rows))
-            + "<p>Macro-F1 within a group averages over every class of the run, also those the group has no "
-              "proteins of (F1 0 there): compare it between methods, not with the overall macro-F1.</p>")
+            + "<p>Macro-F1 within a group averages over the classes the group has proteins of (archaea "
+              "have no outer membrane); a prediction of a class the group lacks still counts as an error.</p>")
 
 
 def _commands(value) -> list[str]:

@@ -70,17 +70,33 @@ def classification_metrics(
         out["per_group"] = {}
         for group in sorted(set(groups)):
             mask = groups == group
+            # Macro-F1 over the classes the group has: a class no protein of the group belongs to
+            # would add an F1 of 0 for every method (archaea have no outer membrane).
+            present = np.unique(y[mask])
             out["per_group"][str(group)] = {
                 "n": int(mask.sum()),
+                "classes": [classes[k] for k in present],
                 "accuracy": float(accuracy_score(y[mask], pred[mask])),
-                "macro_f1": float(f1_score(y[mask], pred[mask], average="macro", labels=labels, zero_division=0)),
+                "macro_f1": float(f1_score(y[mask], pred[mask], average="macro", labels=present, zero_division=0)),
                 "mcc": float(matthews_corrcoef(y[mask], pred[mask])),
             }
     return out
 
 
-def metrics_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy, macro-F1 (over all classes, 0 where undefined) and MCC of (..., K, K) confusion matrices."""
+def per_class_f1_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """(..., K) F1 of each class of (..., K, K) confusion matrices; 0 where a class is neither true nor predicted."""
+    c = confusion.astype(np.float64)
+    tp = np.diagonal(c, axis1=-2, axis2=-1)
+    both = c.sum(-1) + c.sum(-2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(both > 0, 2 * tp / both, 0.0)
+
+
+def metrics_from_confusion(confusion: np.ndarray, classes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1 and MCC of (..., K, K) confusion matrices.
+
+    Macro-F1 averages over ``classes`` (indices; all K by default), an F1 of 0 where undefined.
+    """
     c = confusion.astype(np.float64)
     n = c.sum((-2, -1))
     tp = np.diagonal(c, axis1=-2, axis2=-1)
@@ -90,7 +106,7 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
         cov = tp.sum(-1) * n - (true * pred).sum(-1)
         denom = np.sqrt((n**2 - (pred**2).sum(-1)) * (n**2 - (true**2).sum(-1)))
         mcc = np.where(denom > 0, cov / denom, 0.0)
-    return {"accuracy": tp.sum(-1) / n, "macro_f1": f1.mean(-1), "mcc": mcc}
+    return {"accuracy": tp.sum(-1) / n, "macro_f1": (f1 if classes is None else f1[..., classes]).mean(-1), "mcc": mcc}
 
 
 def _resampled_confusions(y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: int, seed: int) -> np.ndarray:
@@ -102,12 +118,22 @@ def _resampled_confusions(y: np.ndarray, pred: np.ndarray, n_classes: int, n_boo
 
 
 def bootstrap_ci(
-    y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+    classes: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of accuracy, macro-F1 and MCC over proteins resampled with replacement."""
-    values = metrics_from_confusion(_resampled_confusions(np.asarray(y), np.asarray(pred), n_classes, n_boot, seed))
+    """Percentile intervals of accuracy, macro-F1 (over ``classes``) and MCC of resampled proteins."""
+    confusions = _resampled_confusions(np.asarray(y), np.asarray(pred), n_classes, n_boot, seed)
+    values = metrics_from_confusion(confusions, classes)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {m: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for m, v in values.items()}
+
+
+def bootstrap_per_class_f1(
+    y: np.ndarray, pred: np.ndarray, n_classes: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> np.ndarray:
+    """(K, 2) percentile intervals of each class's F1, over the same resamples as ``bootstrap_ci`` draws."""
+    f1 = per_class_f1_from_confusion(_resampled_confusions(np.asarray(y), np.asarray(pred), n_classes, n_boot, seed))
+    return np.percentile(f1, [(1 - level) / 2 * 100, (1 + level) / 2 * 100], axis=0).T
 
 
 def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict:

@@ -9,7 +9,9 @@ A run directory holds::
     comparison.md/.csv the side-by-side table
     report.html        the run on one self-contained page: tables, paired tests, figures inline, provenance
     splits.json        per split: sizes, time, what validation chose, training curves
-    plots/             metrics per method, confusion matrices, per-class F1, training curves (PNG)
+    plots/             every figure (heads.figures), each as SVG and as PNG at 200 dpi: methods
+                       compared, confusion matrices, per class and group, ROC and precision-recall,
+                       training curves, accuracy by length, the embedding map
     models/            fitted heads, one file per split, manifest.json (file, sha256, classes of
                        each) and training_keys.txt (for `heads predict`)
     work/              fine-tuning checkpoints and per-step/per-epoch logs and curves, per split
@@ -27,8 +29,10 @@ from embedcache.atomic import atomic_path, write_json, write_text
 
 from .datasets import LabeledSet
 from .evaluate import MethodResult
-from .htmlreport import context_from_config, legacy_figures, report_record, write_report
-from .metrics import bootstrap_ci, classification_metrics, mcnemar, paired_bootstrap
+from .figstyle import FigureContext
+from .figures import draw_run
+from .htmlreport import context_from_config, report_record, write_report
+from .metrics import bootstrap_ci, bootstrap_per_class_f1, classification_metrics, mcnemar, paired_bootstrap
 from .rundir import json_default
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,17 @@ def method_metrics(result: MethodResult, data: LabeledSet, n_boot: int = 1000, s
     mask = result.predicted()
     y, proba = data.labels[mask], result.proba[mask]
     groups = data.groups[mask] if data.groups is not None else None
+    pred = proba.argmax(1)
     out = classification_metrics(y, proba, data.classes, groups)
-    out["ci95"] = bootstrap_ci(y, proba.argmax(1), data.n_classes, n_boot=n_boot, seed=seed)
+    out["ci95"] = bootstrap_ci(y, pred, data.n_classes, n_boot=n_boot, seed=seed)
+    for c, interval in zip(data.classes, bootstrap_per_class_f1(y, pred, data.n_classes, n_boot, seed)):
+        out["per_class"][c]["f1_ci95"] = (float(interval[0]), float(interval[1]))
+    if groups is not None:
+        for group, g in out["per_group"].items():
+            inside = groups.astype(str) == group
+            present = np.array([data.classes.index(c) for c in g["classes"]])
+            g["ci95"] = bootstrap_ci(y[inside], pred[inside], data.n_classes, n_boot=n_boot, seed=seed,
+                                     classes=present)
     return out
 
 
@@ -96,10 +109,13 @@ def markdown_table(table: pd.DataFrame, title: str, notes: list[str]) -> str:
 
 def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodResult], title: str,
               notes: list[str] | None = None, baseline: str | None = None, n_boot: int = 1000,
-              seed: int = 0) -> dict:
+              seed: int = 0, context: FigureContext | None = None, features: np.ndarray | None = None,
+              figures: bool = True) -> dict:
     """Every output of a run; config.json last (its ``manifest_sha256`` marks a finished run).
 
     metrics.json depends only on the predictions, ``n_boot`` and ``seed``: no times, no dates.
+    ``context`` says in every figure's title what the run is; ``features`` (pooled embeddings in
+    ``data``'s order) give the embedding map. The returned dict's "figures" lists the figures drawn.
     """
     out.mkdir(parents=True, exist_ok=True)
     metrics = {r.name: method_metrics(r, data, n_boot, seed) for r in results}
@@ -121,14 +137,23 @@ def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodRes
         pd.concat([r.frame(data) for r in results]).to_csv(tmp, index=False)
     with atomic_path(out / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_text(out / "comparison.md", markdown_table(table, title, notes))
-    plot_run(out / "plots", data, results, metrics)
-    context, figures = context_from_config(config, len(data)), legacy_figures(out)
+    shown = table.assign(method=[_shown_name(n, context) for n in table["method"]])
+    write_text(out / "comparison.md", markdown_table(shown, title, notes))
+    if context is None:
+        context = context_from_config(config, len(data))
+    drawn = draw_run(out / "plots", context, data, results, metrics, features) if figures else []
     # The page is written from config.json as it will be, so that `heads report` rebuilds it exactly.
-    config = {**config, "report": report_record(context, figures, run_notes, out), "classes": data.classes}
-    write_report(out, context, figures, metrics, tests, table, config, run_notes)
+    config = {**config, "report": report_record(context, drawn, run_notes, out), "classes": data.classes}
+    write_report(out, context, drawn, metrics, tests, table, config, run_notes)
     write_config(out, config, data.classes)
-    return {"metrics": metrics, "tests": tests, "table": table}
+    return {"metrics": metrics, "tests": tests, "table": table, "figures": drawn}
+
+
+def _shown_name(name: str, context: FigureContext | None) -> str:
+    """The reference tool by its name in tables a person reads; heads keep their method names."""
+    if name == "reference" and context is not None and context.reference != "reference":
+        return f"{context.reference} (reference)"
+    return name
 
 
 def write_config(out: Path, config: dict, classes: list[str]) -> None:
@@ -137,93 +162,3 @@ def write_config(out: Path, config: dict, classes: list[str]) -> None:
 
 def _write_json(path: Path, obj) -> None:
     write_json(path, obj, default=json_default)
-
-
-def plot_run(folder: Path, data: LabeledSet, results: list[MethodResult], metrics: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(metrics)
-    # Confusion matrices, rows normalised to recall, counts written in each cell.
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        counts = np.array(metrics[name]["confusion"], dtype=float)
-        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for i in range(len(data.classes)):
-            for j in range(len(data.classes)):
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
-        ax.set_xticks(range(len(data.classes)), data.classes, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(data.classes)), data.classes, fontsize=7)
-        ax.set_title(f"{name}\nacc {metrics[name]['accuracy']:.3f}, MCC {metrics[name]['mcc']:.3f}", fontsize=9)
-        ax.set_xlabel("predicted")
-    axes[0][0].set_ylabel("true")
-    fig.tight_layout()
-    _savefig(fig, folder / "confusion_matrices.png")
-    plt.close(fig)
-
-    # Per-class F1, one bar per method.
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(data.classes) * max(1, len(names)) / 2), 4))
-    width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        f1 = [metrics[name]["per_class"][c]["f1"] for c in data.classes]
-        ax.bar(np.arange(len(data.classes)) + k * width, f1, width, label=name)
-    ax.set_xticks(np.arange(len(data.classes)) + 0.4 - width / 2, data.classes, rotation=30, ha="right")
-    ax.set_ylabel("F1")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, ncol=min(4, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.25))
-    ax.set_title("per-class F1")
-    fig.tight_layout()
-    _savefig(fig, folder / "per_class_f1.png")
-    plt.close(fig)
-
-    # Headline metrics per method with their bootstrap intervals (a learning-rate sweep reads here).
-    keys = ("accuracy", "macro_f1", "mcc")
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) * len(keys) / 2), 4))
-    width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        values = np.array([metrics[name][key] for key in keys])
-        ci = np.array([metrics[name]["ci95"][key] for key in keys]).T
-        ax.bar(np.arange(len(keys)) + k * width, values, width, label=name,
-               yerr=np.abs(ci - values), capsize=3)
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, ["accuracy", "macro-F1", "MCC"])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score (95% bootstrap interval)")
-    ax.legend(fontsize=8, ncol=min(4, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    ax.set_title("methods on the same proteins and folds")
-    fig.tight_layout()
-    _savefig(fig, folder / "comparison.png")
-    plt.close(fig)
-
-    # Training curves of heads that record them.
-    for result in results:
-        curves = [s for s in result.splits if s.get("history")]
-        if not curves:
-            continue
-        fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 4))
-        for s in curves:
-            h = pd.DataFrame(s["history"])
-            line = loss_ax.plot(h["epoch"], h["train_loss"], alpha=0.6)[0]
-            if "val_loss" in h:
-                loss_ax.plot(h["epoch"], h["val_loss"], "--", color=line.get_color(), alpha=0.6)
-                metric_ax.plot(h["epoch"], h["val_macro_f1"], color=line.get_color(), alpha=0.6,
-                               label=s["split"] if len(curves) <= 6 else None)
-                if "best_epoch" in s:
-                    metric_ax.axvline(s["best_epoch"], color=line.get_color(), alpha=0.2)
-        loss_ax.set(xlabel="epoch", ylabel="loss", title="training (solid) and validation (dashed) loss")
-        metric_ax.set(xlabel="epoch", ylabel="validation macro-F1", title="validation macro-F1 (line: best epoch)")
-        if len(curves) <= 6:
-            metric_ax.legend(fontsize=7)
-        fig.suptitle(result.name)
-        fig.tight_layout()
-        _savefig(fig, folder / f"training_curves_{result.name}.png")
-        plt.close(fig)
-
-
-def _savefig(fig, path: Path) -> None:
-    with atomic_path(path, keep_suffix=True) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")

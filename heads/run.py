@@ -23,6 +23,7 @@ from embedcache.store import EmbeddingCache
 from .datasets import LabeledSet, load_labeled, merge
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
+from .figstyle import FigureContext
 from .folds import homology_folds, scheme, stratified_folds
 from .htmlreport import describe_folds, file_digests, software_versions
 from .registry import Head, make_head
@@ -64,6 +65,8 @@ class RunConfig:
     aligner: str = "mmseqs2"  # GraphPart's aligner: mmseqs2 | needle
     layer: int | None = None  # cache layer to use; None: the highest stored
     reference: str | None = None  # folder of model_{test}_{val}.csv probabilities from another tool
+    reference_name: str | None = None  # the reference tool's name in figures and tables (display only)
+    figures: bool = True  # draw plots/ (display only: a sweep of many runs may leave them out)
     test_data: str | None = None  # a labelled file held out as the only test set (train and validate on `data`)
     head_params: dict = field(default_factory=dict)  # {"attention": {"max_epochs": 30}, ...}
     kind: str | None = None  # dataset reader; None: recognised from the file
@@ -234,15 +237,79 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         keys = write_training_keys(out, (sequence_key(data.sequences[i]) for i in trained))
         saved = [model for result in results for model in result.saved]
         run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys, identity)
+        context = figure_context(config, data, fold_info, len(splits), prov, layer if cache is not None else None)
+        pooled = None
+        if cache is not None and config.figures:
+            try:  # read already by any pooled head; only the embedding map needs it otherwise
+                pooled = features.pooled()
+            except (KeyError, ValueError, OSError) as err:
+                log.warning("%s: no pooled embeddings for the embedding map (%s); the map is left out", cache.path, err)
         summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
-                            n_boot=config.n_boot, seed=config.seed)
+                            n_boot=config.n_boot, seed=config.seed, context=context, features=pooled,
+                            figures=config.figures)
     log.info("run written to %s%s", out, " (resumed)" if run_dir.resumed else "")
     return summary
 
 
+# Settings that change how a run is shown, never what it computes.
+DISPLAY_ONLY = ("reference_name", "figures")
+
+
 def _fingerprint_settings(config: RunConfig) -> dict:
-    """The config without the paths of inputs the fingerprint covers by content."""
-    return {k: v for k, v in asdict(config).items() if k not in ("data", "test_data", "cache")}
+    """The config without the paths of inputs the fingerprint covers by content, and without display settings."""
+    return {k: v for k, v in asdict(config).items() if k not in ("data", "test_data", "cache", *DISPLAY_ONLY)}
+
+
+def figure_context(config: RunConfig, data: LabeledSet, fold_info: dict, n_splits: int,
+                   provenance: dict | None, layer: int | None) -> FigureContext:
+    """What every figure of the run says it shows: dataset, backbone, folds and scheme, proteins."""
+    def named(path: str) -> str:
+        p = Path(path)
+        return f"{p.parent.name}/{p.name}" if p.parent.name not in ("", ".") else p.name
+
+    paths = [config.data] if isinstance(config.data, str) else list(config.data)
+    dataset = " + ".join(named(p) for p in paths)
+    if config.test_data:
+        dataset += f", tested on {named(config.test_data)}"
+    return FigureContext(dataset, backbone_title(provenance, layer, config), folds_title(config, fold_info, n_splits),
+                         len(data), config.reference_name or "reference")
+
+
+def backbone_title(provenance: dict | None, layer: int | None, config: RunConfig | None = None) -> str:
+    """The embeddings' backbone as a reader knows it, e.g. "UniRep-256 (unirep256)" or "ESM-2 8M (NAME), layer 6"."""
+    if not provenance:
+        if config is not None and "finetune" in config.heads:
+            return f"fine-tuned {config.model or Path(config.weights or '').name or 'ESM-2'}"
+        return "no embeddings"
+    model = str(provenance.get("model"))
+    architecture = str(provenance.get("architecture") or "")
+    family = provenance.get("family")
+    if family == "unirep":
+        size = "".join(ch for ch in model if ch.isdigit())
+        return f"UniRep-{size} ({model})" if size else f"UniRep ({model})"
+    if family == "esm2" or architecture.startswith("esm2_"):
+        size = next((part for part in architecture.split("_") if part[:-1].isdigit() and part[-1] in "MB"), "")
+        name = f"ESM-2 {size}".strip()
+        total = provenance.get("num_layers")
+        where = f", layer {layer}" + (f" of {total}" if total else "") if layer is not None else ""
+        return f"{name} ({model}){where}"
+    return f"{model} ({architecture})" + (f", layer {layer}" if layer is not None else "")
+
+
+def folds_title(config: RunConfig, fold_info: dict, n_splits: int) -> str:
+    """The folds and the scheme: "nested CV over 5 GraphPart homology partitions (30% identity)"."""
+    k = len([f for f in fold_info.get("sizes", {}) if f != fold_info.get("test_fold")])
+    source = fold_info.get("source")
+    if source == "homology":
+        folds = f"{k} GraphPart homology partitions ({fold_info.get('threshold', config.threshold):.0%} identity)"
+    elif source == "stratified":
+        folds = f"{k} stratified random folds (seed {fold_info.get('seed', config.seed)})"
+    else:
+        folds = f"the file's {k} folds"
+    scheme_name = "nested CV" if config.scheme == "nested" else "CV"
+    if "test_fold" in fold_info:
+        return f"trained with {scheme_name} over {folds}, tested on the held-out file ({n_splits} models)"
+    return f"{scheme_name} over {folds}"
 
 
 def predict(run: Path | str, cache_path: Path | str | None = None, head: str | None = None, *,

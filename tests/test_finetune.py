@@ -189,7 +189,7 @@ def test_a_run_on_other_weights_under_the_same_name_is_another_run(tmp_path):
     data = write_task_csv(tmp_path / "m.csv", X, y)
     weights = tmp_path / "w.pt"
     build_tiny_esm2(weights, num_layers=2, embed_dim=16, attention_heads=2, seed=0)
-    config = RunConfig(data=str(data), heads=("finetune",), weights=str(weights), k=3, n_boot=100,
+    config = RunConfig(data=str(data), heads=("finetune",), weights=str(weights), k=3, n_boot=100, figures=False,
                        head_params={"finetune": {"max_epochs": 1, "threads": 1, "batch_tokens": 1024}})
     run_comparison(config, tmp_path / "run")
     build_tiny_esm2(weights, num_layers=2, embed_dim=16, attention_heads=2, seed=1)
@@ -220,7 +220,7 @@ def test_compare_frozen_and_finetuned_heads_with_an_lr_sweep(tiny_weights, tmp_p
     run_config = json.loads((out / "config.json").read_text())
     assert run_config["methods"]["finetune_lr0.001"]["weights"] == str(tiny_weights)  # the cache's backbone
     assert (out / "plots" / "comparison.png").exists()
-    assert (out / "plots" / "training_curves_finetune_lr0.003.png").exists()
+    assert (out / "plots" / "training_finetune_lr0.003.png").exists()
     models = sorted((out / "models" / "finetune_lr0.003").glob("*.finetune.pt"))
     assert len(models) == 3
     for split in ("test0_val1", "test1_val2", "test2_val0"):

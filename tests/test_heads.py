@@ -165,6 +165,22 @@ def test_metrics_match_scikit_learn_on_hand_made_predictions():
     assert (test["only_a_right"], test["only_b_right"]) == (3, 0) and test["p_value"] == pytest.approx(0.25)
 
 
+def test_macro_f1_within_a_group_averages_over_the_classes_the_group_has():
+    # Group "a" has classes x and y only; z is never true there. One protein of "a" predicted z
+    # is an error that lowers y's recall, but z itself adds no F1 of 0 to the average.
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 1, 2, 2, 2])
+    groups = np.array(["a", "a", "a", "a", "b", "b"])
+    m = classification_metrics(y, np.eye(3)[pred], ["x", "y", "z"], groups)
+    a = m["per_group"]["a"]
+    assert a["classes"] == ["x", "y"]
+    # By hand: F1(x) = 1, F1(y) = 2*1/(2*1+0+1) = 2/3.
+    assert a["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+    assert a["macro_f1"] == pytest.approx(f1_score(y[:4], pred[:4], labels=[0, 1], average="macro"))
+    ci = bootstrap_ci(y[:4], pred[:4], 3, n_boot=300, classes=np.array([0, 1]))
+    assert ci["macro_f1"][0] <= a["macro_f1"] <= ci["macro_f1"][1] <= 1.0
+
+
 def test_binary_metrics_include_roc_and_pr_auc():
     y = np.array([0, 0, 1, 1])
     proba = np.array([[0.9, 0.1], [0.3, 0.7], [0.35, 0.65], [0.2, 0.8]])
@@ -236,7 +252,8 @@ def test_cli_compare_writes_a_complete_run_and_predicts(planted, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     for name in ("config.json", "metrics.json", "predictions.csv", "comparison.md", "comparison.csv", "splits.json",
-                 "plots/confusion_matrices.png", "plots/per_class_f1.png", "plots/training_curves_attention.png"):
+                 "plots/confusion_logreg.png", "plots/per_class_f1.png", "plots/training_attention.png",
+                 "plots/embedding_map.svg"):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["classes"] == ["class0", "class1", "class2"] and config["head_params"]["attention"]["max_epochs"] == 5

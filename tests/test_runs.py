@@ -26,7 +26,7 @@ from heads.rundir import RunDirectoryError, check_identity
 from conftest import write_fasta
 from test_heads import planted_dataset
 
-FAST = ["--set", "logreg.Cs=[0.1,1.0]", "--bootstrap", "100", "--folds", "stratified"]
+FAST = ["--set", "logreg.Cs=[0.1,1.0]", "--bootstrap", "100", "--folds", "stratified", "--no-figures"]
 
 
 @pytest.fixture(scope="module")
