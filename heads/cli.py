@@ -113,6 +113,7 @@ def common(func):
         click.option("--lr", "lrs", type=float, multiple=True,
                      help="finetune learning rate; repeat for a sweep (one method per value, same splits)."),
         click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars (progress lines are still logged)."),
         click.option("--verbose", "-v", is_flag=True),
     ]
     for option in reversed(options):
@@ -127,7 +128,12 @@ def _logging(verbose: bool) -> None:
 
 def _run(heads: tuple[str, ...], kw: dict) -> None:
     _logging(kw.pop("verbose"))
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .progress import set_bars
     from .run import RunConfig, run_comparison
+
+    set_bars(not kw.pop("quiet"))
 
     out = kw.pop("out")
     overwrite = kw.pop("overwrite")
@@ -137,7 +143,7 @@ def _run(heads: tuple[str, ...], kw: dict) -> None:
                        lrs=tuple(kw.pop("lrs")), **kw)
     user_errors = _user_errors()
     try:
-        with resumable():
+        with resumable(), logging_redirect_tqdm():
             summary = run_comparison(config, out, overwrite=overwrite)
     except user_errors as err:
         raise click.ClickException(str(err)) from None
@@ -190,9 +196,10 @@ def compare_cmd(heads, **kw) -> None:
               help="Folder for the caches --sequences builds [RUN/embeddings].")
 @click.option("--device", default="auto", show_default=True, help="--sequences: where to embed (cpu, cuda, cuda:N).")
 @click.option("--threads", type=click.IntRange(min=1), help="--sequences: torch CPU threads [cores available].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar while embedding --sequences.")
 @click.option("--verbose", "-v", is_flag=True)
 def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embeddings_dir, device, threads,
-                verbose) -> None:
+                quiet, verbose) -> None:
     """Predict proteins with the ensemble of a run's fold models.
 
     Give the proteins as a cache of the run's own backbone (--cache) or as a FASTA/CSV file
@@ -207,11 +214,15 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
         raise click.UsageError("--id-col and --seq-col apply to --sequences")
     from embedcache.atomic import atomic_path
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .progress import set_bars
     from .run import predict
 
+    set_bars(not quiet)
     user_errors = _user_errors()
     try:
-        with resumable():
+        with resumable(), logging_redirect_tqdm():
             frame = predict(run_dir, cache, head, sequences=sequences, id_col=id_col, seq_col=seq_col,
                             embeddings_dir=embeddings_dir, device=device, threads=threads)
             with atomic_path(out) as tmp:

@@ -24,6 +24,7 @@ from .datasets import LabeledSet, load_labeled, merge
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource
 from .folds import homology_folds, scheme, stratified_folds
+from .progress import bars_shown, with_run_log
 from .registry import Head, make_head
 from .report import write_config, write_run
 from .rundir import (
@@ -155,6 +156,7 @@ def _backbone_params(config: RunConfig, provenance: dict | None, params: dict) -
                      "are then used)")
 
 
+@with_run_log
 def run_comparison(config: RunConfig, out: Path | str, title: str | None = None, overwrite: bool = False) -> dict:
     """Cross-validate every head on the same splits, add the reference, write the run.
 
@@ -227,6 +229,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         keys = write_training_keys(out, (sequence_key(data.sequences[i]) for i in trained))
         saved = [model for result in results for model in result.saved]
         run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys, identity)
+        log.info("writing the results, intervals, paired tests and figures to %s", out)
         summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
                             n_boot=config.n_boot, seed=config.seed)
     log.info("run written to %s%s", out, " (resumed)" if run_dir.resumed else "")
@@ -373,7 +376,7 @@ def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | No
         trust_weights=bool(settings.get("trust_weights", False)),
     )
     log.info("embedding %s with the run's backbone (%s) into %s", sequences, describe_identity(identity), target)
-    extract(sequences, target, config, id_col=id_col, seq_col=seq_col, progress=False,
+    extract(sequences, target, config, id_col=id_col, seq_col=seq_col, progress=bars_shown(),
             command=f"heads predict --run {finished.path} --sequences {sequences}")
     return target
 
