@@ -212,9 +212,9 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
         raise click.UsageError("give the proteins with --cache C.h5 or with --sequences FILE (one of them)")
     if sequences is None and (id_col or seq_col):
         raise click.UsageError("--id-col and --seq-col apply to --sequences")
-    from embedcache.atomic import atomic_path
-
     from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from embedcache.atomic import atomic_path
 
     from .progress import set_bars
     from .run import predict

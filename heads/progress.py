@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class _RunLogHandler(logging.Handler):
         self.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         self.addFilter(self._wanted)
         self._pending: list[logging.LogRecord] = []
-        self._stream = None
+        self._stream: TextIO | None = None
         self.path: Path | None = None
 
     @staticmethod
@@ -94,9 +95,9 @@ class _RunLogHandler(logging.Handler):
         self.acquire()
         try:
             # A log, not a result: appended to, never replaced, so atomic writes do not apply.
-            self._stream = open(path, "a", encoding="utf-8", errors="replace")
-            self.path = path
-            self._stream.write(first_line + "\n")
+            stream = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 (open until close())
+            stream.write(first_line + "\n")
+            self._stream, self.path = stream, path
             pending, self._pending = self._pending, []
         finally:
             self.release()
