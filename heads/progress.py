@@ -200,6 +200,7 @@ class ToolOutput:
         self.logger = logger
         self.stage_of = stage_of
         self.stage: str | None = None
+        self.stage_started = time.monotonic()
         self.partial = ""
         self.tail: list[str] = []  # the last lines, for an error message
         self._lock = threading.Lock()
@@ -223,29 +224,34 @@ class ToolOutput:
         self.logger.debug("%s", line)
         self.tail = (self.tail + [line])[-20:]
         stage = self.stage_of(line)
-        if stage:
-            self.stage = stage
+        if stage and stage != self.stage:
+            self.stage, self.stage_started = stage, time.monotonic()
 
     def describe(self) -> str | None:
+        """The stage, and how far its bar has come with an estimate of the time left."""
         with self._lock:
             partial = self.partial
-        bar = _mmseqs_bar(partial)
-        if bar is not None and self.stage:
-            return f"{self.stage}, {bar}"
-        return self.stage
+        fraction = _bar_fraction(partial)
+        if fraction is None or not self.stage:
+            return self.stage
+        text = f"{self.stage}, about {100 * fraction:.0f}% done"
+        if fraction > 0:
+            spent = time.monotonic() - self.stage_started
+            text += f", about {duration(spent / fraction * (1 - fraction))} left"
+        return text
 
 
 # MMseqs2 draws its bars as "[" and 65 "=" (then "] 100.00% ...").
 _MMSEQS_BAR = 65
 
 
-def _mmseqs_bar(text: str) -> str | None:
+def _bar_fraction(text: str) -> float | None:
     """How far a bar still being drawn has come: MMseqs2's, or a tqdm bar's percentage."""
     match = re.fullmatch(r"\s*\[(=*)\s*", text)
     if match is not None:
-        return f"about {min(100, round(100 * len(match.group(1)) / _MMSEQS_BAR))}% done"
+        return min(1.0, len(match.group(1)) / _MMSEQS_BAR)
     match = re.search(r"(\d+)%\|", text)
-    return f"{match.group(1)}% done" if match else None
+    return int(match.group(1)) / 100 if match else None
 
 
 def run_tool(command: list[str], what: str, output: ToolOutput, *, cwd: str | Path | None = None,
