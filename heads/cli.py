@@ -135,6 +135,7 @@ def common(func):
         click.option("--figures/--no-figures", default=True, show_default=True,
                      help="Draw every figure into OUT/plots (SVG and PNG); --no-figures saves the time in sweeps."),
         click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars (progress lines are still logged)."),
         click.option("--verbose", "-v", is_flag=True),
     ]
     for option in reversed(options):
@@ -149,7 +150,12 @@ def _logging(verbose: bool) -> None:
 
 def _run(heads: tuple[str, ...], kw: dict) -> None:
     _logging(kw.pop("verbose"))
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .progress import set_bars
     from .run import RunConfig, run_comparison
+
+    set_bars(not kw.pop("quiet"))
 
     out = kw.pop("out")
     overwrite = kw.pop("overwrite")
@@ -159,7 +165,7 @@ def _run(heads: tuple[str, ...], kw: dict) -> None:
                        lrs=tuple(kw.pop("lrs")), **kw)
     user_errors = _user_errors()
     try:
-        with resumable():
+        with resumable(), logging_redirect_tqdm():
             summary = run_comparison(config, out, overwrite=overwrite, command=_command_line())
     except user_errors as err:
         raise click.ClickException(str(err)) from None
@@ -216,9 +222,10 @@ def compare_cmd(heads, **kw) -> None:
               help="Also write every protein's per-residue attention weights (each attention head and their mean, "
                    "averaged over the fold models) to this HDF5 file; for the attention head and fine-tuning with "
                    "attention pooling.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar while embedding --sequences.")
 @click.option("--verbose", "-v", is_flag=True)
 def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embeddings_dir, device, threads,
-                attention_out, verbose) -> None:
+                attention_out, quiet, verbose) -> None:
     """Predict proteins with the ensemble of a run's fold models.
 
     Give the proteins as a cache of the run's own backbone (--cache) or as a FASTA/CSV file
@@ -234,13 +241,17 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
         raise click.UsageError("--id-col and --seq-col apply to --sequences")
     if attention_out is not None and Path(attention_out).resolve() == Path(out).resolve():
         raise click.UsageError("--attention and --out must be different files")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from embedcache.atomic import atomic_path
 
+    from .progress import set_bars
     from .run import ensemble
 
+    set_bars(not quiet)
     user_errors = _user_errors()
     try:
-        with resumable():
+        with resumable(), logging_redirect_tqdm():
             result = ensemble(run_dir, cache, head, sequences=sequences, id_col=id_col, seq_col=seq_col,
                               embeddings_dir=embeddings_dir, device=device, threads=threads,
                               attention=attention_out is not None)

@@ -26,6 +26,7 @@ from .base import Head
 from .datasets import LabeledSet
 from .features import FeatureSource
 from .folds import Split
+from .progress import eta, progress_bar
 from .rundir import SavedModel
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits
     result = MethodResult(name, np.full((len(data), data.n_classes), np.nan), np.full(len(data), -1))
     if model_dir is not None:
         model_dir.mkdir(parents=True, exist_ok=True)
-    for number, split in enumerate(splits, 1):
+    began = time.perf_counter()
+    for number, split in enumerate(progress_bar(splits, desc=name, unit="split", leave=False), 1):
         start = time.perf_counter()
         model = clone(head)
         if work_dir is not None and "checkpoint_dir" in model.get_params():
@@ -98,7 +100,8 @@ def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits
             result.saved.append(save_model(model, model_dir / f"{split.name}{model.file_suffix}", name, split.name))
         if keep_models:
             result.models.append((split, model))
-        log.info("%s: split %d/%d (%s) in %.1f s", name, number, len(splits), split.name, seconds)
+        log.info("%s: split %d/%d (%s) in %.1f s; %s", name, number, len(splits), split.name, seconds,
+                 eta(number, len(splits), time.perf_counter() - began))
     done = count > 0
     result.proba[done] = total[done] / count[done, None]
     return result

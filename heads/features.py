@@ -7,12 +7,16 @@ batch by batch. Tests and notebooks can wrap in-memory arrays the same way.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from embedcache.sequences import sequence_key
 from embedcache.store import EmbeddingCache
+
+log = logging.getLogger(__name__)
 
 
 class Residues:
@@ -120,7 +124,10 @@ class FeatureSource:
     def pooled(self) -> np.ndarray:
         if self._pooled is None:
             cache, rows = self._need_cache("pooled")
+            start = time.perf_counter()
             self._pooled = cache.pooled_rows(rows, self.layer).astype(np.float32)
+            log.info("%s: read pooled embeddings of %d proteins in %.1f s", cache.path, len(rows),
+                     time.perf_counter() - start)
         return self._pooled
 
     def residues(self) -> CachedResidues:

@@ -12,17 +12,22 @@ threshold. Schemes turn folds into (train, validation, test) splits:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from embedcache.sequences import sequence_key
+
+from .progress import HEARTBEAT_SECONDS, TOOL_LOGGER, ToolOutput, duration, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +111,44 @@ def stratified_folds(labels: np.ndarray, sequences: list[str], k: int = 5, seed:
     return folds
 
 
+_GRAPHPART_CHILD = """
+import json, sys
+from graph_part import stratified_k_fold
+with open(sys.argv[1]) as handle:
+    args = json.load(handle)
+parts = stratified_k_fold(**args)
+with open(sys.argv[2], "w") as handle:
+    json.dump([[str(i) for i in part] for part in parts], handle)
+"""
+
+# What GraphPart and MMseqs2 print as they go, and the stage each line starts.
+_STAGES = (
+    ("createdb ", "MMseqs2: reading the sequences"),
+    ("prefilter ", "MMseqs2: prefiltering"),
+    ("align ", "MMseqs2: aligning every pair of sequences"),
+    ("convertalis ", "MMseqs2: writing the alignments"),
+    ("Initialization mode", "GraphPart: building the partitions"),
+    ("clustering", "GraphPart: clustering"),
+    ("Min-threshold", "GraphPart: moving or removing sequences above the threshold"),
+    ("Currently have this many samples", "GraphPart: removing sequences it cannot place"),
+    ("Need to remove", "GraphPart: removing sequences it cannot place"),
+    ("Graph-Part executed", "GraphPart: done"),
+)
+
+
+def _graphpart_stage(line: str) -> str | None:
+    text = line.strip()
+    if text.startswith("Calculation of alignments"):
+        return "MMseqs2: aligning every pair of sequences"
+    for start, stage in _STAGES:
+        if text.startswith(start):
+            return stage
+    # Alignment scores read into the graph: GraphPart's tqdm counter over the alignment table.
+    if re.fullmatch(r"\d+it \[.*", text):
+        return "GraphPart: reading the alignments"
+    return None
+
+
 @dataclass
 class HomologyPartition:
     folds: np.ndarray  # -1 for sequences GraphPart removed
@@ -128,8 +171,6 @@ def homology_folds(
     GraphPart removes sequences it cannot place without breaking the threshold, as
     DeepLocPro reported; they get fold -1 and are counted.
     """
-    from graph_part import stratified_k_fold
-
     binary = {"mmseqs2": "mmseqs", "needle": "needleall"}.get(aligner)
     if binary is None:
         raise ValueError(f"aligner must be mmseqs2 or needle, not {aligner!r}")
@@ -138,32 +179,44 @@ def homology_folds(
             f"GraphPart with {aligner} needs the '{binary}' program; install it (Debian: apt-get install "
             f"{'mmseqs2' if aligner == 'mmseqs2' else 'emboss'})"
         )
-    # GraphPart writes its temporary files into the working directory, and calls a helper script
-    # (mmseqs_fake_prefilter.sh) installed beside this Python, which is not on PATH when a virtual
-    # environment's python is run without activating it.
-    here, path = os.getcwd(), os.environ.get("PATH", "")
+    log.info("homology partitioning of %d sequences with GraphPart (%s, identity %.2f, %d folds): aligns every "
+             "pair, minutes for thousands of sequences; a progress line every %.0f s", len(ids), aligner, threshold,
+             k, HEARTBEAT_SECONDS)
+    # GraphPart prints (and so do the MMseqs2 runs it starts) into the process's stdout, which
+    # belongs to the results: it runs in a child Python whose output is logged line by line.
+    # Its temporary files go to the working directory, so the child works in a directory of its
+    # own, and it calls a helper script (mmseqs_fake_prefilter.sh) installed beside this Python,
+    # which is not on PATH when a virtual environment's python is run without activating it.
+    path = os.environ.get("PATH", "")
     scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([scripts, path]) if path else scripts,
+           "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "10"}
+    args = {
+        "sequences": dict(zip(ids, sequences)),
+        "labels": {i: str(l) for i, l in zip(ids, labels)},
+        "partitions": k,
+        "threshold": threshold,
+        "alignment_mode": aligner,
+        "threads": threads,
+        # Identity over the shorter sequence for MMseqs2 (the stricter choice; GraphPart's
+        # default 'full' exists only for needle).
+        "denominator": "shortest" if aligner == "mmseqs2" else "full",
+    }
+    output = ToolOutput(logging.getLogger(TOOL_LOGGER + ".graphpart"), _graphpart_stage)
+    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="graphpart_") as tmp:
-        os.chdir(tmp)
-        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+        request, answer = Path(tmp) / "request.json", Path(tmp) / "partitions.json"
+        request.write_text(json.dumps(args))  # a scratch file of this call, deleted with its folder
+        run_tool([sys.executable, "-c", _GRAPHPART_CHILD, str(request), str(answer)], "GraphPart", output,
+                 cwd=tmp, env=env)
         try:
-            parts = stratified_k_fold(
-                sequences=dict(zip(ids, sequences)),
-                labels={i: str(l) for i, l in zip(ids, labels)},
-                partitions=k,
-                threshold=threshold,
-                alignment_mode=aligner,
-                threads=threads,
-                # Identity over the shorter sequence for MMseqs2 (the stricter choice; GraphPart's
-                # default 'full' exists only for needle).
-                denominator="shortest" if aligner == "mmseqs2" else "full",
-            )
-        finally:
-            os.chdir(here)
-            os.environ["PATH"] = path
+            parts = json.loads(answer.read_text())
+        except (OSError, ValueError) as err:
+            last = "\n".join(output.tail[-8:])
+            raise RuntimeError(f"GraphPart gave no partitions ({err}); its last output:\n{last}") from None
     fold_of = {ident: fold for fold, members in enumerate(parts) for ident in members}
     folds = np.array([fold_of.get(i, -1) for i in ids], dtype=np.int64)
     removed = int((folds < 0).sum())
-    log.info("GraphPart (%s, identity %.2f): %d folds, %d of %d sequences removed",
-             aligner, threshold, k, removed, len(ids))
+    log.info("GraphPart (%s, identity %.2f): %d folds, %d of %d sequences removed, in %s",
+             aligner, threshold, k, removed, len(ids), duration(time.monotonic() - start))
     return HomologyPartition(folds, threshold, aligner, removed)

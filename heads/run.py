@@ -26,6 +26,7 @@ from .features import FeatureSource
 from .figstyle import FigureContext
 from .folds import homology_folds, scheme, stratified_folds
 from .htmlreport import describe_folds, file_digests, software_versions
+from .progress import bars_shown, with_run_log
 from .registry import Head, make_head
 from .report import write_config, write_run
 from .rundir import (
@@ -159,6 +160,7 @@ def _backbone_params(config: RunConfig, provenance: dict | None, params: dict) -
                      "are then used)")
 
 
+@with_run_log
 def run_comparison(config: RunConfig, out: Path | str, title: str | None = None, overwrite: bool = False,
                    command: list[str] | None = None) -> dict:
     """Cross-validate every head on the same splits, add the reference, write the run.
@@ -244,6 +246,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
                 pooled = features.pooled()
             except (KeyError, ValueError, OSError) as err:
                 log.warning("%s: no pooled embeddings for the embedding map (%s); the map is left out", cache.path, err)
+        log.info("writing the results, intervals, paired tests and figures to %s", out)
         summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
                             n_boot=config.n_boot, seed=config.seed, context=context, features=pooled,
                             figures=config.figures)
@@ -520,7 +523,7 @@ def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | No
         trust_weights=bool(settings.get("trust_weights", False)),
     )
     log.info("embedding %s with the run's backbone (%s) into %s", sequences, describe_identity(identity), target)
-    extract(sequences, target, config, id_col=id_col, seq_col=seq_col, progress=False,
+    extract(sequences, target, config, id_col=id_col, seq_col=seq_col, progress=bars_shown(),
             command=f"heads predict --run {finished.path} --sequences {sequences}")
     return target
 

@@ -27,6 +27,7 @@ from embedcache.sequences import sequence_key
 from embedcache.store import CacheLockedError, WriterLock
 
 from .datasets import LabeledSet
+from .progress import RUN_LOG, attach_run_log
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,9 @@ def run_fingerprint(settings: dict, identity: dict | None, methods: dict, data: 
 
 # -- the directory ---------------------------------------------------------------------------
 def _contents(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.name != LOCK_FILE]
+    # The run's log belongs to whichever run the directory holds: alone (a run killed before it
+    # wrote config.json) it leaves the directory empty, so the run starts there again.
+    return [p for p in out.iterdir() if p.name not in (LOCK_FILE, RUN_LOG)]
 
 
 def read_config(out: Path) -> dict | None:
@@ -221,6 +224,7 @@ class RunDirectory:
                                     "wait for it to finish or choose another --out") from None
         try:
             self._claim()
+            attach_run_log(out, self.resumed)
         except BaseException:
             self.__exit__()
             raise
@@ -235,6 +239,8 @@ class RunDirectory:
         out = self.out
         contents = _contents(out)
         if not contents:
+            if self.overwrite:
+                (out / RUN_LOG).unlink(missing_ok=True)
             return
         config = read_config(out)
         same = config is not None and config.get("fingerprint") == self.fingerprint
@@ -273,7 +279,7 @@ class RunDirectory:
                     str(config.get("fingerprint"))[:12])
         # The index first: an interrupted deletion must not leave a run that looks finished.
         (out / CONFIG).unlink(missing_ok=True)
-        for path in contents:
+        for path in [*contents, out / RUN_LOG]:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
