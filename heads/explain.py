@@ -39,7 +39,7 @@ from embedcache import __version__
 from embedcache.atomic import atomic_h5
 from embedcache.sequences import read_sequences, sequence_key
 
-from .rundir import FinishedRun, RunDirectoryError, open_finished
+from .rundir import FinishedRun, RunDirectoryError, attention_kind, check_has_attention, open_finished
 
 log = logging.getLogger(__name__)
 
@@ -57,35 +57,10 @@ class AttentionFileError(ValueError):
 
 
 # -- which methods have attention ----------------------------------------------------------
-def check_has_attention(finished: FinishedRun, method: str) -> str:
-    """The method's kind (attention or finetune) when it pools with attention; a clear refusal otherwise."""
-    if not any(m["method"] == method for m in finished.manifest["models"]):
-        finished.models(method)  # raises the run's own "no saved models for head" error
-    kind, reason = _attention_kind(finished, method)
-    if kind is None:
-        with_attention = [m for m in finished.methods if _attention_kind(finished, m)[0] is not None]
-        raise ValueError(f"{reason}; this run's methods with attention: {', '.join(with_attention) or 'none'}"
-                         f"{' (choose one with --head)' if with_attention else ''}")
-    return kind
-
-
-def _attention_kind(finished: FinishedRun, method: str) -> tuple[str | None, str]:
-    """(attention | finetune, "") for a method that pools with attention, else (None, why not)."""
-    entries = [m for m in finished.manifest["models"] if m["method"] == method]
-    kind = entries[0]["input"] if entries else None
-    if kind == "per_residue":
-        return "attention", ""
-    params = (finished.config.get("methods") or {}).get(method) or {}
-    if kind == "sequence":
-        if params.get("pooling") == "attention":
-            return "finetune", ""
-        return None, (f"{method} fine-tunes with {params.get('pooling', 'mean')} pooling, which has no attention "
-                      "weights (fine-tuning has them with --set finetune.pooling=attention)")
-    return None, f"{method} predicts from mean-pooled vectors and has no attention weights"
 
 
 def _pools_with_attention(finished: FinishedRun, method: str) -> bool:
-    return _attention_kind(finished, method)[0] is not None
+    return attention_kind(finished, method)[0] is not None
 
 
 # -- the file ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from .rundir import (
     RunDirectoryError,
     backbone_identity,
     canonical_json,
+    check_has_attention,
     check_identity,
     describe_identity,
     open_finished,
@@ -358,8 +359,6 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
     if head is None:
         head = _best_method(finished)
     if attention:
-        from .explain import check_has_attention
-
         check_has_attention(finished, head)
     entries = finished.models(head)
     kind = entries[0]["input"]

@@ -433,3 +433,30 @@ def open_finished(run: Path | str) -> FinishedRun:
         raise RunDirectoryError(f"{path}: classes {manifest.get('classes')} differ from config.json's "
                                 f"{config['classes']}")
     return FinishedRun(run, config, manifest)
+
+
+def check_has_attention(finished: FinishedRun, method: str) -> str:
+    """The method's kind (attention or finetune) when it pools with attention; a clear refusal otherwise."""
+    if not any(m["method"] == method for m in finished.manifest["models"]):
+        finished.models(method)  # raises the run's own "no saved models for head" error
+    kind, reason = attention_kind(finished, method)
+    if kind is None:
+        with_attention = [m for m in finished.methods if attention_kind(finished, m)[0] is not None]
+        raise ValueError(f"{reason}; this run's methods with attention: {', '.join(with_attention) or 'none'}"
+                         f"{' (choose one with --head)' if with_attention else ''}")
+    return kind
+
+
+def attention_kind(finished: FinishedRun, method: str) -> tuple[str | None, str]:
+    """(attention | finetune, "") for a method that pools with attention, else (None, why not)."""
+    entries = [m for m in finished.manifest["models"] if m["method"] == method]
+    kind = entries[0]["input"] if entries else None
+    if kind == "per_residue":
+        return "attention", ""
+    params = (finished.config.get("methods") or {}).get(method) or {}
+    if kind == "sequence":
+        if params.get("pooling") == "attention":
+            return "finetune", ""
+        return None, (f"{method} fine-tunes with {params.get('pooling', 'mean')} pooling, which has no attention "
+                      "weights (fine-tuning has them with --set finetune.pooling=attention)")
+    return None, f"{method} predicts from mean-pooled vectors and has no attention weights"
