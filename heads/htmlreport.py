@@ -120,20 +120,25 @@ def _reference_name(config: dict) -> str:
     return "DeepLocPro" if "deeplocpro" in names or config.get("kind") == "deeplocpro" else "reference"
 
 
-def describe_folds(info: dict, scheme: str | None = None) -> str:
+def describe_folds(info: dict, scheme: str | None = None, n_splits: int | None = None) -> str:
+    """The folds and the scheme: "nested CV over 5 GraphPart homology partitions (30% identity)"."""
+    k = len([f for f in info.get("sizes") or {} if str(f) != str(info.get("test_fold"))]) or info.get("k")
     source = info.get("source")
-    k = info.get("k") or len(info.get("sizes") or {})
     if source == "homology":
-        text = f"{k}-fold GraphPart homology partitions at {info.get('threshold', 0) * 100:g}% identity"
+        folds = f"{k} GraphPart homology partitions ({info.get('threshold', 0):.0%} identity)"
     elif source == "stratified":
-        text = f"{k}-fold stratified random folds"
+        folds = f"{k} stratified random folds" + (f" (seed {info['seed']})" if "seed" in info else "")
     elif source == "file":
-        text = f"the file's {k} folds"
+        folds = f"the file's {k} folds"
     else:
-        text = f"{k} folds ({source})"
-    if scheme:
-        text += f", {scheme} CV"
-    return text
+        folds = f"{k} folds ({source})"
+    if scheme is None:
+        return folds
+    scheme_name = "nested CV" if scheme == "nested" else "CV"
+    if "test_fold" in info:
+        models = f" ({n_splits} models)" if n_splits else ""
+        return f"trained with {scheme_name} over {folds}, tested on the held-out file{models}"
+    return f"{scheme_name} over {folds}"
 
 
 def legacy_figures(run: Path) -> list[Figure]:

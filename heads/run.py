@@ -275,8 +275,9 @@ def figure_context(config: RunConfig, data: LabeledSet, fold_info: dict, n_split
     dataset = " + ".join(named(p) for p in paths)
     if config.test_data:
         dataset += f", tested on {named(config.test_data)}"
-    return FigureContext(dataset, backbone_title(provenance, layer, config), folds_title(config, fold_info, n_splits),
-                         len(data), config.reference_name or "reference")
+    folds = describe_folds({"seed": config.seed, "threshold": config.threshold, **fold_info}, config.scheme, n_splits)
+    return FigureContext(dataset, backbone_title(provenance, layer, config), folds, len(data),
+                         config.reference_name or "reference")
 
 
 def backbone_title(provenance: dict | None, layer: int | None, config: RunConfig | None = None) -> str:
@@ -298,22 +299,6 @@ def backbone_title(provenance: dict | None, layer: int | None, config: RunConfig
         where = f", layer {layer}" + (f" of {total}" if total else "") if layer is not None else ""
         return f"{name} ({model}){where}"
     return f"{model} ({architecture})" + (f", layer {layer}" if layer is not None else "")
-
-
-def folds_title(config: RunConfig, fold_info: dict, n_splits: int) -> str:
-    """The folds and the scheme: "nested CV over 5 GraphPart homology partitions (30% identity)"."""
-    k = len([f for f in fold_info.get("sizes", {}) if f != fold_info.get("test_fold")])
-    source = fold_info.get("source")
-    if source == "homology":
-        folds = f"{k} GraphPart homology partitions ({fold_info.get('threshold', config.threshold):.0%} identity)"
-    elif source == "stratified":
-        folds = f"{k} stratified random folds (seed {fold_info.get('seed', config.seed)})"
-    else:
-        folds = f"the file's {k} folds"
-    scheme_name = "nested CV" if config.scheme == "nested" else "CV"
-    if "test_fold" in fold_info:
-        return f"trained with {scheme_name} over {folds}, tested on the held-out file ({n_splits} models)"
-    return f"{scheme_name} over {folds}"
 
 
 def predict(run: Path | str, cache_path: Path | str | None = None, head: str | None = None, *,
