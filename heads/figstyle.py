@@ -7,7 +7,7 @@ matplotlib's Agg backend: no display is needed and none is opened.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,12 @@ class FigureContext:
 
     def subtitle(self) -> str:
         return f"{self.dataset} · {self.backbone} · {self.folds} · n = {self.n:,}"
+
+    def for_method(self, name: str) -> FigureContext:
+        """The context of a figure of one method: the reference's predictions come from its own model."""
+        if name != "reference":
+            return self
+        return replace(self, backbone=f"{self.reference}'s own predictions (its model, not these embeddings)")
 
     def method_title(self, name: str) -> str:
         """A method's readable name: the head's title for a head, the reference tool by its name."""

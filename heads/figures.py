@@ -177,7 +177,8 @@ def confusion_figure(folder: Path, context: FigureContext, data: LabeledSet, nam
     bar.set_label("share of the true class (row-normalised)")
     title = context.method_title(name)
     fig.tight_layout()
-    _title(fig, f"Confusion matrix: {title}\naccuracy {m['accuracy']:.3f}, MCC {m['mcc']:.3f}", context)
+    _title(fig, f"Confusion matrix: {title}\naccuracy {m['accuracy']:.3f}, MCC {m['mcc']:.3f}",
+           context.for_method(name))
     caption = (f"{title}: rows are the true classes (with their number of proteins), columns the predicted ones. "
                "Each cell shows a count of proteins; its colour is that count's share of the row (recall on the "
                "diagonal).")
@@ -300,7 +301,8 @@ def curve_figures(folder: Path, context: FigureContext, data: LabeledSet, result
                      fontsize=7, title_fontsize=7, frameon=False)
         fig.tight_layout()
         macro = f", macro ROC AUC {np.mean(aucs):.3f}" if aucs else ""
-        _title(fig, f"ROC and precision-recall curves, one class against the rest: {title}{macro}", context)
+        _title(fig, f"ROC and precision-recall curves, one class against the rest: {title}{macro}",
+               context.for_method(r.name))
         caption = (f"{title}: each class against all others, scored by the method's probability of that class. "
                    "The legend gives each class's area under the ROC curve and its average precision (AP); "
                    "classes beyond the eighth repeat the colours dashed. "

@@ -177,5 +177,9 @@ def test_reference_name_and_figures_switch_do_not_change_the_fingerprint(tmp_pat
     results[1].name = "reference"
     _write(tmp_path, data, results, None, context)
     assert "DeepLocPro" in _svg_text(tmp_path / "plots" / "comparison.svg")
+    # The reference's own figures do not claim it ran on this run's embeddings.
+    own = _svg_text(tmp_path / "plots" / "confusion_reference.svg")
+    assert "DeepLocPro's own predictions" in own and context.backbone not in own
+    assert context.backbone in _svg_text(tmp_path / "plots" / f"confusion_{results[0].name}.svg")
     assert "| DeepLocPro (reference) |" in (tmp_path / "comparison.md").read_text()
     assert "reference" in json.loads((tmp_path / "metrics.json").read_text())["methods"]
