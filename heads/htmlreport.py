@@ -249,14 +249,16 @@ def _per_class(metrics: dict, name) -> list[str]:
     parts = []
     for method, m in metrics.items():
         rows = [{"class": c, "support": v["support"], "precision": v["precision"], "recall": v["recall"],
-                 "F1": v["f1"], "MCC (one vs rest)": v["mcc"]} for c, v in m.get("per_class", {}).items()]
+                 "F1 [95% CI]": _interval(v["f1"], v.get("f1_ci95")), "MCC (one vs rest)": v["mcc"]}
+                for c, v in m.get("per_class", {}).items()]
         parts.append(f"<h3>{htmlpage.escape(name(method))}</h3>" + htmlpage.table(pd.DataFrame(rows)))
     return parts
 
 
 def _per_group(metrics: dict, name) -> str:
-    rows = [{"method": name(method), "group": group, "n": g["n"], "accuracy": g["accuracy"],
-             "macro-F1": g["macro_f1"], "MCC": g["mcc"]}
+    rows = [{"method": name(method), "group": group, "n": g["n"],
+             **{f"{label} [95% CI]": _interval(g[key], (g.get("ci95") or {}).get(key))
+                for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("mcc", "MCC"))}}
             for method, m in metrics.items() for group, g in (m.get("per_group") or {}).items()]
     if not rows:
         return ""
