@@ -60,7 +60,7 @@ def test_a_homology_run_prints_only_results_on_stdout_and_graphpart_goes_to_run_
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["method", "n", "accuracy", "macro_f1", "mcc"]
     assert lines[1].split()[0] == "logreg"
-    assert lines[2:] == ["", f"run written to {out}"], done.stdout
+    assert lines[2:] == ["", f"run written to {out} (report: {out / 'report.html'})"], done.stdout
     for noise in ("MMseqs", "createdb", "alignments", "Initializing", "samples"):
         assert noise not in done.stdout + done.stderr
     log = (out / RUN_LOG).read_text()
