@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -808,6 +809,27 @@ def html_sections(report: dict, made: list[Any]) -> list[str]:
     return out
 
 
+def _replace_report(out: Path, stage: Path, stems: list[str]) -> None:
+    """Move a staged report into ``out``: the index (describe.html, describe.json) out first and in last."""
+    import json
+
+    previous: list[str] = []
+    try:
+        previous = [str(s) for s in json.loads((out / "describe.json").read_text()).get("figures", [])]
+    except (OSError, ValueError, AttributeError):
+        pass
+    for name in ("describe.html", "describe.json"):
+        (out / name).unlink(missing_ok=True)
+    # Figures of an earlier report that this one does not make would sit beside it unexplained.
+    for stem in set(previous) - set(stems):
+        if "/" not in stem and not stem.startswith("."):
+            for suffix in (".svg", ".png"):
+                (out / (stem + suffix)).unlink(missing_ok=True)
+    index = ("describe.json", "describe.html")
+    for path in sorted(stage.iterdir(), key=lambda p: (p.name in index, index.index(p.name) if p.name in index else 0)):
+        os.replace(path, out / path.name)
+
+
 def write_report(out: Path | str, data_path: Path | str, *, kind: str | None = None,
                  cache: Path | str | None = None, against: Path | str | None = None, identity: float = 0.3,
                  threads: int = 2, id_col: str | None = None, seq_col: str | None = None, label_col: str = "label",
@@ -824,17 +846,29 @@ def write_report(out: Path | str, data_path: Path | str, *, kind: str | None = N
                            threads=threads, csv_options=csv_options)
     report["provenance"] = {"embedcache_version": __version__, "command": command}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    made = figures(data, report, out)
-    report["figures"] = [f.stem.name for f in made]
-    write_json(out / "describe.json", report)
-    subtitle = (f"{report['counts']['n']:,} proteins · {len(data.classes)} classes · window: "
-                f"{report['window']['backbone']}")
-    sections = html_sections(report, made)
-    if command:
-        from .htmlpage import escape
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; choose a directory for --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".describe-", dir=out))
+    except OSError as err:
+        raise ValueError(f"{out}: cannot write the report there ({err.strerror or err})") from None
+    # Everything is written beside the report first and moved into place only once all of it
+    # exists: a full disk or a kill leaves the previous report (or none), never a mix of two.
+    try:
+        made = figures(data, report, stage)
+        report["figures"] = [f.stem.name for f in made]
+        write_json(stage / "describe.json", report)
+        subtitle = (f"{report['counts']['n']:,} proteins · {len(data.classes)} classes · window: "
+                    f"{report['window']['backbone']}")
+        sections = html_sections(report, made)
+        if command:
+            from .htmlpage import escape
 
-        sections.append(f"<pre>{escape(command)}</pre>")
-    write_page(out / "describe.html", f"Dataset report: {report['dataset']}", subtitle, sections)
+            sections.append(f"<pre>{escape(command)}</pre>")
+        write_page(stage / "describe.html", f"Dataset report: {report['dataset']}", subtitle, sections)
+        _replace_report(out, stage, report["figures"])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     log.info("dataset report written to %s", out)
     return report

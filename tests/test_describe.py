@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from embedcache.atomic import atomic_path
 from embedcache.extract import ExtractConfig, extract
 from heads.cli import main
 from heads.describe import describe, window_from_cache, write_report
@@ -191,3 +192,31 @@ def test_write_report_returns_what_describe_returns(small, tmp_path):
     plain = describe(small)
     for key in ("counts", "duplicates", "lengths", "window", "tokens", "residues"):
         assert report[key] == plain[key]
+
+
+def test_a_full_disk_leaves_the_previous_report_whole_and_no_part_of_the_new_one(small, tmp_path, monkeypatch):
+    import errno
+
+    import heads.htmlpage
+
+    out = tmp_path / "report"
+    assert CliRunner().invoke(main, ["describe", str(small), "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = write_fasta(tmp_path / "other.fasta", [("h|A|pos|0", "ACDEFG"), ("i|B|neg|1", "MKVLLA")])
+
+    def full(path, text):
+        with atomic_path(path):  # the write itself meets the full disk, as a real one would
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(heads.htmlpage, "write_text", full)
+    result = CliRunner().invoke(main, ["describe", str(other), "--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "the disk is full" in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new figure, no new describe.json
+
+
+def test_out_under_a_file_is_an_error_not_a_traceback(small, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = CliRunner().invoke(main, ["describe", str(small), "--out", str(blocker / "report")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "a_file/report: cannot write the report there" in result.output
