@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "heads-residue-attention"
 FORMAT_VERSION = 1
+FILE_NAME_CHARS = 120  # of an ID in a figure's file name; with "attention_", a hash and ".tmp.svg" well under 255
 N_TERMINAL = 30  # residues shaded in the figure: where signal peptides and other sorting signals sit
 AGGREGATION = ("mean over the run's fold models of each model's weights, as predict averages their probabilities; "
                "then 'mean' is the mean over attention heads")
@@ -73,7 +74,10 @@ def group_name(ident: str) -> str:
 def file_name(ident: str) -> str:
     """A readable file name for an ID: runs of characters other than letters, digits, '.', '-' become '_'."""
     name = re.sub(r"[^A-Za-z0-9.\-]+", "_", ident).strip("._") or "protein"
-    return name if name == ident else f"{name}_{hashlib.sha1(ident.encode()).hexdigest()[:6]}"
+    if name == ident and len(name) <= FILE_NAME_CHARS:
+        return name
+    # File names end at 255 bytes; the hash keeps IDs that share a long beginning apart.
+    return f"{name[:FILE_NAME_CHARS].rstrip('._')}_{hashlib.sha1(ident.encode()).hexdigest()[:6]}"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 
 import h5py
@@ -261,3 +262,31 @@ def test_an_attention_file_of_another_run_is_refused(motif_run, tmp_path):
         f.attrs["run_fingerprint"] = "0" * 64
     with pytest.raises(AttentionFileError, match="written for another run"):
         read_attention(tmp_path / "a.h5", ids[0], open_finished(out))
+
+
+def test_a_figure_file_name_of_a_very_long_id_fits_a_file_system_and_stays_unique():
+    long_a, long_b = "sp/" + "x" * 400 + "|a", "sp/" + "x" * 400 + "|b"
+    names = {file_name(long_a), file_name(long_b), file_name("P12345"), file_name("x" * 300)}
+    assert len(names) == 4 and file_name("P12345") == "P12345"
+    assert all(len(f"attention_{n}.tmp.svg".encode()) <= 255 for n in names)
+
+
+def test_predict_refuses_to_write_over_its_cache_or_a_file_of_the_run(motif_run, tmp_path):
+    out, cache, _, _ = motif_run
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(cache, copy)
+    before = copy.read_bytes()
+    link = tmp_path / "link.h5"
+    link.symlink_to(copy)
+    for option, target in (("--out", copy), ("--attention", copy), ("--attention", link)):
+        args = ["predict", "--run", str(out), "--cache", str(copy), "--head", "attention", "--out",
+                str(tmp_path / "p.tsv"), "--attention", str(tmp_path / "a.h5")]
+        args[args.index(option) + 1] = str(target)
+        result = CliRunner().invoke(heads_main, args)
+        assert result.exit_code == 2 and "is the --cache file; writing there would destroy it" in result.output
+    assert copy.read_bytes() == before
+    config = (out / "config.json").read_bytes()
+    result = CliRunner().invoke(heads_main, ["predict", "--run", str(out), "--cache", str(copy), "--head", "attention",
+                                             "--out", str(out / "config.json")])
+    assert result.exit_code == 2 and "is a file of the run" in result.output
+    assert (out / "config.json").read_bytes() == config
