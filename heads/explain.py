@@ -187,6 +187,19 @@ def read_attention(path: Path | str, ident: str, finished: FinishedRun | None = 
         raise AttentionFileError(f"{path}: no such attention file")
     if not h5py.is_hdf5(path):
         raise AttentionFileError(f"{path}: not an HDF5 file (write one with heads predict --attention)")
+    try:
+        return _read_protein(path, ident, finished)
+    except AttentionFileError:
+        raise
+    except (OSError, KeyError, ValueError, IndexError, TypeError) as err:
+        # h5py reports a truncated file or a missing object as OSError/KeyError, json a bad record as ValueError.
+        raise AttentionFileError(f"{path}: damaged attention file ({type(err).__name__}: {err}); write it again "
+                                 "with heads predict --attention") from None
+
+
+def _read_protein(path: Path, ident: str, finished: FinishedRun | None) -> ProteinAttention:
+    import h5py
+
     with h5py.File(path, "r") as f:
         attrs = dict(f.attrs)
         if attrs.get("format") != FORMAT:
@@ -205,11 +218,16 @@ def read_attention(path: Path | str, ident: str, finished: FinishedRun | None = 
         weights = g["heads"][()]
         a = dict(g.attrs)
         sequence = str(a["sequence"])
-        if weights.shape[1] != len(sequence) or sequence_key(sequence) != a["sequence_key"]:
+        if weights.ndim != 2 or weights.shape[1] != len(sequence) or sequence_key(sequence) != a["sequence_key"]:
             raise AttentionFileError(f"{path}: {ident}: the attention map does not fit its sequence (damaged file)")
+    seen = _seen_from_ranges(json.loads(a["residues_seen"]), len(sequence))
+    # Each attention head's softmax sums to 1 over the residues read and is 0 elsewhere; an edited map does not.
+    if not (np.isfinite(weights).all() and (weights >= 0).all() and not weights[:, ~seen].any()
+            and np.allclose(weights.sum(1), 1.0, atol=1e-3)):
+        raise AttentionFileError(f"{path}: {ident}: the attention weights are not a softmax over the residues read "
+                                 "(edited or damaged file)")
     return ProteinAttention(
-        id=str(a["id"]), sequence=sequence, weights=weights,
-        seen=_seen_from_ranges(json.loads(a["residues_seen"]), len(sequence)), predicted=str(a["predicted_class"]),
+        id=str(a["id"]), sequence=sequence, weights=weights, seen=seen, predicted=str(a["predicted_class"]),
         probability=float(a["probability"]), probabilities=json.loads(a["probabilities"]),
         in_training_data=bool(a["in_training_data"]), method=str(attrs["method"]),
         method_title=str(attrs["method_title"]), kind=str(attrs["kind"]), n_models=int(attrs["n_models"]),

@@ -290,3 +290,47 @@ def test_predict_refuses_to_write_over_its_cache_or_a_file_of_the_run(motif_run,
                                              "--out", str(out / "config.json")])
     assert result.exit_code == 2 and "is a file of the run" in result.output
     assert (out / "config.json").read_bytes() == config
+
+
+def _edit_protein(change):
+    def edit(path, ident):
+        with h5py.File(path, "r+") as f:
+            change(f["proteins"][group_name(ident)])
+    return edit
+
+
+def _cut(path, ident):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _scale(g):
+    g["heads"][0] = g["heads"][0] * 3  # a head that no longer sums to 1
+
+
+ATTENTION_DAMAGES = {
+    "cut in half": (_cut, "damaged attention file"),
+    "record without its sequence key": (_edit_protein(lambda g: g.attrs.__delitem__("sequence_key")),
+                                        "damaged attention file"),
+    "map without heads": (_edit_protein(lambda g: g.__delitem__("heads")), "damaged attention file"),
+    "probabilities not JSON": (_edit_protein(lambda g: g.attrs.__setitem__("probabilities", "{")),
+                               "damaged attention file"),
+    "weights edited": (_edit_protein(_scale), "not a softmax over the residues read"),
+}
+
+
+@pytest.mark.parametrize("damage", list(ATTENTION_DAMAGES))
+def test_a_damaged_or_edited_attention_file_is_an_error_naming_it(motif_run, tmp_path, damage):
+    out, cache, _, ids = motif_run
+    path = tmp_path / "a.h5"
+    result = CliRunner().invoke(heads_main, ["predict", "--run", str(out), "--cache", str(cache), "--head", "attention",
+                                             "--out", str(tmp_path / "p.tsv"), "--attention", str(path)])
+    assert result.exit_code == 0, result.output
+    read_attention(path, ids[1], open_finished(out))  # whole, it reads
+    change, message = ATTENTION_DAMAGES[damage]
+    change(path, ids[1])
+    result = CliRunner().invoke(heads_main, ["explain", "--run", str(out), "--id", ids[1], "--attention", str(path),
+                                             "--out", str(tmp_path / "fig")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{path}:" in result.output and message in result.output
+    assert not (tmp_path / "fig").exists() or not any((tmp_path / "fig").iterdir())
