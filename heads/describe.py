@@ -299,6 +299,11 @@ def cache_coverage(data: LabeledSet, cache: Any) -> dict:
     stored = cache.n_residues_rows(cache.rows(keys=[keys[i] for i in found])) if len(found) else np.zeros(0)
     full = np.array([len(data.sequences[i]) for i in found], dtype=np.int64)
     missing = [data.ids[i] for i in np.flatnonzero(~present)]
+    if missing:
+        # The window and policy reported come from this cache: said aloud when it is not the set's.
+        log.warning("%s: holds %d of the %d sequences (%d missing, e.g. %s)%s", getattr(cache, "path", "the cache"),
+                    len(found), len(keys), len(missing), missing[0],
+                    "; it is a cache of other proteins" if not len(found) else "")
     return {"in_cache": int(present.sum()), "missing": len(missing), "missing_ids": missing[:LISTED],
             "stored_truncated": int((stored < full).sum())}
 

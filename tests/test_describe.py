@@ -220,3 +220,14 @@ def test_out_under_a_file_is_an_error_not_a_traceback(small, tmp_path):
     result = CliRunner().invoke(main, ["describe", str(small), "--out", str(blocker / "report")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "a_file/report: cannot write the report there" in result.output
+
+
+def test_a_cache_of_other_proteins_is_said_aloud_not_only_counted(tmp_path, tiny_weights, caplog):
+    other = write_fasta(tmp_path / "other.fasta", [("x|A|g", "MKVLLAGG"), ("y|B|g", "WWWPPP")])
+    cache = tmp_path / "other.h5"
+    extract(other, cache, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    data = write_fasta(tmp_path / "d.fasta", [("a|A|g", "ACDEFGHIKLMNPQ"), ("b|B|g", "ACDEF")])
+    with caplog.at_level("WARNING", logger="heads.describe"):
+        report = describe(data, cache=cache)
+    assert report["cache"]["in_cache"] == 0 and report["cache"]["missing"] == 2
+    assert "other.h5: holds 0 of the 2 sequences" in caplog.text and "a cache of other proteins" in caplog.text
