@@ -17,6 +17,7 @@ window; without a cache the report assumes ESM-2 (1,022 residues, BOS and EOS).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -819,10 +820,8 @@ def _replace_report(out: Path, stage: Path, stems: list[str]) -> None:
     import json
 
     previous: list[str] = []
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         previous = [str(s) for s in json.loads((out / "describe.json").read_text()).get("figures", [])]
-    except (OSError, ValueError, AttributeError):
-        pass
     for name in ("describe.html", "describe.json"):
         (out / name).unlink(missing_ok=True)
     # Figures of an earlier report that this one does not make would sit beside it unexplained.

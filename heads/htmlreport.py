@@ -395,7 +395,8 @@ def rebuild_report(run: Path | str, out: Path | str | None = None) -> Path:
         raise RunDirectoryError(f"{table_path}: cannot be read as the run's comparison table ({err})") from None
     missing = {"method", "n", "accuracy", "macro_f1", "mcc"} - set(table.columns)
     if missing:
-        raise RunDirectoryError(f"{table_path}: not the run's comparison table (no column {', '.join(sorted(missing))})")
+        raise RunDirectoryError(f"{table_path}: not the run's comparison table "
+                                f"(no column {', '.join(sorted(missing))})")
     record = config.get("report")
     if record:
         try:

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import re
+import shutil
 
 import h5py
 import numpy as np

@@ -207,8 +207,7 @@ def test_a_run_log_that_is_a_directory_or_a_link_elsewhere_is_refused_and_nothin
     (folder / RUN_LOG).mkdir(parents=True)
     for out, problem in ((linked, "is a symbolic link"), (folder, "is not a file")):
         for overwrite in (False, True):
-            with pytest.raises(ValueError, match=problem), RunLog():
-                with RunDirectory(out, "f" * 64, overwrite=overwrite):
-                    logging.getLogger("heads.test").info("a line for the run's log")
+            with pytest.raises(ValueError, match=problem), RunLog(), RunDirectory(out, "f" * 64, overwrite=overwrite):
+                logging.getLogger("heads.test").info("a line for the run's log")
     assert victim.read_text() == "someone else's file\n"
     assert (folder / RUN_LOG).is_dir() and not any((folder / RUN_LOG).iterdir())
