@@ -277,6 +277,12 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
                    f"{frame.attrs['models']} models)")
 
 
+# What a run directory holds of its own: predictions written beside them are welcome, over them not.
+RUN_FILES = frozenset({"config.json", "metrics.json", "comparison.csv", "comparison.md", "predictions.csv",
+                       "splits.json", "report.html", "run.log", ".heads.lock"})
+RUN_FOLDERS = frozenset({"models", "plots", "work", "embeddings"})
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
@@ -293,8 +299,11 @@ def _refuse_overwriting_inputs(option: str, target: str | None, inputs: dict[str
         if source is not None and _same_file(path, Path(source)):
             raise click.UsageError(f"{option} {target} is the {name} file; writing there would destroy it")
     run = Path(run_dir).resolve()
-    if path.exists() and path.resolve().is_relative_to(run):
-        raise click.UsageError(f"{option} {target} is a file of the run {run_dir}; write elsewhere")
+    where = path.resolve()
+    if where.is_relative_to(run):
+        parts = where.relative_to(run).parts
+        if parts and (parts[0] in RUN_FOLDERS or (len(parts) == 1 and parts[0] in RUN_FILES)):
+            raise click.UsageError(f"{option} {target} is a file of the run {run_dir}; write elsewhere")
 
 
 @main.command("explain")

@@ -290,6 +290,12 @@ def test_predict_refuses_to_write_over_its_cache_or_a_file_of_the_run(motif_run,
                                              "--out", str(out / "config.json")])
     assert result.exit_code == 2 and "is a file of the run" in result.output
     assert (out / "config.json").read_bytes() == config
+    beside = out / "new_proteins.tsv"  # a new file beside the run's own may be written, and written again
+    for _ in range(2):
+        result = CliRunner().invoke(heads_main, ["predict", "--run", str(out), "--cache", str(copy), "--head",
+                                                 "attention", "--out", str(beside)])
+        assert result.exit_code == 0, result.output
+    beside.unlink()
 
 
 def _edit_protein(change):
