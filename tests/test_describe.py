@@ -231,3 +231,14 @@ def test_a_cache_of_other_proteins_is_said_aloud_not_only_counted(tmp_path, tiny
         report = describe(data, cache=cache)
     assert report["cache"]["in_cache"] == 0 and report["cache"]["missing"] == 2
     assert "other.h5: holds 0 of the 2 sequences" in caplog.text and "a cache of other proteins" in caplog.text
+
+
+def test_class_and_group_names_with_markup_are_escaped_in_describe_html(tmp_path):
+    data = write_fasta(tmp_path / "x.fasta", [("a|<script>alert(1)</script>|<b>g</b>|0", "ACDE"),
+                                              ("b|B&amp;|neg|1", "ACDE")])
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["describe", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "describe.html").read_text()
+    assert "<script" not in page and "<b>g</b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "B&amp;amp;" in page
