@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -241,6 +242,8 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
         raise click.UsageError("--id-col and --seq-col apply to --sequences")
     if attention_out is not None and Path(attention_out).resolve() == Path(out).resolve():
         raise click.UsageError("--attention and --out must be different files")
+    for option, target in (("--out", out), ("--attention", attention_out)):
+        _refuse_overwriting_inputs(option, target, {"--cache": cache, "--sequences": sequences}, run_dir)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from embedcache.atomic import atomic_path
@@ -272,6 +275,35 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
     if attention_out is not None:
         click.echo(f"{attention_out}: per-residue attention of every protein (mean over the "
                    f"{frame.attrs['models']} models)")
+
+
+# What a run directory holds of its own: predictions written beside them are welcome, over them not.
+RUN_FILES = frozenset({"config.json", "metrics.json", "comparison.csv", "comparison.md", "predictions.csv",
+                       "splits.json", "report.html", "run.log", ".heads.lock"})
+RUN_FOLDERS = frozenset({"models", "plots", "work", "embeddings"})
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _refuse_overwriting_inputs(option: str, target: str | None, inputs: dict[str, str | None], run_dir: str) -> None:
+    """An output written over an input or a run's own file would destroy what the result was made from."""
+    if target is None:
+        return
+    path = Path(target)
+    for name, source in inputs.items():
+        if source is not None and _same_file(path, Path(source)):
+            raise click.UsageError(f"{option} {target} is the {name} file; writing there would destroy it")
+    run = Path(run_dir).resolve()
+    where = path.resolve()
+    if where.is_relative_to(run):
+        parts = where.relative_to(run).parts
+        if parts and (parts[0] in RUN_FOLDERS or (len(parts) == 1 and parts[0] in RUN_FILES)):
+            raise click.UsageError(f"{option} {target} is a file of the run {run_dir}; write elsewhere")
 
 
 @main.command("explain")

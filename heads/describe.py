@@ -17,8 +17,10 @@ window; without a cache the report assumes ESM-2 (1,022 residues, BOS and EOS).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -298,6 +300,11 @@ def cache_coverage(data: LabeledSet, cache: Any) -> dict:
     stored = cache.n_residues_rows(cache.rows(keys=[keys[i] for i in found])) if len(found) else np.zeros(0)
     full = np.array([len(data.sequences[i]) for i in found], dtype=np.int64)
     missing = [data.ids[i] for i in np.flatnonzero(~present)]
+    if missing:
+        # The window and policy reported come from this cache: said aloud when it is not the set's.
+        log.warning("%s: holds %d of the %d sequences (%d missing, e.g. %s)%s", getattr(cache, "path", "the cache"),
+                    len(found), len(keys), len(missing), missing[0],
+                    "; it is a cache of other proteins" if not len(found) else "")
     return {"in_cache": int(present.sum()), "missing": len(missing), "missing_ids": missing[:LISTED],
             "stored_truncated": int((stored < full).sum())}
 
@@ -808,6 +815,25 @@ def html_sections(report: dict, made: list[Any]) -> list[str]:
     return out
 
 
+def _replace_report(out: Path, stage: Path, stems: list[str]) -> None:
+    """Move a staged report into ``out``: the index (describe.html, describe.json) out first and in last."""
+    import json
+
+    previous: list[str] = []
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        previous = [str(s) for s in json.loads((out / "describe.json").read_text()).get("figures", [])]
+    for name in ("describe.html", "describe.json"):
+        (out / name).unlink(missing_ok=True)
+    # Figures of an earlier report that this one does not make would sit beside it unexplained.
+    for stem in set(previous) - set(stems):
+        if "/" not in stem and not stem.startswith("."):
+            for suffix in (".svg", ".png"):
+                (out / (stem + suffix)).unlink(missing_ok=True)
+    index = ("describe.json", "describe.html")
+    for path in sorted(stage.iterdir(), key=lambda p: (p.name in index, index.index(p.name) if p.name in index else 0)):
+        os.replace(path, out / path.name)
+
+
 def write_report(out: Path | str, data_path: Path | str, *, kind: str | None = None,
                  cache: Path | str | None = None, against: Path | str | None = None, identity: float = 0.3,
                  threads: int = 2, id_col: str | None = None, seq_col: str | None = None, label_col: str = "label",
@@ -824,17 +850,29 @@ def write_report(out: Path | str, data_path: Path | str, *, kind: str | None = N
                            threads=threads, csv_options=csv_options)
     report["provenance"] = {"embedcache_version": __version__, "command": command}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    made = figures(data, report, out)
-    report["figures"] = [f.stem.name for f in made]
-    write_json(out / "describe.json", report)
-    subtitle = (f"{report['counts']['n']:,} proteins · {len(data.classes)} classes · window: "
-                f"{report['window']['backbone']}")
-    sections = html_sections(report, made)
-    if command:
-        from .htmlpage import escape
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; choose a directory for --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".describe-", dir=out))
+    except OSError as err:
+        raise ValueError(f"{out}: cannot write the report there ({err.strerror or err})") from None
+    # Everything is written beside the report first and moved into place only once all of it
+    # exists: a full disk or a kill leaves the previous report (or none), never a mix of two.
+    try:
+        made = figures(data, report, stage)
+        report["figures"] = [f.stem.name for f in made]
+        write_json(stage / "describe.json", report)
+        subtitle = (f"{report['counts']['n']:,} proteins · {len(data.classes)} classes · window: "
+                    f"{report['window']['backbone']}")
+        sections = html_sections(report, made)
+        if command:
+            from .htmlpage import escape
 
-        sections.append(f"<pre>{escape(command)}</pre>")
-    write_page(out / "describe.html", f"Dataset report: {report['dataset']}", subtitle, sections)
+            sections.append(f"<pre>{escape(command)}</pre>")
+        write_page(stage / "describe.html", f"Dataset report: {report['dataset']}", subtitle, sections)
+        _replace_report(out, stage, report["figures"])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     log.info("dataset report written to %s", out)
     return report

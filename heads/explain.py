@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "heads-residue-attention"
 FORMAT_VERSION = 1
+FILE_NAME_CHARS = 120  # of an ID in a figure's file name; with "attention_", a hash and ".tmp.svg" well under 255
 N_TERMINAL = 30  # residues shaded in the figure: where signal peptides and other sorting signals sit
 AGGREGATION = ("mean over the run's fold models of each model's weights, as predict averages their probabilities; "
                "then 'mean' is the mean over attention heads")
@@ -73,7 +74,10 @@ def group_name(ident: str) -> str:
 def file_name(ident: str) -> str:
     """A readable file name for an ID: runs of characters other than letters, digits, '.', '-' become '_'."""
     name = re.sub(r"[^A-Za-z0-9.\-]+", "_", ident).strip("._") or "protein"
-    return name if name == ident else f"{name}_{hashlib.sha1(ident.encode()).hexdigest()[:6]}"
+    if name == ident and len(name) <= FILE_NAME_CHARS:
+        return name
+    # File names end at 255 bytes; the hash keeps IDs that share a long beginning apart.
+    return f"{name[:FILE_NAME_CHARS].rstrip('._')}_{hashlib.sha1(ident.encode()).hexdigest()[:6]}"
 
 
 @dataclass
@@ -183,6 +187,19 @@ def read_attention(path: Path | str, ident: str, finished: FinishedRun | None = 
         raise AttentionFileError(f"{path}: no such attention file")
     if not h5py.is_hdf5(path):
         raise AttentionFileError(f"{path}: not an HDF5 file (write one with heads predict --attention)")
+    try:
+        return _read_protein(path, ident, finished)
+    except AttentionFileError:
+        raise
+    except (OSError, KeyError, ValueError, IndexError, TypeError) as err:
+        # h5py reports a truncated file or a missing object as OSError/KeyError, json a bad record as ValueError.
+        raise AttentionFileError(f"{path}: damaged attention file ({type(err).__name__}: {err}); write it again "
+                                 "with heads predict --attention") from None
+
+
+def _read_protein(path: Path, ident: str, finished: FinishedRun | None) -> ProteinAttention:
+    import h5py
+
     with h5py.File(path, "r") as f:
         attrs = dict(f.attrs)
         if attrs.get("format") != FORMAT:
@@ -201,11 +218,16 @@ def read_attention(path: Path | str, ident: str, finished: FinishedRun | None = 
         weights = g["heads"][()]
         a = dict(g.attrs)
         sequence = str(a["sequence"])
-        if weights.shape[1] != len(sequence) or sequence_key(sequence) != a["sequence_key"]:
+        if weights.ndim != 2 or weights.shape[1] != len(sequence) or sequence_key(sequence) != a["sequence_key"]:
             raise AttentionFileError(f"{path}: {ident}: the attention map does not fit its sequence (damaged file)")
+    seen = _seen_from_ranges(json.loads(a["residues_seen"]), len(sequence))
+    # Each attention head's softmax sums to 1 over the residues read and is 0 elsewhere; an edited map does not.
+    if not (np.isfinite(weights).all() and (weights >= 0).all() and not weights[:, ~seen].any()
+            and np.allclose(weights.sum(1), 1.0, atol=1e-3)):
+        raise AttentionFileError(f"{path}: {ident}: the attention weights are not a softmax over the residues read "
+                                 "(edited or damaged file)")
     return ProteinAttention(
-        id=str(a["id"]), sequence=sequence, weights=weights,
-        seen=_seen_from_ranges(json.loads(a["residues_seen"]), len(sequence)), predicted=str(a["predicted_class"]),
+        id=str(a["id"]), sequence=sequence, weights=weights, seen=seen, predicted=str(a["predicted_class"]),
         probability=float(a["probability"]), probabilities=json.loads(a["probabilities"]),
         in_training_data=bool(a["in_training_data"]), method=str(attrs["method"]),
         method_title=str(attrs["method_title"]), kind=str(attrs["kind"]), n_models=int(attrs["n_models"]),

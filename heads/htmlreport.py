@@ -176,12 +176,29 @@ def write_report_to(path: Path, run: Path, context: FigureContext, figures: list
     for figure in figures:
         if not figure.png.is_file():
             raise RunDirectoryError(f"{figure.png}: a figure of the run is missing; the report cannot show it")
+        _check_png(figure.png)
         parts.setdefault(figure.section, []).append(
             htmlpage.image(figure.png, alt=figure.caption or figure.stem.name, caption=figure.caption or None))
     parts["Provenance"] = _provenance(run, config)
     sections = [htmlpage.section(title, *body) for title, body in parts.items()]
     title = f"{context.dataset}: {', '.join(name(m) for m in metrics)}"
     return htmlpage.write_page(path, title, context.subtitle(), sections)
+
+
+def _check_png(path: Path) -> None:
+    # A damaged or replaced PNG would be inlined as a broken image that nobody notices in the page's source.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise RunDirectoryError(f"{path}: not a PNG image ({image.format}); the report cannot show it")
+            image.verify()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as err:
+        if isinstance(err, RunDirectoryError):
+            raise
+        raise RunDirectoryError(f"{path}: a figure of the run is damaged (not a readable PNG: {err}); "
+                                "run the same heads command again to draw it") from None
 
 
 def _interval(value: float, ci) -> str:
@@ -374,19 +391,40 @@ def rebuild_report(run: Path | str, out: Path | str | None = None) -> Path:
     try:
         saved = json.loads(metrics_path.read_text())
         metrics, tests = saved["methods"], saved.get("paired_tests", {})
-    except (OSError, ValueError, KeyError) as err:
+        if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()) \
+                or not isinstance(tests, dict):
+            raise ValueError("'methods' and 'paired_tests' are not tables of methods")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise RunDirectoryError(f"{metrics_path}: cannot be read as a run's metrics ({err})") from None
-    table = pd.read_csv(table_path)
+    try:
+        table = pd.read_csv(table_path)
+    except (OSError, ValueError) as err:
+        raise RunDirectoryError(f"{table_path}: cannot be read as the run's comparison table ({err})") from None
+    missing = {"method", "n", "accuracy", "macro_f1", "mcc"} - set(table.columns)
+    if missing:
+        raise RunDirectoryError(f"{table_path}: not the run's comparison table "
+                                f"(no column {', '.join(sorted(missing))})")
     record = config.get("report")
     if record:
-        context = FigureContext(**record["context"])
-        figures = [Figure((run / f["png"]).with_suffix(""), f["section"], f["caption"]) for f in record["figures"]]
-        notes = list(record.get("notes", []))
+        try:
+            context = FigureContext(**record["context"])
+            figures = [Figure((run / f["png"]).with_suffix(""), f["section"], f["caption"]) for f in record["figures"]]
+            notes = [str(n) for n in record.get("notes", [])]
+        except (TypeError, KeyError, AttributeError) as err:
+            raise RunDirectoryError(f"{run / CONFIG}: its 'report' record is damaged ({type(err).__name__}: {err}); "
+                                    "run the same heads command again to rewrite it") from None
+        home = run.resolve()
+        for figure in figures:
+            if not figure.png.resolve().is_relative_to(home):
+                raise RunDirectoryError(f"{run / CONFIG}: lists a figure outside the run ({figure.png}); "
+                                        "a report shows only the run's own files")
     else:
         context = context_from_config(config)
         figures = legacy_figures(run)
         notes = _markdown_notes(run / "comparison.md")
     target = Path(out) if out is not None else run / REPORT
+    if target.is_dir():
+        raise RunDirectoryError(f"{target}: is a directory; the report is one file (choose another --out)")
     log.info("writing %s from %s", target, run / CONFIG)
     return write_report_to(target, run, context, figures, metrics, tests, table, config, notes)
 

@@ -95,7 +95,9 @@ class _RunLogHandler(logging.Handler):
         self.acquire()
         try:
             # A log, not a result: appended to, never replaced, so atomic writes do not apply.
-            stream = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 (open until close())
+            # O_NOFOLLOW: never append to a file elsewhere that a link in the run directory points at.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            stream = open(fd, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 (open until close())
             stream.write(first_line + "\n")
             self._stream, self.path = stream, path
             pending, self._pending = self._pending, []

@@ -167,6 +167,17 @@ def _contents(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if p.name not in (LOCK_FILE, RUN_LOG)]
 
 
+def _check_run_log(out: Path) -> None:
+    # The log is appended to in place: through a link it would grow a file outside the run.
+    path = out / RUN_LOG
+    if path.is_symlink():
+        raise RunDirectoryError(f"{path}: is a symbolic link; a run writes its log only into its own directory. "
+                                "Remove the link or choose another --out")
+    if path.exists() and not path.is_file():
+        raise RunDirectoryError(f"{path}: exists and is not a file; a run keeps its log there. "
+                                "Move it away or choose another --out")
+
+
 def read_config(out: Path) -> dict | None:
     """The run's config.json, or None when the directory holds none (or not a run's)."""
     path = out / CONFIG
@@ -223,6 +234,7 @@ class RunDirectory:
             raise RunDirectoryError(f"{out}: another heads process (pid {holder}) is writing this run directory; "
                                     "wait for it to finish or choose another --out") from None
         try:
+            _check_run_log(out)
             self._claim()
             attach_run_log(out, self.resumed)
         except BaseException:

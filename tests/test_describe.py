@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from embedcache.atomic import atomic_path
 from embedcache.extract import ExtractConfig, extract
 from heads.cli import main
 from heads.describe import describe, window_from_cache, write_report
@@ -191,3 +192,53 @@ def test_write_report_returns_what_describe_returns(small, tmp_path):
     plain = describe(small)
     for key in ("counts", "duplicates", "lengths", "window", "tokens", "residues"):
         assert report[key] == plain[key]
+
+
+def test_a_full_disk_leaves_the_previous_report_whole_and_no_part_of_the_new_one(small, tmp_path, monkeypatch):
+    import errno
+
+    import heads.htmlpage
+
+    out = tmp_path / "report"
+    assert CliRunner().invoke(main, ["describe", str(small), "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = write_fasta(tmp_path / "other.fasta", [("h|A|pos|0", "ACDEFG"), ("i|B|neg|1", "MKVLLA")])
+
+    def full(path, text):
+        with atomic_path(path):  # the write itself meets the full disk, as a real one would
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(heads.htmlpage, "write_text", full)
+    result = CliRunner().invoke(main, ["describe", str(other), "--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "the disk is full" in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new figure, no new describe.json
+
+
+def test_out_under_a_file_is_an_error_not_a_traceback(small, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = CliRunner().invoke(main, ["describe", str(small), "--out", str(blocker / "report")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "a_file/report: cannot write the report there" in result.output
+
+
+def test_a_cache_of_other_proteins_is_said_aloud_not_only_counted(tmp_path, tiny_weights, caplog):
+    other = write_fasta(tmp_path / "other.fasta", [("x|A|g", "MKVLLAGG"), ("y|B|g", "WWWPPP")])
+    cache = tmp_path / "other.h5"
+    extract(other, cache, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    data = write_fasta(tmp_path / "d.fasta", [("a|A|g", "ACDEFGHIKLMNPQ"), ("b|B|g", "ACDEF")])
+    with caplog.at_level("WARNING", logger="heads.describe"):
+        report = describe(data, cache=cache)
+    assert report["cache"]["in_cache"] == 0 and report["cache"]["missing"] == 2
+    assert "other.h5: holds 0 of the 2 sequences" in caplog.text and "a cache of other proteins" in caplog.text
+
+
+def test_class_and_group_names_with_markup_are_escaped_in_describe_html(tmp_path):
+    data = write_fasta(tmp_path / "x.fasta", [("a|<script>alert(1)</script>|<b>g</b>|0", "ACDE"),
+                                              ("b|B&amp;|neg|1", "ACDE")])
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["describe", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "describe.html").read_text()
+    assert "<script" not in page and "<b>g</b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "B&amp;amp;" in page

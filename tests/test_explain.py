@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import h5py
 import numpy as np
@@ -261,3 +262,81 @@ def test_an_attention_file_of_another_run_is_refused(motif_run, tmp_path):
         f.attrs["run_fingerprint"] = "0" * 64
     with pytest.raises(AttentionFileError, match="written for another run"):
         read_attention(tmp_path / "a.h5", ids[0], open_finished(out))
+
+
+def test_a_figure_file_name_of_a_very_long_id_fits_a_file_system_and_stays_unique():
+    long_a, long_b = "sp/" + "x" * 400 + "|a", "sp/" + "x" * 400 + "|b"
+    names = {file_name(long_a), file_name(long_b), file_name("P12345"), file_name("x" * 300)}
+    assert len(names) == 4 and file_name("P12345") == "P12345"
+    assert all(len(f"attention_{n}.tmp.svg".encode()) <= 255 for n in names)
+
+
+def test_predict_refuses_to_write_over_its_cache_or_a_file_of_the_run(motif_run, tmp_path):
+    out, cache, _, _ = motif_run
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(cache, copy)
+    before = copy.read_bytes()
+    link = tmp_path / "link.h5"
+    link.symlink_to(copy)
+    for option, target in (("--out", copy), ("--attention", copy), ("--attention", link)):
+        args = ["predict", "--run", str(out), "--cache", str(copy), "--head", "attention", "--out",
+                str(tmp_path / "p.tsv"), "--attention", str(tmp_path / "a.h5")]
+        args[args.index(option) + 1] = str(target)
+        result = CliRunner().invoke(heads_main, args)
+        assert result.exit_code == 2 and "is the --cache file; writing there would destroy it" in result.output
+    assert copy.read_bytes() == before
+    config = (out / "config.json").read_bytes()
+    result = CliRunner().invoke(heads_main, ["predict", "--run", str(out), "--cache", str(copy), "--head", "attention",
+                                             "--out", str(out / "config.json")])
+    assert result.exit_code == 2 and "is a file of the run" in result.output
+    assert (out / "config.json").read_bytes() == config
+    beside = out / "new_proteins.tsv"  # a new file beside the run's own may be written, and written again
+    for _ in range(2):
+        result = CliRunner().invoke(heads_main, ["predict", "--run", str(out), "--cache", str(copy), "--head",
+                                                 "attention", "--out", str(beside)])
+        assert result.exit_code == 0, result.output
+    beside.unlink()
+
+
+def _edit_protein(change):
+    def edit(path, ident):
+        with h5py.File(path, "r+") as f:
+            change(f["proteins"][group_name(ident)])
+    return edit
+
+
+def _cut(path, ident):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _scale(g):
+    g["heads"][0] = g["heads"][0] * 3  # a head that no longer sums to 1
+
+
+ATTENTION_DAMAGES = {
+    "cut in half": (_cut, "damaged attention file"),
+    "record without its sequence key": (_edit_protein(lambda g: g.attrs.__delitem__("sequence_key")),
+                                        "damaged attention file"),
+    "map without heads": (_edit_protein(lambda g: g.__delitem__("heads")), "damaged attention file"),
+    "probabilities not JSON": (_edit_protein(lambda g: g.attrs.__setitem__("probabilities", "{")),
+                               "damaged attention file"),
+    "weights edited": (_edit_protein(_scale), "not a softmax over the residues read"),
+}
+
+
+@pytest.mark.parametrize("damage", list(ATTENTION_DAMAGES))
+def test_a_damaged_or_edited_attention_file_is_an_error_naming_it(motif_run, tmp_path, damage):
+    out, cache, _, ids = motif_run
+    path = tmp_path / "a.h5"
+    result = CliRunner().invoke(heads_main, ["predict", "--run", str(out), "--cache", str(cache), "--head", "attention",
+                                             "--out", str(tmp_path / "p.tsv"), "--attention", str(path)])
+    assert result.exit_code == 0, result.output
+    read_attention(path, ids[1], open_finished(out))  # whole, it reads
+    change, message = ATTENTION_DAMAGES[damage]
+    change(path, ids[1])
+    result = CliRunner().invoke(heads_main, ["explain", "--run", str(out), "--id", ids[1], "--attention", str(path),
+                                             "--out", str(tmp_path / "fig")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{path}:" in result.output and message in result.output
+    assert not (tmp_path / "fig").exists() or not any((tmp_path / "fig").iterdir())

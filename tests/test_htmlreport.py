@@ -202,3 +202,49 @@ def test_chromium_check_names_a_broken_image_and_a_throwing_script(tmp_path):
     assert any("undefinedFunction is not defined" in p for p in problems), problems
     assert any("console error" in p and "drawn wrong" in p for p in problems), problems
     assert checker.main([str(bad)]) == 1
+
+
+def _damage_png(run):
+    png = sorted((run / "plots").glob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:40])  # a PNG's signature and header, its image cut off
+
+
+def _edit_config(change):
+    def damage(run):
+        config = json.loads((run / "config.json").read_text())
+        change(config)
+        (run / "config.json").write_text(json.dumps(config))
+    return damage
+
+
+DAMAGES = {
+    "truncated figure": (_damage_png, "a figure of the run is damaged"),
+    "figure replaced by text": (lambda run: [p.write_text("not an image") for p in (run / "plots").glob("*.png")],
+                                "a figure of the run is damaged"),
+    "metrics of another shape": (lambda run: (run / "metrics.json").write_text('{"methods": [1, 2]}'),
+                                 "metrics.json: cannot be read as a run's metrics"),
+    "metrics a list": (lambda run: (run / "metrics.json").write_text("[]"),
+                       "metrics.json: cannot be read as a run's metrics"),
+    "empty comparison table": (lambda run: (run / "comparison.csv").write_text(""),
+                               "comparison.csv: cannot be read as the run's comparison table"),
+    "report record damaged": (_edit_config(lambda c: c["report"]["context"].update(extra=1)),
+                              "its 'report' record is damaged"),
+    "figure outside the run": (_edit_config(lambda c: c["report"]["figures"][0].update(png="../../outside.png")),
+                               "lists a figure outside the run"),
+    "report.html a directory": (lambda run: (run / "report.html").mkdir(), "is a directory"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_heads_report_of_a_damaged_run_is_an_error_naming_the_file_and_writes_nothing(planted_run, tmp_path, damage):
+    _, _, out = planted_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "report.html").unlink()
+    (tmp_path / "outside.png").write_bytes((run / "plots" / "comparison.png").read_bytes())
+    change, message = DAMAGES[damage]
+    change(run)
+    result = run_cli("report", run)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert message in result.output
+    assert not (run / "report.html").is_file()

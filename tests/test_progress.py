@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from embedcache.extract import ExtractConfig, extract
 from heads.cli import main as heads_main
 from heads.folds import homology_folds
-from heads.progress import RUN_LOG, TOOL_LOGGER, ToolOutput, run_tool
+from heads.progress import RUN_LOG, TOOL_LOGGER, RunLog, ToolOutput, run_tool
 from heads.rundir import RunDirectory
 
 from test_heads import planted_dataset
@@ -195,3 +195,19 @@ def test_overwrite_removes_the_old_runs_log(planted, tmp_path):
     log = (out / RUN_LOG).read_text()
     assert _starts(log) == ["started"] and log.count("run written to") == 1  # the first run's lines are gone
     assert "--overwrite: deleting the run there" in log
+
+
+def test_a_run_log_that_is_a_directory_or_a_link_elsewhere_is_refused_and_nothing_written_through_it(tmp_path):
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("someone else's file\n")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / RUN_LOG).symlink_to(victim)
+    folder = tmp_path / "folder"
+    (folder / RUN_LOG).mkdir(parents=True)
+    for out, problem in ((linked, "is a symbolic link"), (folder, "is not a file")):
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=problem), RunLog(), RunDirectory(out, "f" * 64, overwrite=overwrite):
+                logging.getLogger("heads.test").info("a line for the run's log")
+    assert victim.read_text() == "someone else's file\n"
+    assert (folder / RUN_LOG).is_dir() and not any((folder / RUN_LOG).iterdir())
