@@ -78,7 +78,8 @@ def classification_metrics(
                 "classes": [classes[k] for k in present],
                 "accuracy": float(accuracy_score(y[mask], pred[mask])),
                 "macro_f1": float(f1_score(y[mask], pred[mask], average="macro", labels=present, zero_division=0)),
-                "mcc": float(matthews_corrcoef(y[mask], pred[mask])),
+                # From the full confusion matrix: a group of one class is MCC 0, without sklearn's warning.
+                "mcc": float(metrics_from_confusion(confusion_matrix(y[mask], pred[mask], labels=labels))["mcc"]),
             }
     return out
 

@@ -177,6 +177,8 @@ def test_macro_f1_within_a_group_averages_over_the_classes_the_group_has():
     # By hand: F1(x) = 1, F1(y) = 2*1/(2*1+0+1) = 2/3.
     assert a["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
     assert a["macro_f1"] == pytest.approx(f1_score(y[:4], pred[:4], labels=[0, 1], average="macro"))
+    assert a["mcc"] == pytest.approx(matthews_corrcoef(y[:4], pred[:4]))
+    assert m["per_group"]["b"]["mcc"] == 0.0  # one class only: no correlation to measure
     ci = bootstrap_ci(y[:4], pred[:4], 3, n_boot=300, classes=np.array([0, 1]))
     assert ci["macro_f1"][0] <= a["macro_f1"] <= ci["macro_f1"][1] <= 1.0
 
