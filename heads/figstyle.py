@@ -84,9 +84,13 @@ class FigureContext:
         return replace(self, backbone=f"{self.reference}'s own predictions (its model, not these embeddings)")
 
     def method_title(self, name: str) -> str:
-        """A method's readable name: the head's title for a head, the reference tool by its name."""
+        """A method's readable name: the head's title for a head, the reference tool by its name.
+
+        The reference says it ran its own model: figures of several methods carry the run's
+        backbone in their subtitle, which the reference's predictions did not come from.
+        """
         if name == "reference":
-            return self.reference
+            return f"{self.reference} (own model)"
         from .registry import HEADS
 
         head = HEADS.get(name)

@@ -173,7 +173,7 @@ def test_reference_name_and_figures_switch_do_not_change_the_fingerprint(tmp_pat
     assert run_fingerprint(_fingerprint_settings(plain), None, {}, data) != \
         run_fingerprint(_fingerprint_settings(replace(plain, n_boot=500)), None, {}, data)
     context = figure_context(named, data, {"source": "file", "sizes": dict.fromkeys(range(5), 30)}, 5, None, None)
-    assert context.method_title("reference") == "DeepLocPro" and "the file's 5 folds" in context.folds
+    assert context.method_title("reference") == "DeepLocPro (own model)" and "the file's 5 folds" in context.folds
     results[1].name = "reference"
     _write(tmp_path, data, results, None, context)
     assert "DeepLocPro" in _svg_text(tmp_path / "plots" / "comparison.svg")
