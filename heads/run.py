@@ -358,7 +358,8 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
             if only_ids is not None:
                 known = {r.id for r in records}
                 _check_ids(only_ids, known, sequences)
-                records = [r for r in records if r.id in set(only_ids)]
+                wanted = set(only_ids)
+                records = [r for r in records if r.id in wanted]
             ids, keys = [r.id for r in records], [r.key for r in records]
             features = FeatureSource(None, [r.sequence for r in records])
         else:
@@ -385,7 +386,8 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
                 if skipped:
                     raise ValueError(f"{cache_path}: {', '.join(skipped[:5])} has no embedding (longer than the "
                                      "cache's max_length, skipped)")
-                ids = [i for i in ids if i in set(only_ids)]
+                wanted = set(only_ids)
+                ids = [i for i in ids if i in wanted]
             keys = [cache.key(i) for i in ids]
             layer = (finished.config.get("backbone") or {}).get("layer")
             features = FeatureSource.from_rows(cache, cache.rows(ids), layer)
