@@ -15,11 +15,10 @@ from click.testing import CliRunner
 from embedcache import __version__
 from embedcache.cli import main
 from embedcache.cliutil import RESUME
-from embedcache.extract import ExtractConfig, extract
 from embedcache.store import EmbeddingCache
 
 from conftest import write_fasta
-from test_heads import planted_dataset
+from test_heads import planted_cache
 
 
 def test_extract_then_info(tmp_path, fasta, tiny_weights):
@@ -131,9 +130,7 @@ def test_extract_interrupted_while_starting_exits_quietly_leaving_nothing(tmp_pa
 @pytest.fixture(scope="module")
 def planted_run_inputs(tmp_path_factory, tiny_weights):
     tmp = tmp_path_factory.mktemp("planted")
-    csv = planted_dataset(tmp, n_per_class=20)
-    cache = tmp / "planted.h5"
-    extract(csv, cache, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    csv, cache = planted_cache(tmp, tiny_weights, n_per_class=20)
     return csv, cache
 
 

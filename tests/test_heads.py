@@ -51,6 +51,14 @@ def planted_dataset(tmp_path, n_per_class=45, seed=0):
     return path
 
 
+def planted_cache(tmp_path, weights, n_per_class=45):
+    """The planted dataset and its embedding cache from ``weights`` (a tiny ESM-2)."""
+    csv = planted_dataset(tmp_path, n_per_class=n_per_class)
+    cache = tmp_path / "planted.h5"
+    extract(csv, cache, ExtractConfig(weights=str(weights), threads=1), progress=False)
+    return csv, cache
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_weights):
     tmp = tmp_path_factory.mktemp("planted")

@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedcache.extract import ExtractConfig, extract
 from heads.cli import main as heads_main
 from heads.figstyle import Figure, FigureContext, pyplot, save_figure
 from heads.htmlreport import write_report
 from heads.metrics import bootstrap_ci, classification_metrics
 from heads.report import comparison_table
 
-from test_heads import planted_dataset
+from test_heads import planted_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "logreg.Cs=[0.1,1.0]", "--set", "lightgbm.n_estimators=30", "--bootstrap", "100",
@@ -48,9 +47,7 @@ def load_checker():
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory, tiny_weights):
     tmp = tmp_path_factory.mktemp("report_run")
-    csv = planted_dataset(tmp, n_per_class=20)
-    cache = tmp / "planted.h5"
-    extract(csv, cache, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    csv, cache = planted_cache(tmp, tiny_weights, n_per_class=20)
     out = tmp / "run"
     result = run_cli("compare", "--heads", "logreg,lightgbm", "--cache", cache, "--data", csv, "--out", out, *FAST)
     assert result.exit_code == 0, result.output

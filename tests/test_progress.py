@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedcache.extract import ExtractConfig, extract
 from heads.cli import main as heads_main
 from heads.folds import homology_folds
 from heads.progress import RUN_LOG, TOOL_LOGGER, RunLog, ToolOutput, run_tool
 from heads.rundir import RunDirectory
 
-from test_heads import planted_dataset
+from test_heads import planted_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "logreg.Cs=[0.1,1.0]", "--bootstrap", "100"]
@@ -30,9 +29,7 @@ needs_mmseqs = pytest.mark.skipif(shutil.which("mmseqs") is None,
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_weights):
     tmp = tmp_path_factory.mktemp("planted_progress")
-    csv = planted_dataset(tmp, n_per_class=12)
-    cache = tmp / "planted.h5"
-    extract(csv, cache, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    csv, cache = planted_cache(tmp, tiny_weights, n_per_class=12)
     return csv, cache
 
 

@@ -24,7 +24,7 @@ from heads.cli import main as heads_main
 from heads.rundir import RunDirectoryError, check_identity
 
 from conftest import write_fasta
-from test_heads import planted_dataset
+from test_heads import planted_cache, planted_dataset
 
 FAST = ["--set", "logreg.Cs=[0.1,1.0]", "--bootstrap", "100", "--folds", "stratified", "--no-figures"]
 
@@ -32,9 +32,7 @@ FAST = ["--set", "logreg.Cs=[0.1,1.0]", "--bootstrap", "100", "--folds", "strati
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_weights):
     tmp = tmp_path_factory.mktemp("planted_runs")
-    csv = planted_dataset(tmp, n_per_class=20)
-    cache = tmp / "planted.h5"
-    extract(csv, cache, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    csv, cache = planted_cache(tmp, tiny_weights, n_per_class=20)
     return csv, cache
 
 
