@@ -196,6 +196,50 @@ def verify_cmd(path) -> None:
     click.echo("ok")
 
 
+def _export_formats() -> tuple[str, ...]:
+    from .export import FORMATS
+
+    return FORMATS
+
+
+@main.command("export")
+@click.argument("cache_path", metavar="CACHE", type=click.Path(dir_okay=False))
+@click.argument("out", metavar="OUT", type=click.Path())
+@click.option("--format", "fmt", type=LazyChoice(_export_formats), required=True,
+              help="esm-extract: a directory of fair-esm extract.py .pt files plus mapping.csv; bio-embeddings: "
+                   "one HDF5 file keyed by sequence md5; npz: one .npz; npy: a directory of .npy files and ids.txt.")
+@click.option("--layer", type=int,
+              help="Layer to export, as stored [highest; esm-extract: every stored layer].")
+@click.option("--pooled-only", is_flag=True,
+              help="Pooled vectors only (extract.py's --include mean; bio_embeddings' reduced embeddings).")
+@click.option("--dtype", type=click.Choice(["stored", "float16", "float32"]),
+              help="Precision written [esm-extract and bio-embeddings: float32; npz and npy: as stored].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only an earlier export, for directories).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export_cmd(cache_path, out, fmt, layer, pooled_only, dtype, overwrite, quiet) -> None:
+    """Write the cache CACHE to OUT in a format another tool reads.
+
+    The output appears whole or not at all: it is written under OUT.tmp and renamed when
+    complete. IDs without an embedding (skipped at extraction) are listed, not exported.
+    """
+    _setup_logging(0)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .export import export_cache
+
+    try:
+        with logging_redirect_tqdm():
+            summary = export_cache(cache_path, fmt, out, layer=layer, pooled_only=pooled_only, overwrite=overwrite,
+                                   dtype=dtype, progress=not quiet)
+    except _user_errors() as err:
+        raise click.ClickException(str(err)) from None
+    what = "per-residue and pooled" if summary.per_residue else "pooled"
+    click.echo(f"{summary.output}: {summary.fmt}, {summary.ids} IDs ({summary.unique_sequences} unique sequences), "
+               f"{what}, layers {summary.layers}, {summary.dtype}; {len(summary.skipped)} skipped IDs not exported"
+               + (f" ({', '.join(summary.skipped[:10])}{' ...' if len(summary.skipped) > 10 else ''})"
+                  if summary.skipped else ""))
+
+
 @main.command("tiny-model")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--layers", "num_layers", type=click.IntRange(min=1), default=2, show_default=True)
