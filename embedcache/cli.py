@@ -226,12 +226,14 @@ def export_cmd(cache_path, out, fmt, layer, pooled_only, dtype, overwrite, quiet
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .export import export_cache
+    from .layout import CacheError
 
     try:
         with logging_redirect_tqdm():
             summary = export_cache(cache_path, fmt, out, layer=layer, pooled_only=pooled_only, overwrite=overwrite,
                                    dtype=dtype, progress=not quiet)
-    except _user_errors() as err:
+    # Not _user_errors(): it imports torch (seconds), which an export never needs.
+    except (CacheError, ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     what = "per-residue and pooled" if summary.per_residue else "pooled"
     click.echo(f"{summary.output}: {summary.fmt}, {summary.ids} IDs ({summary.unique_sequences} unique sequences), "

@@ -245,10 +245,10 @@ class _Job:
         pooled = {layer: self.pooled(self.rows, layer) for layer in self.layers}
         all_ids, headers, keys = cache.all_ids()
         header_of, key_of = dict(zip(all_ids, headers)), dict(zip(all_ids, keys))
-        table = io.StringIO()
-        writer = csv.writer(table, lineterminator="\n")
-        writer.writerow(["id", "header", "file", "sequence_key", "status", "length", "residues"])
-        with self._bar(len(self.ids)) as bar:
+        with open(folder / "mapping.csv", "w", encoding="utf-8", newline="") as table, \
+                self._bar(len(self.ids)) as bar:
+            writer = csv.writer(table, lineterminator="\n")
+            writer.writerow(["id", "header", "file", "sequence_key", "status", "length", "residues"])
             for i, (ident, row) in enumerate(zip(self.ids, self.rows.tolist())):
                 # extract.py's label is the whole header line, as FastaBatchedDataset reads it.
                 result: dict = {"label": header_of[ident] or ident}
@@ -265,9 +265,8 @@ class _Job:
                 writer.writerow([ident, header_of[ident], name, cache.key(ident), status, cache.length(ident),
                                  int(cache._n_stored[row])])
                 bar.update()
-        for ident in self.skipped:
-            writer.writerow([ident, header_of[ident], "", key_of[ident], "skipped", "", 0])
-        _write_file(folder / "mapping.csv", table.getvalue().encode("utf-8"))
+            for ident in self.skipped:
+                writer.writerow([ident, header_of[ident], "", key_of[ident], "skipped", "", 0])
 
     # -- bio_embeddings -----------------------------------------------------------------------
     def write_bio_embeddings(self, h5) -> None:
@@ -277,6 +276,10 @@ class _Job:
             first_ids.setdefault(row, []).append(ident)
         unique_rows = np.array(sorted(first_ids), dtype=np.int64)
         pooled = None if self.per_residue else self.pooled(unique_rows, layer)
+        # HDF5 writes a dataset's header when its object is released, and a failure there (a full
+        # disk) is only printed, never raised. Datasets are therefore kept until a flush has
+        # written them, which raises.
+        held: list = []
         with self._bar(len(unique_rows)) as bar:
             for i, row in enumerate(unique_rows.tolist()):
                 sequence = cache.sequences_rows([row])[0]
@@ -290,8 +293,13 @@ class _Job:
                     # bio_embeddings refuses duplicate sequences (MD5ClashException); its readers see
                     # the first ID, and the others are kept here rather than lost.
                     dataset.attrs["other_ids"] = json.dumps(ids[1:])
+                held.append(dataset)
+                if len(held) >= 256:
+                    h5.flush()
+                    held.clear()
                 bar.update()
         h5.attrs["embedcache_export"] = json.dumps(self.metadata())
+        h5.flush()
 
     # -- npz ------------------------------------------------------------------------------------
     def write_npz(self, path: Path) -> None:
@@ -353,7 +361,10 @@ def _npz_member(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
 
 
 def _save_torch(torch, obj, path: Path) -> None:
-    torch.save(obj, path)
+    # Through a Python file: torch's own writer reports a full disk as "iostream error", no errno.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_file(path, buffer.getvalue())
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -396,18 +407,24 @@ def _output_lock(target: Path) -> Iterator[None]:
     """One export to ``target`` at a time: a second one would remove the first one's staging."""
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.with_name(target.name + ".export-lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            os.close(fd)
             raise CacheError(f"{target}: another export is writing it now") from None
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                lock.unlink()
+        # The lock file is removed by the export that held it: one locked after its removal
+        # holds a file nobody else will find, so it tries again.
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        os.close(fd)
+    try:
+        yield
     finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
         os.close(fd)
 
 

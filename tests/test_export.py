@@ -193,8 +193,8 @@ def test_bio_embeddings_file_is_keyed_by_sequence_md5_with_original_id(tmp_path,
     summary = export_cache(plain[1], "bio-embeddings", out)
     assert summary.unique_sequences == len(PLAIN) - 1
     with h5py.File(out, "r") as f, EmbeddingCache(plain[1]) as cache:
-        # bio_embeddings.utilities.QueryEmbeddingsFile's lookup, verbatim
-        lookup = dict((f[new_id].attrs["original_id"], new_id) for new_id in f.keys())
+        # the lookup of bio_embeddings.utilities.QueryEmbeddingsFile
+        lookup = {f[new_id].attrs["original_id"]: new_id for new_id in f.keys()}  # noqa: SIM118
         expected = {hashlib.md5(seq.encode()).hexdigest() for _, seq in PLAIN}
         assert set(f.keys()) == expected
         for ident in ("sp|P69905|HBA_HUMAN", "P1", "short", "one"):
@@ -208,7 +208,7 @@ def test_bio_embeddings_file_is_keyed_by_sequence_md5_with_original_id(tmp_path,
     reduced = tmp_path / "reduced.h5"
     export_cache(plain[1], "bio-embeddings", reduced, pooled_only=True, layer=0, dtype="float16")
     with h5py.File(reduced, "r") as f, EmbeddingCache(plain[1]) as cache:
-        lookup = dict((f[new_id].attrs["original_id"], new_id) for new_id in f.keys())
+        lookup = {f[new_id].attrs["original_id"]: new_id for new_id in f.keys()}  # noqa: SIM118
         array = np.array(f[lookup["P1"]])
         assert array.shape == (32,) and array.dtype == np.float16
         np.testing.assert_array_equal(array, cache.pooled(["P1"], layer=0)[0])
@@ -264,7 +264,7 @@ def test_hostile_ids_get_distinct_file_names_inside_the_export(tmp_path, hostile
 def test_safe_names_cannot_collide():
     ids = ["a/b", "a_b", "a b", "a|b", "a~b", "x" * 400, "x" * 401, "a_b~" + "0" * 16, "\u00e9", "e\u0301", "A_B", "-x"]
     names = safe_file_names(ids)
-    assert len(set(n.casefold() for n in names.values())) == len(ids)
+    assert len({n.casefold() for n in names.values()}) == len(ids)
     assert names["a/b"] != "a_b" and names["a~b"].startswith("a_b~") and names["-x"].startswith("x~")
 
 
@@ -367,9 +367,8 @@ def test_damaged_cache_stops_with_the_readers_message_and_leaves_nothing(tmp_pat
 
 def test_second_export_to_the_same_output_is_refused(tmp_path, plain):
     out = tmp_path / "esm"
-    with _output_lock(out):
-        with pytest.raises(CacheError, match="another export is writing it now"):
-            export_cache(plain[1], "esm-extract", out)
+    with _output_lock(out), pytest.raises(CacheError, match="another export is writing it now"):
+        export_cache(plain[1], "esm-extract", out)
     assert not out.exists()
 
 
@@ -396,7 +395,8 @@ def _die_while_exporting(signame: str, *args) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+# esm-extract's child imports torch, seconds on a busy machine.
+@pytest.mark.parametrize("fmt", [pytest.param("esm-extract", marks=pytest.mark.slow), "bio-embeddings", "npz", "npy"])
 def test_kill_9_mid_export_leaves_no_output_and_a_rerun_works(tmp_path, plain, fmt):
     out = tmp_path / "out"
     proc = _die_while_exporting("SIGKILL", str(plain[1]), str(out), "--format", fmt)
@@ -422,17 +422,18 @@ def _contents(path: Path) -> dict:
 
 def test_kill_9_during_overwrite_keeps_the_previous_export(tmp_path, plain):
     out = tmp_path / "out"
-    export_cache(plain[1], "esm-extract", out, layer=0)
+    export_cache(plain[1], "npy", out, layer=0)
     before = _contents(out)
-    proc = _die_while_exporting("SIGKILL", str(plain[1]), str(out), "--format", "esm-extract", "--overwrite")
+    proc = _die_while_exporting("SIGKILL", str(plain[1]), str(out), "--format", "npy", "--overwrite")
     assert proc.returncode == -signal.SIGKILL
     assert _contents(out) == before
-    export_cache(plain[1], "esm-extract", out, overwrite=True)
-    assert list(torch.load(out / "P1.pt")["representations"]) == [0, 3]
+    export_cache(plain[1], "npy", out, overwrite=True)
+    assert json.loads((out / "export.json").read_text())["layers"] == [3]
+    assert _contents(out) != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("fmt", ["esm-extract", "bio-embeddings"])
+@pytest.mark.parametrize("fmt", ["npy", "bio-embeddings"])
 def test_sigterm_mid_export_ends_with_one_line_and_leaves_nothing(tmp_path, plain, fmt):
     out = tmp_path / "out"
     proc = _die_while_exporting("SIGTERM", str(plain[1]), str(out), "--format", fmt)
@@ -446,3 +447,19 @@ def test_cli_export_reports_what_it_wrote(tmp_path, plain):
                                        "--pooled-only", "-q"])
     assert result.exit_code == 0, result.output
     assert "esm-extract, 5 IDs (4 unique sequences), pooled, layers [0, 3], float32" in result.output
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("esm-extract", marks=pytest.mark.slow), "bio-embeddings", "npz", "npy"])
+def test_full_disk_stops_with_an_error_and_leaves_nothing(tmp_path, plain, fmt):
+    import resource
+
+    def child():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death past the limit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "embedcache", "export", str(plain[1]), str(tmp_path / "out"),
+                           "--format", fmt, "-q"], capture_output=True, text=True, preexec_fn=child,
+                          restore_signals=False, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Error: " in proc.stderr and "the disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
