@@ -14,8 +14,10 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "CacheError": "embedcache.store",
     "EmbeddingCache": "embedcache.store",
+    "ExportSummary": "embedcache.export",
     "ExtractConfig": "embedcache.extract",
     "ExtractSummary": "embedcache.extract",
+    "export_cache": "embedcache.export",
     "extract": "embedcache.extract",
 }
 

@@ -463,3 +463,16 @@ def test_full_disk_stops_with_an_error_and_leaves_nothing(tmp_path, plain, fmt):
     assert proc.returncode == 1, proc.stderr
     assert "Error: " in proc.stderr and "the disk is full" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_without_checksums_exports_the_same_arrays(tmp_path, plain):
+    import shutil
+
+    from test_store import make_version_1
+
+    old = tmp_path / "v1.h5"
+    shutil.copy(plain[1], old)
+    make_version_1(old)
+    export_cache(old, "npz", tmp_path / "v1.npz")
+    export_cache(plain[1], "npz", tmp_path / "v2.npz")
+    assert _contents(tmp_path / "v1.npz") == _contents(tmp_path / "v2.npz")
