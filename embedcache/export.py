@@ -128,7 +128,8 @@ def export_cache(
 ) -> ExportSummary:
     """Write the cache at ``cache_path`` to ``out`` in format ``fmt`` (one of ``FORMATS``).
 
-    ``layer``: the layer to export; by default the highest stored, except ``esm-extract``,
+    ``layer``: the layer to export (negative: counted from the model's last, -1 being the last);
+    by default the highest stored, except ``esm-extract``,
     which writes every stored layer (as extract.py does for every ``--repr_layers``).
     ``pooled_only``: pooled vectors only (extract.py's ``--include mean``; bio_embeddings'
     reduced embeddings); a cache made with ``--store pooled`` is always exported so.
@@ -153,6 +154,9 @@ def export_cache(
         if store == "pooled":
             pooled_only = True
         if layer is not None:
+            num_layers = cache.attrs.get("num_layers")
+            if layer < 0 and isinstance(num_layers, int):  # -1: the model's last layer, as extract counts
+                layer += num_layers + 1
             if layer not in cache.layers:
                 raise ValueError(f"layer {layer} is not in {cache_path}; stored layers: {cache.layers}")
             layers = [layer]

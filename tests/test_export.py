@@ -159,6 +159,8 @@ def test_esm_extract_layer_option_writes_that_layer_only(tmp_path, plain):
     export_cache(plain[1], "esm-extract", out, layer=0)
     data = torch.load(out / "P1.pt")
     assert list(data["representations"]) == list(data["mean_representations"]) == [0]
+    export_cache(plain[1], "npz", tmp_path / "last.npz", layer=-1)
+    assert json.loads(str(np.load(tmp_path / "last.npz")["metadata"]))["layers"] == [3]
     with pytest.raises(ValueError, match=r"layer 7 is not in .*stored layers: \[0, 3\]"):
         export_cache(plain[1], "esm-extract", tmp_path / "other", layer=7)
 
