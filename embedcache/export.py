@@ -227,10 +227,10 @@ class _Job:
         return tqdm(total=total, unit=unit, disable=not self.progress, desc=f"export {self.fmt}")
 
     def pooled(self, rows: np.ndarray, layer: int) -> np.ndarray:
-        """Pooled vectors as float32 (or the export dtype), from the cache's pooled table.
+        """Pooled vectors of ``rows`` from the cache's pooled table, in the stored dtype.
 
-        A cache stored per-residue only has no pooled table: there the mean over the stored
-        residues is taken, which is extract.py's own definition of ``mean_representations``.
+        A cache stored per-residue only has no pooled table: there the float32 mean over the
+        stored residues is taken, which is extract.py's own definition of ``mean_representations``.
         """
         if self.store == "per-residue":
             return np.stack([self.cache.per_residue_rows([r], layer)[0].astype(np.float32).mean(axis=0)
