@@ -14,7 +14,8 @@ machine noise hits all of them alike; medians are reported:
   (b) embedcache the library's work plan and runner (embedcache.extract._Runner): SDPA
                  forward, residue slicing and mean pooling, at several budgets/precisions.
                  --prototypes adds modes that are not in the library (int8-dynamic: torch's
-                 dynamic INT8 quantization of every Linear layer, same runner).
+                 dynamic INT8 quantization of every Linear layer, per-channel weight
+                 scales, same runner).
   (c) esm-cpp    the C++ engine (`pip install --no-deps esm-cpp`), loading the same weights
                  from a Hugging Face safetensors directory written from the same fair-esm model
                  (esm2_to_hf, plus the language-model head and per-layer rotary buffers that
@@ -167,15 +168,20 @@ def embedcache_outputs(backbone: ESM2Backbone, seqs, budget: int, keep_states: b
 
 
 def int8_dynamic(model):
-    """A copy of the model whose Linear layers run torch's dynamic INT8 quantization (CPU only)."""
+    """A copy of the model whose Linear layers run torch's dynamic INT8 quantization (CPU only).
+
+    INT8 weights; activations quantized per call, per tensor, from their own range.
+    """
     import warnings
 
     with warnings.catch_warnings():
         # torch.ao's eager quantization is deprecated in favour of torchao, which is not installed.
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+        # Per-channel weight scales, as esm-cpp's INT8 (same speed as per-tensor here, closer to fp32).
+        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)
 
 
 # ---- esm-cpp ---------------------------------------------------------------------------------
@@ -206,7 +212,8 @@ def write_esm_cpp_weights(model, directory: Path) -> Path:
     encoder = hf.state_dict()
     state = {f"esm.{k}": v for k, v in encoder.items()}
     for i in range(model.num_layers):
-        state[f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"] = encoder["rotary_embeddings.inv_freq"]
+        rotary = f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"
+        state[rotary] = encoder["rotary_embeddings.inv_freq"]
     head = model.lm_head
     state.update({
         "lm_head.dense.weight": head.dense.weight, "lm_head.dense.bias": head.dense.bias,
@@ -316,8 +323,8 @@ def bench_shape(shape: str, labels, seqs, args, esm_cpp, tmp: Path, peaks: dict[
 
     if "int8-dynamic" in args.prototypes:
         qbackbone = ESM2Backbone(int8_dynamic(model), model.alphabet, shape, shape)
-        budget = args.mode_pairs[0][1] if args.mode_pairs else 1024
-        for b in sorted({p[1] for p in args.mode_pairs if p[0] == "fp32"} or {budget}):
+        budget = args.mode_pairs[0][1]  # the reference's (fp32 modes come first)
+        for b in sorted({b for p, b in args.mode_pairs if p == "fp32"}):
             name = f"(p) ours int8-dynamic, {b}"
             methods.append(Method(name, "prototype", "int8", ours(qbackbone, "fp32", b),
                                   note="prototype, not in the library"))
@@ -333,7 +340,7 @@ def bench_shape(shape: str, labels, seqs, args, esm_cpp, tmp: Path, peaks: dict[
             if precision == "int8":
                 engine.quantize_weights()
             engines[precision] = engine
-        if esm_cpp.Model.num_threads != args.threads:
+        if engines and esm_cpp.Model.num_threads != args.threads:
             print(f"  WARNING: esm-cpp runs {esm_cpp.Model.num_threads} threads, not {args.threads} "
                   f"(its pool was sized earlier in this process)")
         for precision, engine in engines.items():
@@ -378,7 +385,8 @@ def bench_shape(shape: str, labels, seqs, args, esm_cpp, tmp: Path, peaks: dict[
         f32 = [n for n in pooled if n.startswith("(c) esm-cpp fp32,")]
         i8 = [n for n in pooled if n.startswith("(c) esm-cpp int8,")]
         if f32 and i8:
-            diffs["(c) esm-cpp int8"] += f"; pooled cosine to esm-cpp fp32 min {cosines(pooled[i8[0]], pooled[f32[0]]).min():.5f}"
+            to_fp32 = cosines(pooled[i8[0]], pooled[f32[0]]).min()
+            diffs["(c) esm-cpp int8"] += f"; pooled cosine to esm-cpp fp32 min {to_fp32:.5f}"
 
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     base = medians.get(FAIR)
@@ -403,7 +411,8 @@ def bench_shape(shape: str, labels, seqs, args, esm_cpp, tmp: Path, peaks: dict[
     if "esm-cpp" in args.methods and esm_cpp is None:
         print("  (c) esm-cpp: skipped, the package is not installed (pip install --no-deps esm-cpp)")
     result = targets(shape, methods, medians, cos, residues)
-    print(f"  peak memory of this process so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB\n")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"  peak memory of this process so far: {peak_gb:.1f} GB\n")
     return result
 
 
@@ -459,7 +468,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="esm2_t6_8M_UR50D,esm2_t12_35M_UR50D",
                         help="ESM-2 shapes by name or size: 8M,35M,150M,650M")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="which of fair-esm,embedcache,esm-cpp to time (embedcache is always on: it is the reference)")
+                        help="which of fair-esm,embedcache,esm-cpp to time (embedcache always: the reference)")
     parser.add_argument("--modes", default="fp32:4096,fp32:1024,bf16:1024,bf16:2048",
                         help="embedcache precision:budget pairs to time; the first fp32 one is the reference")
     parser.add_argument("--esm-cpp-modes", default="fp32:packed,int8:packed,fp32:states,int8:states",
@@ -514,9 +523,10 @@ def main() -> None:
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n")
 
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for shape in shapes:
-            n = per_shape.get(shape, len(seqs))
+    for shape in shapes:
+        n = per_shape.get(shape, len(seqs))
+        # One directory per shape: esm-cpp's weights file (2.6 GB at 650M) goes when the shape is done.
+        with tempfile.TemporaryDirectory() as tmp:
             results.append(bench_shape(shape, labels[:n], seqs[:n], args, esm_cpp, Path(tmp), peaks))
     if esm_cpp is not None and len(results) > 1:
         print("issue #11 targets over all shapes:")
