@@ -145,7 +145,8 @@ class ThreadChoice:
     def describe(self) -> str:
         cores = f"{self.cores} core{'s' if self.cores != 1 else ''}"
         if self.busy is None:
-            return f"{cores}, load unknown: {self.threads} thread{'s' if self.threads != 1 else ''}"
+            unknown = ", load unknown" if self.cores > 1 else ""  # one core is all there is, busy or not
+            return f"{cores}{unknown}: {self.threads} thread{'s' if self.threads != 1 else ''}"
         return (f"{cores}, {self.busy} busy (others use {self.load:.1f}): "
                 f"{self.threads} thread{'s' if self.threads != 1 else ''}")
 

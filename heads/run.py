@@ -294,9 +294,11 @@ def _resolve_threads(config: RunConfig, out: Path, overwrite: bool) -> tuple[Run
     previous = None
     if not overwrite:
         with contextlib.suppress(RunDirectoryError, OSError):
-            found = read_config(out) if out.is_dir() else None
-            if found is not None and isinstance(found.get("threads"), int) and found.get("fingerprint"):
-                previous = (found["threads"], found["fingerprint"])
+            found = (read_config(out) if out.is_dir() else None) or {}
+            count, fingerprint = found.get("threads"), found.get("fingerprint")
+            # An edited or older config.json without a usable count: the default decides.
+            if isinstance(count, int) and not isinstance(count, bool) and count >= 1 and fingerprint:
+                previous = (count, fingerprint)
     if config.threads is not None:
         return config, "given", previous
     if previous is not None:

@@ -1,7 +1,7 @@
 """Thread counts on an idle and on a busy machine: 1, 2 and the default, OpenMP's wait policies.
 
     python scripts/bench_threads.py --n 100 --repeats 3
-    python scripts/bench_threads.py --n 10 --repeats 1 --policies unset --models esm2_8M   # a quick check
+    python scripts/bench_threads.py --n 10 --repeats 1 --policies auto --models esm2_8M   # a quick check
 
 Each configuration runs `embedcache.extract` in a fresh Python process (OpenMP reads
 OMP_WAIT_POLICY once, when torch starts), on the first N proteins of the DeepLocPro subset,
@@ -13,8 +13,9 @@ values) and UniRep-256 when its weights are found ($UNIREP_WEIGHTS_DIR, else
   busy   this script keeps one core busy with a spinning process of its own
 
 Threads: 1, 2 and the default (``embedcache.threads.default_threads``, decided in the child
-with the spinner running); wait policies: unset (libgomp's default: spin a while, then
-sleep), passive, active. Repeats are interleaved (every configuration once, then again) so
+with the spinner running); wait policies: auto (what `embedcache extract` does: PASSIVE
+when other processes hold a core, else left unset), unset (libgomp's default: spin a while,
+then sleep), passive, active. Repeats are interleaved (every configuration once, then again) so
 that changes in the machine's load hit all alike. Reported: median residues/s of the
 embedding (model loading excluded), and per model and condition the default's speed against
 the best fixed choice.
@@ -40,8 +41,11 @@ UNIREP_DIR = Path(os.environ.get("UNIREP_WEIGHTS_DIR") or HERE.parents[1] / "sha
 CHILD = r"""
 import json, sys, logging
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from embedcache.extract import ExtractConfig, extract
 args = json.loads(sys.argv[1])
+if args["policy"] == "auto":
+    from embedcache.threads import prepare_openmp
+    prepare_openmp()  # as the command lines do, before torch starts
+from embedcache.extract import ExtractConfig, extract
 config = ExtractConfig(model=args["model"], weights=args["weights"], threads=args["threads"],
                        precision=args["precision"])
 summary = extract(args["fasta"], args["out"], config, progress=False)
@@ -66,10 +70,10 @@ def run_child(model: dict, threads: int | None, policy: str, precision: str, fas
         elif leftover.exists():
             leftover.unlink()
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    if policy != "unset":
+    if policy not in ("unset", "auto"):
         env["OMP_WAIT_POLICY"] = policy.upper()
     env["UNIREP_WEIGHTS_DIR"] = str(UNIREP_DIR)
-    args = {"model": model.get("model"), "weights": model.get("weights"), "threads": threads,
+    args = {"model": model.get("model"), "weights": model.get("weights"), "threads": threads, "policy": policy,
             "precision": precision, "fasta": str(fasta), "out": str(out)}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -89,13 +93,15 @@ def main() -> None:
                         help="comma-separated: esm2_8M (random weights), unirep256 (skipped without its weights)")
     parser.add_argument("--precision", default="auto", help="ESM-2's compute precision (UniRep runs fp32)")
     parser.add_argument("--threads", default="1,2,default", help="thread counts; 'default' leaves it to embedcache")
-    parser.add_argument("--policies", default="unset,passive,active", help="OMP_WAIT_POLICY values to try")
+    parser.add_argument("--policies", default="auto,unset,passive,active",
+                        help="OMP_WAIT_POLICY values to try; auto: what the command lines choose (PASSIVE when "
+                             "other processes hold a core, else unset); one thread runs only under the first")
     parser.add_argument("--conditions", default="idle,busy")
     args = parser.parse_args()
 
     from embedcache.models import random_esm2, save_esm2_checkpoint
     from embedcache.sequences import read_sequences
-    from embedcache.threads import available_cores
+    from embedcache.threads import available_cores, others_load
 
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -120,6 +126,9 @@ def main() -> None:
         print(f"{len(records)} proteins from {args.fasta.name}; {available_cores()} cores; precision "
               f"{args.precision}; {args.repeats} interleaved repeats; each configuration in a fresh process")
 
+        load = others_load(list(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0], 1.0)
+        if load is not None and load > 0.2:
+            print(f"warning: other processes use {load:.1f} cores now; 'idle' is not idle and the numbers are noisy")
         times: dict[tuple, list[float]] = {}
         choices: dict[tuple, str] = {}
         for repeat in range(args.repeats):
@@ -133,6 +142,8 @@ def main() -> None:
                     for model in models:
                         for policy in policies:
                             for t in threads:
+                                if t == 1 and policy != policies[0]:
+                                    continue  # one thread meets no barrier: the policy cannot matter
                                 r = run_child(model, t, policy, args.precision, fasta, tmp)
                                 key = (model["name"], condition, policy, t)
                                 times.setdefault(key, []).append(r["residues"] / r["seconds"])
@@ -164,7 +175,7 @@ def main() -> None:
                     if default:
                         ratio = statistics.median(default) / fixed[best_key]
                         print(f"  {model:10s} {condition:5s} default, {policy:8s}: {ratio:5.2f}x of the best "
-                              f"({best_key[3]} threads, {best_key[2]}: {fixed[best_key]:.0f} res/s)")
+                              f"({best_key[3]} thread(s), {best_key[2]}: {fixed[best_key]:.0f} res/s)")
 
 
 if __name__ == "__main__":
