@@ -62,7 +62,11 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-@click.group(cls=InterruptibleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class EmbedcacheGroup(InterruptibleGroup):
+    torch_commands = frozenset({"extract"})
+
+
+@click.group(cls=EmbedcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="embedcache")
 def main() -> None:
     """Protein language model embeddings in a resumable, content-addressed HDF5 cache."""

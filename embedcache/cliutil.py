@@ -83,6 +83,17 @@ class InterruptibleGroup(click.Group):
     without releasing locks, temporary files and open HDF5 files.
     """
 
+    # Subcommands that run torch: OpenMP is set up for them before torch is imported, which
+    # parsing their options may already do (choices loaded from torch-importing modules).
+    torch_commands: frozenset[str] = frozenset()
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in self.torch_commands and not {"-h", "--help"} & set(args):
+            from .threads import prepare_openmp
+
+            prepare_openmp()
+        return super().parse_args(ctx, args)
+
     def main(self, *args: Any, **kwargs: Any) -> Any:
         previous = {}
         previous_hook = sys.unraisablehook

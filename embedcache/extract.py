@@ -7,7 +7,6 @@ import copy
 import datetime
 import errno
 import logging
-import os
 import shlex
 import shutil
 import sys
@@ -26,6 +25,7 @@ from .backbones import PRECISIONS, Backbone, pick_precision  # noqa: F401  (pick
 from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
 from .sequences import read_sequences
 from .store import CacheWriter, EmbeddedEntry
+from .threads import available_cores, default_threads  # noqa: F401  (available_cores: older import path)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ExtractConfig:
     # Compute: fp32 | bf16 | fp16 (GPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU.
     precision: str = "auto"
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
-    threads: int | None = None  # torch CPU threads; None: the cores this process may use
+    threads: int | None = None  # torch CPU threads; None: the cores free at the start (embedcache.threads)
     trust_weights: bool = False  # allow pickled objects beyond argparse.Namespace in the checkpoint
 
 
@@ -82,13 +82,6 @@ def _validate(config: ExtractConfig) -> None:
             raise ValueError(f"{name} must be a positive number, not {value}")
     if config.chunk_overlap < 0:
         raise ValueError(f"chunk_overlap must not be negative, not {config.chunk_overlap}")
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -148,7 +141,7 @@ def extract(
                          "before them, so windows embedded apart are not the protein's states. Use --long truncate "
                          "or skip with --max-length, or leave --max-length unset to embed whole proteins")
     backbone.set_precision(backbone.pick_precision(config.precision, device))
-    threads = config.threads or available_cores()
+    threads = config.threads or default_threads()
     with torch_threads(threads):
         layers = backbone.resolve_layers(config.layers)
         max_length = config.max_length or backbone.max_residues

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedcache.atomic import atomic_path
-from embedcache.extract import available_cores, torch_threads
+from embedcache.extract import default_threads, torch_threads
 from embedcache.store import CONTENT_SETTINGS
 
 from .base import (
@@ -116,6 +116,7 @@ class AttentionHead(Head):
     kind = "attention"
     title = "attention pooling"
     input = "per_residue"
+    threads_param = "threads"
     file_suffix = ".pt"
     fitted_attributes = ("classes_", "module_")
     constraints: ClassVar[dict] = {
@@ -142,7 +143,7 @@ class AttentionHead(Head):
         self.crop = crop  # residues per protein seen in training (N-terminal part); null: all
         self.class_weight = class_weight  # null or 'balanced' (weights the loss by inverse class frequency)
         self.metric = metric  # validation metric for early stopping: accuracy | macro_f1 | mcc
-        self.threads = threads  # CPU threads [all available cores]
+        self.threads = threads  # CPU threads [the cores free when it starts]
         self.checkpoint_dir = checkpoint_dir  # per-epoch checkpoints and training logs; enables resume
         self.random_state = random_state  # seed of initial weights, shuffling and dropout; null: fresh each fit
 
@@ -167,7 +168,7 @@ class AttentionHead(Head):
         weight = class_weights(targets, len(classes), self.class_weight)
         lengths = np.minimum(X.lengths, self.crop or 1 << 30)
         batches = length_batches(lengths, self.batch_tokens, self.max_batch, min_size=2)
-        with isolated_rng(), torch_threads(self.threads or available_cores()):
+        with isolated_rng(), torch_threads(self.threads or default_threads()):
             seed_torch(seed)
             self.module_ = module = AttentionPooling(X.dim, len(classes), self.heads_, self.hidden, self.dropout,
                                                      self.conv_kernel)
@@ -220,7 +221,7 @@ class AttentionHead(Head):
         check_width(self, X.dim)
         if len(X) == 0:
             return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        with torch_threads(self.threads or available_cores()):
+        with torch_threads(self.threads or default_threads()):
             return self._proba(X)
 
     def attention(self, X) -> ResidueAttention:
@@ -240,7 +241,7 @@ class AttentionHead(Head):
         module = self.module_
         module.eval()
         lengths = np.minimum(X.lengths, self.crop or 1 << 30)
-        with torch_threads(self.threads or available_cores()), torch.inference_mode():
+        with torch_threads(self.threads or default_threads()), torch.inference_mode():
             for idx in length_batches(lengths, self.batch_tokens, self.max_batch):
                 x, mask = pad(_read(X, idx), self.crop)
                 pooled, attention = module.pool(torch.from_numpy(x), torch.from_numpy(mask))

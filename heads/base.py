@@ -53,6 +53,11 @@ class Head(ClassifierMixin, BaseEstimator):
     fitted_attributes: ClassVar[tuple[str, ...]] = ("classes_",)
     # Parameter checks: name -> function returning what the value should be, or None when it is fine.
     constraints: ClassVar[dict[str, Callable[[object], str | None]]] = {}
+    # The parameter that sets the head's CPU threads (None: it has none of its own), and whether
+    # its numbers depend on the thread count: torch's reductions split work by thread, so a
+    # count that differs changes the last bits, which training carries on.
+    threads_param: ClassVar[str | None] = None
+    threads_change_results: ClassVar[bool] = True
 
     # -- scikit-learn protocol -----------------------------------------------------------
     def __sklearn_is_fitted__(self) -> bool:
@@ -97,6 +102,12 @@ class Head(ClassifierMixin, BaseEstimator):
             expected = check(value)
             if expected is not None:
                 raise ValueError(f"{self.kind} parameter {name} must be {expected}, not {value!r}")
+
+    def use_threads(self, threads: int | None) -> Head:
+        """Run with ``threads`` CPU threads (None: the cores free at the time), where the head has a setting."""
+        if self.threads_param is not None:
+            self.set_params(**{self.threads_param: threads})
+        return self
 
     # -- persistence ---------------------------------------------------------------------
     def payload(self) -> dict:

@@ -83,6 +83,8 @@ ARGV = "heads.argv"  # click's context meta key for the command line
 class HeadsGroup(InterruptibleGroup):
     """Keeps the command line as typed, for the run's config.json and report."""
 
+    torch_commands = frozenset({"cv", "compare", "predict", "explain"})
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # info_name is "python -m heads" when run as a module: one word each.
         ctx.meta[ARGV] = [*(ctx.info_name or "heads").split(), *args]
@@ -135,6 +137,10 @@ def common(func):
                      help="finetune learning rate; repeat for a sweep (one method per value, same splits)."),
         click.option("--figures/--no-figures", default=True, show_default=True,
                      help="Draw every figure into OUT/plots (SVG and PNG); --no-figures saves the time in sweeps."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="CPU threads of every head (attention, finetune, LightGBM) [a resumed run's own; else the "
+                          "cores free at the start]. Attention and finetune resume only with the count they began "
+                          "with."),
         click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars (progress lines are still logged)."),
         click.option("--verbose", "-v", is_flag=True),
@@ -218,7 +224,8 @@ def compare_cmd(heads, **kw) -> None:
 @click.option("--embeddings", "embeddings_dir", type=click.Path(file_okay=False),
               help="Folder for the caches --sequences builds [RUN/embeddings].")
 @click.option("--device", default="auto", show_default=True, help="--sequences: where to embed (cpu, cuda, cuda:N).")
-@click.option("--threads", type=click.IntRange(min=1), help="--sequences: torch CPU threads [cores available].")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for embedding --sequences and for the models [the cores free at the start].")
 @click.option("--attention", "attention_out", type=click.Path(dir_okay=False),
               help="Also write every protein's per-residue attention weights (each attention head and their mean, "
                    "averaged over the fold models) to this HDF5 file; for the attention head and fine-tuning with "
@@ -322,7 +329,8 @@ def _refuse_overwriting_inputs(option: str, target: str | None, inputs: dict[str
 @click.option("--embeddings", "embeddings_dir", type=click.Path(file_okay=False),
               help="Folder for the cache --sequences builds [RUN/embeddings].")
 @click.option("--device", default="auto", show_default=True, help="--sequences: where to embed (cpu, cuda, cuda:N).")
-@click.option("--threads", type=click.IntRange(min=1), help="--sequences: torch CPU threads [cores available].")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for embedding --sequences and for the models [the cores free at the start].")
 @click.option("--verbose", "-v", is_flag=True)
 def explain_cmd(run_dir, ident, attention, cache, sequences, id_col, seq_col, head, out, embeddings_dir, device,
                 threads, verbose) -> None:

@@ -127,6 +127,10 @@ class LightGBMHead(Head):
 
     kind = "lightgbm"
     title = "LightGBM"
+    threads_param = "n_jobs"
+    # deterministic=True with force_row_wise gives the same trees for any thread count (a test
+    # holds 1 and 2 threads to identical probabilities), so the count is no part of a run's identity.
+    threads_change_results = False
     fitted_attributes = ("classes_", "model_")
     constraints: ClassVar[dict] = {
         "n_estimators": integer(1), "learning_rate": number(0, low_open=True), "num_leaves": integer(2),
@@ -149,13 +153,13 @@ class LightGBMHead(Head):
         self.max_bin = max_bin  # histogram bins per feature: 63 trains ~2x faster than 255 at no loss here
         self.early_stopping_rounds = early_stopping_rounds  # rounds without a better validation loss before stopping
         self.class_weight = class_weight  # null, 'balanced' (inverse class frequency) or {label: weight}
-        self.n_jobs = n_jobs  # threads [all available cores]
+        self.n_jobs = n_jobs  # threads [the cores free when it starts]
         self.random_state = random_state  # seed of row and column sampling
 
     def fit(self, X, y, eval_set=None):
         import lightgbm as lgb
 
-        from embedcache.extract import available_cores
+        from embedcache.threads import default_threads
 
         self.validate_params()
         X = check_pooled(self, X, fitting=True)
@@ -165,7 +169,7 @@ class LightGBMHead(Head):
             n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
             min_child_samples=self.min_child_samples, colsample_bytree=self.colsample_bytree,
             subsample=self.subsample, subsample_freq=1, reg_lambda=self.reg_lambda, max_bin=self.max_bin,
-            class_weight=weights, n_jobs=self.n_jobs or available_cores(),
+            class_weight=weights, n_jobs=self.n_jobs or default_threads(),
             random_state=self.random_state, verbose=-1,
             # Same trees on every run: LightGBM otherwise picks row- or column-wise histograms by a
             # timing test, and sums in thread order.

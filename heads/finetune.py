@@ -35,7 +35,7 @@ from torch import nn
 
 from embedcache.atomic import atomic_path, write_json
 from embedcache.backbone import Backbone
-from embedcache.extract import ExtractConfig, available_cores, load_backbone, pick_device, torch_threads
+from embedcache.extract import ExtractConfig, default_threads, load_backbone, pick_device, torch_threads
 
 from .attention import AttentionPooling, ResidueAttention, usable_heads
 from .base import METRIC, Head, boolean, check_labels, class_weight_check, integer, number, one_of, path_check
@@ -144,6 +144,7 @@ class FinetuneHead(Head):
     title = "fine-tuned backbone"
     input = "sequence"
     file_suffix = ".finetune.pt"
+    threads_param = "threads"
     fitted_attributes = ("classes_", "classifier_")
     constraints: ClassVar[dict] = {
         "model": lambda v: None if v is None or isinstance(v, str) else "a model name or null",
@@ -197,7 +198,7 @@ class FinetuneHead(Head):
         self.grad_checkpointing = grad_checkpointing  # ESM-2: recompute layer activations (less memory, 1 more forward)
         self.metric = metric  # early stopping: accuracy | macro_f1 | mcc
         self.device = device  # auto | cpu | cuda | cuda:N
-        self.threads = threads  # CPU threads [all available cores]
+        self.threads = threads  # CPU threads [the cores free when it starts]
         self.checkpoint_dir = checkpoint_dir  # per-epoch checkpoints and training logs; enables resume
         self.trust_weights = trust_weights  # allow pickled objects in the weights file
         self.random_state = random_state  # seed of the classifier's initial weights, shuffling, crops and dropout
@@ -251,7 +252,7 @@ class FinetuneHead(Head):
             self.classifier_ = classifier = self._build(len(classes))
             # After loading: a checkpoint resumes only on the very weights it was trained from.
             fingerprint = self._fingerprint(sequences, targets, None if val is None else (val, val_targets))
-            with torch_threads(self.threads or available_cores()):
+            with torch_threads(self.threads or default_threads()):
                 outcome = self._train(classifier, sequences, targets, val, val_targets, folder, fingerprint)
         self.history_ = outcome.history
         self.best_epoch_ = outcome.best_epoch
@@ -330,7 +331,7 @@ class FinetuneHead(Head):
 
     def predict_proba(self, X):
         self.check_fitted()
-        with torch_threads(self.threads or available_cores()):
+        with torch_threads(self.threads or default_threads()):
             return self._proba(list(X))
 
     def attention(self, X) -> ResidueAttention:
@@ -351,7 +352,7 @@ class FinetuneHead(Head):
         lengths = np.array([len(s) for s in cropped]) + classifier.backbone.extra_tokens
         proba = np.zeros((len(cropped), len(self.classes_)), dtype=np.float32)
         weights: list[np.ndarray] = [np.zeros((0, 0), dtype=np.float32)] * len(cropped)
-        with torch_threads(self.threads or available_cores()), torch.inference_mode():
+        with torch_threads(self.threads or default_threads()), torch.inference_mode():
             for idx in length_batches(lengths, self._budget(), self.max_batch):
                 logits, attention = classifier.forward_with_attention([cropped[i] for i in idx])
                 proba[idx] = torch.softmax(logits.float(), dim=1).cpu().numpy()

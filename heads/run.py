@@ -7,7 +7,7 @@ import datetime
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from .figstyle import FigureContext
 from .folds import homology_folds, scheme, stratified_folds
 from .htmlreport import describe_folds, file_digests, software_versions
 from .progress import bars_shown, with_run_log
-from .registry import Head, make_head
+from .registry import Head, get_head_class, make_head
 from .report import write_config, write_run
 from .rundir import (
     FinishedRun,
@@ -39,6 +39,7 @@ from .rundir import (
     check_identity,
     describe_identity,
     open_finished,
+    read_config,
     run_fingerprint,
     write_manifest,
     write_training_keys,
@@ -77,6 +78,10 @@ class RunConfig:
     label_col: str = "label"
     class_names: dict | None = None  # CSV label value -> class name, e.g. {"0": "Cytoplasm"}
     n_boot: int = 1000  # bootstrap resamples for intervals and paired tests
+    # CPU threads of every head that has a setting for them (attention, finetune, LightGBM);
+    # None: a resumed run's own count, else the cores free at the start. config.json records the
+    # count used. A head's own --set (attention.threads=...) wins.
+    threads: int | None = None
 
 
 def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
@@ -137,7 +142,8 @@ def build_heads(config: RunConfig, cache_provenance: dict | None = None) -> dict
     """Method name -> head. With ``lrs`` the finetune head becomes one method per learning rate."""
     heads = {}
     for name in config.heads:
-        params = {"random_state": config.seed, **config.head_params.get(name, {})}
+        params = {"random_state": config.seed, **_thread_params(name, config.threads),
+                  **config.head_params.get(name, {})}
         if name == "finetune":
             params.update(_backbone_params(config, cache_provenance, params))
             for lr in config.lrs or (None,):
@@ -146,6 +152,11 @@ def build_heads(config: RunConfig, cache_provenance: dict | None = None) -> dict
         else:
             heads[name] = make_head(name, params)
     return heads
+
+
+def _thread_params(name: str, threads: int | None) -> dict:
+    param = get_head_class(name).threads_param
+    return {param: threads} if param is not None and threads is not None else {}
 
 
 def _backbone_params(config: RunConfig, provenance: dict | None, params: dict) -> dict:
@@ -172,6 +183,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
     line) and the software versions go into config.json but not into the fingerprint.
     """
     out = Path(out)
+    config, threads_source, previous = _resolve_threads(config, out, overwrite)
     data, fold_info = load_data(config)
     splits = scheme(config.scheme).split(data.require_folds(), fold_info.get("test_fold"))
     results: list[MethodResult] = []
@@ -190,6 +202,8 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         identity = backbone_identity(prov, layer) if cache is not None else None
         methods = {name: _method_identity(head) for name, head in heads.items()}
         fingerprint = run_fingerprint(_fingerprint_settings(config), identity, methods, data)
+        if previous is not None and previous[0] != config.threads and previous[1] != fingerprint:
+            _refuse_other_threads(config, heads, identity, data, out, previous)
         inputs = [*([config.data] if isinstance(config.data, str) else config.data), config.test_data,
                   config.cache, config.reference, config.weights]
         run_dir = stack.enter_context(RunDirectory(out, fingerprint, overwrite, inputs))
@@ -217,6 +231,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
             "cache_path": str(real_path(config.cache)) if config.cache else None,
             "backbone": identity,
             "fingerprint": fingerprint,
+            "threads_chosen": threads_source,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "data_files": file_digests(asdict(config)),
             "software": software_versions(),
@@ -260,8 +275,58 @@ DISPLAY_ONLY = ("reference_name", "figures")
 
 
 def _fingerprint_settings(config: RunConfig) -> dict:
-    """The config without the paths of inputs the fingerprint covers by content, and without display settings."""
-    return {k: v for k, v in asdict(config).items() if k not in ("data", "test_data", "cache", *DISPLAY_ONLY)}
+    """The config without the paths of inputs the fingerprint covers by content, and without display settings.
+
+    The thread count enters through the methods instead, and only for heads whose numbers depend
+    on it (attention, finetune): logistic regression runs on one BLAS thread and LightGBM's
+    trees do not change with it, so a run of those resumes with any count.
+    """
+    return {k: v for k, v in asdict(config).items()
+            if k not in ("data", "test_data", "cache", "threads", *DISPLAY_ONLY)}
+
+
+def _resolve_threads(config: RunConfig, out: Path, overwrite: bool) -> tuple[RunConfig, str, tuple | None]:
+    """The config with the thread count the run uses; how it was chosen; the (threads, fingerprint) found in out.
+
+    A run started again without --threads takes the count it started with: the default follows
+    the load of the moment, and a resumed fine-tuning must not continue with another count.
+    """
+    previous = None
+    if not overwrite:
+        with contextlib.suppress(RunDirectoryError, OSError):
+            found = (read_config(out) if out.is_dir() else None) or {}
+            count, fingerprint = found.get("threads"), found.get("fingerprint")
+            # An edited or older config.json without a usable count: the default decides.
+            if isinstance(count, int) and not isinstance(count, bool) and count >= 1 and fingerprint:
+                previous = (count, fingerprint)
+    if config.threads is not None:
+        return config, "given", previous
+    if previous is not None:
+        log.info("%s: resuming with the %d threads this run started with (--threads N to choose)", out, previous[0])
+        return replace(config, threads=previous[0]), "resumed", previous
+    from embedcache.threads import default_threads
+
+    return replace(config, threads=default_threads()), "default", previous
+
+
+def _refuse_other_threads(config: RunConfig, heads: dict[str, Head], identity: dict | None, data: LabeledSet,
+                          out: Path, previous: tuple[int, str]) -> None:
+    """Out holds this very run, started with another thread count that changes its numbers: say so."""
+    threads, fingerprint = previous
+    methods, depends = {}, []
+    for name, head in heads.items():
+        method = _method_identity(head)
+        param = head.threads_param
+        own = param in config.head_params.get(head.kind, {})
+        if param is not None and head.threads_change_results and not own and param in method:
+            method = {**method, param: threads}
+            depends.append(name)
+        methods[name] = method
+    if run_fingerprint(_fingerprint_settings(config), identity, methods, data) == fingerprint:
+        raise RunDirectoryError(
+            f"{out} holds this run, started with {threads} threads; the numbers of {', '.join(depends)} depend on "
+            f"the thread count, so it resumes only with --threads {threads} (or without --threads). "
+            "--overwrite starts it again")
 
 
 def figure_context(config: RunConfig, data: LabeledSet, fold_info: dict, n_splits: int,
@@ -397,7 +462,9 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
         seen = [np.zeros(len(s), dtype=bool) for s in seqs]
         for entry in entries:  # one at a time: a fine-tuned model holds a whole backbone
             path = run / "models" / entry["file"]
-            model = Head.load(path)
+            # Trained with the run's thread count; predictions keep this machine's (the same to
+            # float rounding).
+            model = Head.load(path).use_threads(threads)
             columns = np.asarray(model.classes_, dtype=np.int64)
             if [classes[k] for k in columns] != entry["classes"] or model.input != entry["input"]:
                 raise RunDirectoryError(f"{path}: holds a model of classes {columns.tolist()} ({model.input}); the "
@@ -521,6 +588,8 @@ def _method_identity(head: Head) -> dict:
     the same weights.
     """
     params = head.get_params()
+    if head.threads_param is not None and not head.threads_change_results:
+        params.pop(head.threads_param, None)  # the same numbers with any thread count
     if head.input != "sequence":
         return params
     digest = None
