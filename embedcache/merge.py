@@ -287,8 +287,8 @@ def merge_caches(
     summary.output = str(output)
     summary.inputs = len(paths)
     summary.missing_shards = missing
-    if identity is not None:
-        count = opened[0].count
+    count = opened[0].count
+    if identity is not None and count is not None:
         summary.shards = f"{count - len(missing)} of {count}"
     summary.seconds = time.perf_counter() - start
     log.info("%s: merged %d caches: %d IDs, %d unique sequences (%d found in more than one input) in %.1f s",
@@ -325,16 +325,16 @@ def _write_merged(inputs: list[_Input], staged: Path, shard_attr: str | None, id
             elif before[1] != key:
                 raise CacheError(f"ID {ident!r} has different sequences in {inputs[before[2]].path} (sequence "
                                  f"{before[1]}) and {inp.path} (sequence {key}); these caches cannot be merged")
-    if identity is not None and shard_attr is None:
-        # A complete set of shards must hold exactly the input it says it came from.
-        if len(id_key) != identity.get("records") or len(set(k for _, k, _ in id_key.values())) != identity.get(
-            "sequences"
-        ):
-            raise CacheDamagedError(
-                f"the shards hold {len(id_key)} IDs of {len(set(k for _, k, _ in id_key.values()))} sequences, but "
-                f"their input {identity.get('path')} has {identity.get('records')} IDs of "
-                f"{identity.get('sequences')} sequences; a shard file was changed after it was made"
-            )
+    n_keys = len({k for _, k, _ in id_key.values()})
+    # A complete set of shards must hold exactly the input it says it came from.
+    if identity is not None and shard_attr is None and (
+        len(id_key) != identity.get("records") or n_keys != identity.get("sequences")
+    ):
+        raise CacheDamagedError(
+            f"the shards hold {len(id_key)} IDs of {n_keys} sequences, but their input {identity.get('path')} has "
+            f"{identity.get('records')} IDs of {identity.get('sequences')} sequences; a shard file was changed "
+            "after it was made"
+        )
 
     stored = [k for k in entries if entries[k][3] != Status.SKIPPED]
     order = sorted(stored, key=lambda k: sort_key(Entry(k, entries[k][0], Status(entries[k][3]), entries[k][2])))

@@ -71,7 +71,8 @@ def test_ray_run_with_a_worker_killed_mid_shard_equals_the_sharded_and_the_singl
 def test_ray_not_installed_is_a_clear_error(tmp_path, tiny_weights, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     src = make_input(tmp_path)
-    with pytest.raises(ValueError, match=r"needs Ray, which is not installed here: pip install 'embedcache\[cluster\]'"):
+    message = r"needs Ray, which is not installed here: pip install 'embedcache\[cluster\]'"
+    with pytest.raises(ValueError, match=message):
         extract_distributed(src, tmp_path / "o.h5", ExtractConfig(weights=str(tiny_weights)), shards=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fasta"]
 

@@ -127,7 +127,8 @@ def test_cli_bad_shard_value_is_a_usage_error_without_traceback(tmp_path, tiny_w
         assert "Traceback" not in result.output
     result = CliRunner().invoke(main, ["extract", str(src), str(tmp_path / "o.h5"), "--weights", str(tiny_weights),
                                        "--shard", "0/40"])
-    assert result.exit_code == 1 and "holds 30 unique sequences, so 40 shards would leave some empty; use at most 30 shards" in result.output, result.output
+    message = "holds 30 unique sequences, so 40 shards would leave some empty; use at most 30 shards"
+    assert result.exit_code == 1 and message in result.output, result.output
 
 
 # -- shards merged equal one run ------------------------------------------------------------
