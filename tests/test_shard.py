@@ -395,3 +395,18 @@ def test_kill_9_of_a_shard_run_then_resume_gives_the_uninterrupted_shard(tmp_pat
     output = final.communicate(timeout=300)[0].decode()
     assert final.returncode == 0 and "were already there" in output, output
     assert_same_cache(reference, resumed)
+
+
+def test_a_complete_set_of_shards_must_hold_as_many_ids_as_their_input_had(tmp_path, two_shards):
+    from embedcache.layout import attrs_digest
+
+    _, shards = two_shards
+    for path in shards:
+        with h5py.File(path, "r+") as f:
+            identity = json.loads(f.attrs["input"])
+            identity["records"] += 1
+            f.attrs["input"] = json.dumps(identity, sort_keys=True)
+            f.attrs["attrs_checksum"] = attrs_digest(f.attrs)
+    with pytest.raises(CacheDamagedError, match=r"the shards hold 33 IDs of 30 sequences, but their input .* has 34 "):
+        merge_caches(shards, tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
