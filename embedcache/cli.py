@@ -231,6 +231,12 @@ def info_cmd(path, as_json) -> None:
         limit = f"at {prov.get('max_length')} residues"
     click.echo(f"  long         policy {prov.get('long_policy')} {limit}: "
                f"{info['truncated']} truncated, {info['chunked']} chunked")
+    if prov.get("shard") not in (None, "none"):
+        source = json.loads(prov.get("input", "{}"))
+        click.echo(f"  shard        {prov['shard']} of {source.get('path')} (sha256 {source.get('sha256')}); "
+                   "join the shards with `embedcache merge`")
+    if "merged_from" in prov:
+        click.echo(f"  merged from  {', '.join(m['path'] for m in json.loads(prov['merged_from']))}")
     click.echo(f"  versions     embedcache {prov.get('embedcache_version')}, fair-esm {prov.get('fair_esm_version')}, "
                f"torch {prov.get('torch_version')}, git {prov.get('git_sha')}")
     click.echo(f"  format       version {info['format_version']}, "

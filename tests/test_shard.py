@@ -410,3 +410,15 @@ def test_a_complete_set_of_shards_must_hold_as_many_ids_as_their_input_had(tmp_p
     with pytest.raises(CacheDamagedError, match=r"the shards hold 33 IDs of 30 sequences, but their input .* has 34 "):
         merge_caches(shards, tmp_path / "m.h5")
     assert not (tmp_path / "m.h5").exists()
+
+
+def test_info_names_a_shard_and_its_input_and_a_merge_its_inputs(tmp_path, two_shards):
+    src, shards = two_shards
+    result = CliRunner().invoke(main, ["info", str(shards[1])])
+    assert f"shard        1/2 of {src.resolve()} (sha256 {hashlib.sha256(src.read_bytes()).hexdigest()})" in (
+        result.output), result.output
+    merged = tmp_path / "m.h5"
+    result = CliRunner().invoke(main, ["merge", *map(str, shards), str(merged)])
+    assert result.exit_code == 0 and "33 IDs, 30 unique sequences from 2 caches" in result.output, result.output
+    result = CliRunner().invoke(main, ["info", str(merged)])
+    assert f"merged from  {shards[0]}, {shards[1]}" in result.output and "shard    " not in result.output
