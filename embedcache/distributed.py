@@ -85,10 +85,14 @@ def extract_distributed(
         config = dataclasses.replace(config, weights=str(real_path(config.weights)))
     output = Path(output)
     target = real_path(output)
-    if target.exists():
-        return _already_done(output, records, start)
-    ray = _import_ray()
     work = target.with_name(target.name + ".shards")
+    if target.exists():
+        done = _already_done(output, records, start)
+        with WriterLock(work):
+            # Left by a run stopped between its merge and the removal of its shards.
+            shutil.rmtree(work, ignore_errors=True)
+        return done
+    ray = _import_ray()
     work.parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(work):
         started = _connect(ray, address)
@@ -202,11 +206,19 @@ def _run(ray, paths: list[Path], input_path: str, config: ExtractConfig, gpu: bo
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as err:
-                raise CacheError(f"{paths[index]} (shard {index}/{count}): its task failed after {max_retries} "
-                                 f"retries ({err.__class__.__name__}: {str(err).splitlines()[0]}); run the same "
-                                 "command again to resume it") from None
+                first_line = (str(err).strip().splitlines() or [""])[0]
+                if isinstance(err, ray.exceptions.RayTaskError):
+                    what = f"its task failed ({first_line})"
+                else:
+                    what = f"its worker died {max_retries + 1} times ({err.__class__.__name__}: {first_line})"
+                raise CacheError(f"{paths[index]} (shard {index}/{count}): {what}; run the same command again to "
+                                 "resume it") from None
             if "error" in result:
-                raise CacheError(f"{paths[index]} (shard {index}/{count}): {result['error']}")
+                hint = ""
+                if result["kind"] == "CacheError":
+                    hint = (f" ({paths[index].parent} is this command's work folder: when an earlier run with "
+                            "another input or other settings left it, delete it)")
+                raise CacheError(f"{paths[index]} (shard {index}/{count}): {result['error']}{hint}")
             results[index] = result
             log.info("shard %d/%d done on %s: %d sequences embedded (%d residues, %.1f s); %d shards to go",
                      index, count, result["node"], result["embedded"], result["residues_embedded"],
@@ -230,7 +242,7 @@ def _run_shard(input_path: str, path: str, config: dict, shard: str, options: di
         summary = extract(input_path, path, ExtractConfig(**config), fmt=options["fmt"], id_col=options["id_col"],
                           seq_col=options["seq_col"], progress=False, command=options["command"])
     except (InputError, ModelLoadError, CacheError, ValueError, OSError) as err:
-        return {"error": str(err)}
+        return {"error": str(err), "kind": err.__class__.__name__}
     finally:
         restore()
     return dict(dataclasses.asdict(summary), node=socket.gethostname())

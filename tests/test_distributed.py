@@ -64,8 +64,22 @@ def test_ray_run_with_a_worker_killed_mid_shard_equals_the_sharded_and_the_singl
     extract(src, single, ExtractConfig(weights=str(tiny_weights), threads=1, **cfg), progress=False)
     assert contents(out) == contents(single)
     assert assert_equal_up_to_rounding(single, out) < 1e-2
+    (work / "out.h5.shards").mkdir()  # as a run stopped between its merge and its clean-up leaves it
     again = CliRunner().invoke(main, ["extract", str(src), str(out), *args, "--executor", "ray"])
     assert again.exit_code == 0 and "embedded 0 now" in again.output, again.output
+    assert not (work / "out.h5.shards").exists()
+    # A shard that fails for a reason a retry cannot fix (here a stale shard of another input in the
+    # work folder) stops the run with its message.
+    other = make_input(work, seed=11, name="other.fasta")
+    (work / "second.h5.shards").mkdir()
+    extract(other, work / "second.h5.shards" / "shard-0-of-2.h5",
+            ExtractConfig(weights=str(tiny_weights), threads=1, shard="0/2", **cfg), progress=False)
+    failed = CliRunner().invoke(main, ["extract", str(src), str(work / "second.h5"), *args, "--executor", "ray",
+                                       "--shards", "2"])
+    assert failed.exit_code == 1, failed.output
+    assert "shard-0-of-2.h5 (shard 0/2): " in failed.output and "is this command's work folder" in (
+        failed.output), failed.output
+    assert not (work / "second.h5").exists()
 
 
 def test_ray_not_installed_is_a_clear_error(tmp_path, tiny_weights, monkeypatch):
