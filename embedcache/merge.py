@@ -260,6 +260,7 @@ def merge_caches(
         if real in seen:
             raise ValueError(f"{path} is given twice (also as {seen[real]})")
         seen[real] = path
+    target.parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(target):
         if target.exists():
             raise CacheError(f"{output}: exists; merge into a new file (name an existing cache as an input to "

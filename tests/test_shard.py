@@ -422,3 +422,14 @@ def test_info_names_a_shard_and_its_input_and_a_merge_its_inputs(tmp_path, two_s
     assert result.exit_code == 0 and "33 IDs, 30 unique sequences from 2 caches" in result.output, result.output
     result = CliRunner().invoke(main, ["info", str(merged)])
     assert f"merged from  {shards[0]}, {shards[1]}" in result.output and "shard    " not in result.output
+
+
+def test_a_second_merge_into_the_same_output_is_refused_and_a_new_folder_is_made(tmp_path, two_shards):
+    _, shards = two_shards
+    out = tmp_path / "m.h5"
+    with WriterLock(out), pytest.raises(CacheLockedError, match="another embedcache process"):
+        merge_caches(shards, out)
+    assert not out.exists()
+    nested = tmp_path / "new" / "folder" / "m.h5"
+    merge_caches(shards, nested)
+    assert verify_cache(nested).ok
