@@ -198,6 +198,11 @@ def _check_together(inputs: list[_Input], partial: bool) -> tuple[str | None, li
                                f"{other.path}" for k in differ)
             raise CacheError(f"cannot merge caches made with different settings ({detail}); merge only caches of "
                              "the same model, weights, layers, precision, dtype and long-sequence policy")
+    for i in inputs:
+        store = str(jsonable(i.cache.attrs.get("store", "both")))
+        if store != "both":
+            raise CacheError(f"{i.path}: made with --store {store}; merging is implemented for caches that store "
+                             "both per-residue arrays and pooled vectors")
     sharded = [i for i in inputs if i.shards is not None]
     if not sharded:
         return None, [], None

@@ -433,3 +433,13 @@ def test_a_second_merge_into_the_same_output_is_refused_and_a_new_folder_is_made
     nested = tmp_path / "new" / "folder" / "m.h5"
     merge_caches(shards, nested)
     assert verify_cache(nested).ok
+
+
+def test_caches_that_store_only_one_kind_of_array_are_refused_by_name(tmp_path, two_shards):
+    from embedcache.layout import attrs_digest
+
+    _, (s0, s1) = two_shards
+    with h5py.File(s1, "r+") as f:
+        f.attrs["store"] = "pooled"
+        f.attrs["attrs_checksum"] = attrs_digest(f.attrs)
+    _refused([s0, s1], tmp_path / "m.h5", f"{s1}: made with --store pooled; merging is implemented for caches")
