@@ -13,7 +13,8 @@ what is left, so its results equal those of a run that was never interrupted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -145,3 +146,39 @@ def sub_batches(lengths: list[int], toks_per_batch: int, extra_tokens: int) -> l
         batches.append(slice(start, stop))
         start = stop
     return batches
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (I counted from 0) as (I, N); anything else is a ValueError saying what is expected."""
+    head, sep, tail = str(text).strip().partition("/")
+    try:
+        index, count = int(head), int(tail)
+    except ValueError:
+        index = count = -1
+    if not sep or count < 1 or not 0 <= index < count:
+        raise ValueError(
+            f"shard {text!r} is not of the form I/N with 0 <= I < N (I counts from 0: the shards of 4 are "
+            "0/4, 1/4, 2/4 and 3/4)"
+        )
+    return index, count
+
+
+def assign_shards(sizes: Mapping[str, int], n: int) -> dict[str, int]:
+    """Content key -> shard in [0, n), balancing the residues of each shard.
+
+    Longest-processing-time greedy: keys in order of decreasing size (ties by key) go to the
+    shard with the fewest residues so far (ties by shard number). The result depends on the
+    keys and sizes only, never on input order, so every shard of a run computes the same
+    partition on its own. Sizes count at least 1, so that each of the first ``n`` keys opens
+    a shard of its own and no shard is empty while there are at least ``n`` keys.
+    """
+    if n < 1:
+        raise ValueError(f"the number of shards must be positive, not {n}")
+    loads = [(0, shard) for shard in range(n)]
+    heapq.heapify(loads)
+    out: dict[str, int] = {}
+    for key, size in sorted(sizes.items(), key=lambda item: (-max(int(item[1]), 1), item[0])):
+        load, shard = heapq.heappop(loads)
+        out[key] = shard
+        heapq.heappush(loads, (load + max(int(size), 1), shard))
+    return out

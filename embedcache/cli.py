@@ -33,6 +33,18 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of layer numbers") from None
 
 
+def _shard(ctx, param, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from .batching import parse_shard
+
+    try:
+        parse_shard(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    return value.strip()
+
+
 def _long_policies() -> tuple[str, ...]:
     from .batching import LONG_POLICIES
 
@@ -104,10 +116,20 @@ def main() -> None:
 @click.option("--seq-col", help="CSV/TSV column holding sequences [sequence, seq].")
 @click.option("--trust-weights", is_flag=True,
               help="Allow arbitrary pickled objects in the checkpoint (only for files you trust).")
+@click.option("--shard", callback=_shard,
+              help="I/N: embed only shard I (from 0) of N, a partition of the sequences balanced by residues; "
+                   "run every shard (e.g. as a SLURM array) and join them with `embedcache merge`.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: run shards as Ray tasks on a cluster (pip install 'embedcache[cluster]') and merge them "
+                   "into OUTPUT; INPUT and OUTPUT must be on a filesystem every node sees.")
+@click.option("--address", help="Ray cluster to join (host:port of `ray start --head`, or auto) [a local one].")
+@click.option("--shards", type=click.IntRange(min=1),
+              help="Shards for --executor ray [one per GPU with a CUDA device, else one per --threads CPUs].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="Debug messages too.")
 def extract_cmd(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
-                device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, quiet, verbose) -> None:
+                device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, shard, executor, address,
+                shards, quiet, verbose) -> None:
     """Embed every sequence in INPUT (FASTA, CSV or TSV) into the cache OUTPUT (.h5).
 
     Sequences already in OUTPUT are skipped, so re-running after an interruption, or on a
@@ -116,6 +138,11 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
     _setup_logging(verbose)
     if model is None and weights is None:
         raise click.UsageError("give --model NAME or --weights PATH")
+    if executor == "ray" and shard is not None:
+        raise click.UsageError("--shard runs one shard here; with --executor ray give the number of shards "
+                               "with --shards")
+    if executor != "ray" and (address is not None or shards is not None):
+        raise click.UsageError("--address and --shards go with --executor ray")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .extract import ExtractConfig, extract
@@ -123,13 +150,21 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
     config = ExtractConfig(
         model=model, weights=weights, layers=layers, long=long_policy, max_length=max_length,
         chunk_overlap=chunk_overlap, toks_per_batch=toks_per_batch, device=device, precision=precision,
-        dtype=dtype, threads=threads, trust_weights=trust_weights,
+        dtype=dtype, threads=threads, trust_weights=trust_weights, shard=shard,
     )
     user_errors = _user_errors()
+    command = shlex.join(["embedcache", *sys.argv[1:]])
     try:
         with resumable(), logging_redirect_tqdm():
-            summary = extract(input_path, output, config, fmt=fmt, id_col=id_col, seq_col=seq_col,
-                              progress=not quiet, command=shlex.join(["embedcache", *sys.argv[1:]]))
+            if executor == "ray":
+                from .distributed import extract_distributed
+
+                summary = extract_distributed(input_path, output, config, shards=shards, executor=executor,
+                                              address=address, fmt=fmt, id_col=id_col, seq_col=seq_col,
+                                              command=command)
+            else:
+                summary = extract(input_path, output, config, fmt=fmt, id_col=id_col, seq_col=seq_col,
+                                  progress=not quiet, command=command)
     except user_errors as err:
         raise click.ClickException(str(err)) from None
     click.echo(
@@ -138,6 +173,36 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
         f"{summary.residues_per_second:.0f} residues/s), {summary.already_present} were already there; "
         f"truncated {summary.truncated}, chunked {summary.chunked}, skipped {summary.skipped}"
     )
+
+
+@main.command("merge")
+@click.argument("paths", nargs=-1, required=True, metavar="CACHE... OUTPUT", type=click.Path(dir_okay=False))
+@click.option("--partial", is_flag=True, help="Merge an incomplete set of shards (the output says which it holds).")
+@click.option("--verbose", "-v", count=True, help="Debug messages too.")
+def merge_cmd(paths, partial, verbose) -> None:
+    """Join caches of one model into OUTPUT, a new file: the shards of `extract --shard I/N`, or any caches.
+
+    Each sequence is stored once and every ID kept. Refused: other settings or weights, shards of
+    another input or count, missing shards (unless --partial), an ID with two sequences.
+    """
+    _setup_logging(verbose)
+    if len(paths) < 2:
+        raise click.UsageError("give one or more caches and the output file: embedcache merge A.h5 B.h5 OUT.h5")
+    from .merge import merge_caches
+
+    try:
+        with resumable():
+            summary = merge_caches(paths[:-1], paths[-1], partial=partial,
+                                   command=shlex.join(["embedcache", *sys.argv[1:]]))
+    except _user_errors() as err:
+        raise click.ClickException(str(err)) from None
+    shards = ""
+    if summary.shards is not None:
+        shards = f"; shards: {summary.shards}"
+        if summary.missing_shards:
+            shards += f" (missing: {', '.join(map(str, summary.missing_shards))})"
+    click.echo(f"{summary.output}: {summary.ids} IDs, {summary.sequences} unique sequences from {summary.inputs} "
+               f"caches ({summary.duplicates} found in more than one, stored once){shards}")
 
 
 @main.command("info")
@@ -170,6 +235,12 @@ def info_cmd(path, as_json) -> None:
         limit = f"at {prov.get('max_length')} residues"
     click.echo(f"  long         policy {prov.get('long_policy')} {limit}: "
                f"{info['truncated']} truncated, {info['chunked']} chunked")
+    if prov.get("shard") not in (None, "none"):
+        source = json.loads(prov.get("input", "{}"))
+        click.echo(f"  shard        {prov['shard']} of {source.get('path')} (sha256 {source.get('sha256')}); "
+                   "join the shards with `embedcache merge`")
+    if "merged_from" in prov:
+        click.echo(f"  merged from  {', '.join(m['path'] for m in json.loads(prov['merged_from']))}")
     click.echo(f"  versions     embedcache {prov.get('embedcache_version')}, fair-esm {prov.get('fair_esm_version')}, "
                f"torch {prov.get('torch_version')}, git {prov.get('git_sha')}")
     click.echo(f"  format       version {info['format_version']}, "

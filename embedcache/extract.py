@@ -22,9 +22,20 @@ from tqdm.auto import tqdm
 from . import __version__
 from .atomic import DiskFullError, format_bytes, real_path
 from .backbones import PRECISIONS, Backbone, pick_precision  # noqa: F401  (pick_precision: older import path)
-from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
+from .batching import (
+    LONG_POLICIES,
+    Entry,
+    Status,
+    WorkItem,
+    assign_shards,
+    classify,
+    parse_shard,
+    plan_work,
+    stitch,
+    sub_batches,
+)
 from .sequences import read_sequences
-from .store import CacheWriter, EmbeddedEntry
+from .store import CacheError, CacheWriter, EmbeddedEntry
 from .threads import available_cores, default_threads  # noqa: F401  (available_cores: older import path)
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,9 @@ class ExtractConfig:
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
     threads: int | None = None  # torch CPU threads; None: the cores free at the start (embedcache.threads)
     trust_weights: bool = False  # allow pickled objects beyond argparse.Namespace in the checkpoint
+    # "I/N" (I from 0): embed only shard I of N, a partition of the input's sequences by content
+    # key that every shard computes alike, so shards run anywhere and `embedcache merge` joins them.
+    shard: str | None = None
 
 
 @dataclass
@@ -82,6 +96,8 @@ def _validate(config: ExtractConfig) -> None:
             raise ValueError(f"{name} must be a positive number, not {value}")
     if config.chunk_overlap < 0:
         raise ValueError(f"chunk_overlap must not be negative, not {config.chunk_overlap}")
+    if config.shard is not None:
+        parse_shard(config.shard)
 
 
 @contextlib.contextmanager
@@ -164,9 +180,14 @@ def extract(
             input_path, len(records), len(unique), limit,
             counts[Status.TRUNCATED], counts[Status.CHUNKED], counts[Status.SKIPPED],
         )
+        if config.shard is not None:
+            records, unique = _select_shard(config.shard, records, unique, input_path, provenance,
+                                            fmt=fmt, id_col=id_col, seq_col=seq_col)
+            counts = {s: sum(1 for e in unique.values() if e.status == s) for s in Status}
         skipped = {k for k, e in unique.items() if e.status == Status.SKIPPED}
 
         with CacheWriter(output, provenance) as writer:
+            _check_shard_target(output, writer.existing_attrs, provenance)
             writer.check_ids(records)
             pending = [e for e in unique.values() if e.status != Status.SKIPPED and not writer.is_done(e.key)]
             items = plan_work(pending, budget, backbone.extra_tokens, max_length, config.chunk_overlap)
@@ -209,6 +230,48 @@ def extract(
             output, summary.embedded, total, seconds, summary.residues_per_second,
         )
         return summary
+
+
+def _select_shard(
+    shard: str, records: list, unique: dict[str, Entry], input_path, provenance: dict, **options
+) -> tuple[list, dict[str, Entry]]:
+    """The records and sequences of one shard; records the shard and the input's identity in ``provenance``."""
+    from .merge import input_identity
+
+    index, count = parse_shard(shard)
+    if count > len(unique):
+        raise ValueError(
+            f"shard {shard}: {input_path} holds {len(unique)} unique sequences, so {count} shards would leave "
+            f"some empty; use at most {len(unique)} shards"
+        )
+    owner = assign_shards({k: e.n_residues for k, e in unique.items()}, count)
+    provenance["shard"] = f"{index}/{count}"
+    provenance["input"] = input_identity(input_path, records, n_sequences=len(unique), **options)
+    mine = {k: e for k, e in unique.items() if owner[k] == index}
+    selected = [rec for rec in records if rec.key in mine]
+    log.info("shard %d/%d: %d of %d unique sequences (%d of %d residues), %d of %d IDs", index, count, len(mine),
+             len(unique), sum(e.n_residues for e in mine.values()), sum(e.n_residues for e in unique.values()),
+             len(selected), len(records))
+    return selected, mine
+
+
+def _check_shard_target(output: Path, existing: dict, provenance: dict) -> None:
+    """A shard extends only its own file: one holding the same shard of the same input, or nothing yet."""
+    if not existing:
+        return
+    from .merge import shard_identity
+
+    before, now = shard_identity(existing), shard_identity(provenance)
+    if before != now:
+        def describe(identity) -> str:
+            if identity is None:
+                return "a whole input (not a shard)"
+            return f"shard {identity[0]} of an input with records sha256 {identity[1][:12]}"
+
+        raise CacheError(
+            f"{output}: holds {describe(before)}, but this run makes {describe(now)}. Write each shard to a file "
+            "of its own and join them with `embedcache merge`"
+        )
 
 
 class _Runner:

@@ -156,6 +156,7 @@ class CacheWriter:
         self._lock = WriterLock(self.path)
         self._existing_keys: set[str] = set()
         self._existing_ids: dict[str, str] = {}
+        self.existing_attrs: dict = {}  # the existing file's root attributes; empty when there is none yet
         self._part_keys: dict[str, Path] = {}
 
     def __enter__(self) -> CacheWriter:
@@ -204,6 +205,7 @@ class CacheWriter:
         # The reader checks the format version, checksums and the ID index.
         with EmbeddingCache(self.path) as cache:
             self._check_settings(settings_of(cache.attrs), str(self.path))
+            self.existing_attrs = dict(cache.attrs)
             self._existing_keys = set(cache._keys)
             ids, _, keys = cache.all_ids()
             self._existing_ids = dict(zip(ids, keys))

@@ -41,4 +41,4 @@ pip=(.venv/bin/python -m pip)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${pip[@]}" install -q torch==2.13.0
 fi
-"${pip[@]}" install -q -e ".[test]"
+"${pip[@]}" install -q -e ".[test,cluster]"
