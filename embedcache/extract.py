@@ -24,6 +24,7 @@ from . import __version__
 from .atomic import DiskFullError, format_bytes, real_path
 from .backbones import PRECISIONS, Backbone, pick_precision  # noqa: F401  (pick_precision: older import path)
 from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
+from .layout import STORES, stores_pooled, stores_residues
 from .sequences import read_sequences
 from .store import CacheWriter, EmbeddedEntry
 
@@ -50,6 +51,8 @@ class ExtractConfig:
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
     threads: int | None = None  # torch CPU threads; None: the cores this process may use
     trust_weights: bool = False  # allow pickled objects beyond argparse.Namespace in the checkpoint
+    # What the cache keeps: "both", "pooled" (a proteome needs no residues: 1/L of the disk) or "per-residue".
+    store: str = "both"
 
 
 @dataclass
@@ -74,6 +77,8 @@ def _validate(config: ExtractConfig) -> None:
         raise ValueError(f"dtype must be one of {DTYPES}, not {config.dtype!r}")
     if config.long not in LONG_POLICIES:
         raise ValueError(f"long-sequence policy must be one of {LONG_POLICIES}, not {config.long!r}")
+    if config.store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, not {config.store!r}")
     if config.precision not in ("auto", *PRECISIONS):
         raise ValueError(f"precision must be auto or one of {PRECISIONS}, not {config.precision!r}")
     for name in ("max_length", "toks_per_batch", "threads"):
@@ -147,6 +152,12 @@ def extract(
         raise ValueError(f"--long chunk is not possible with {backbone.architecture}: its states carry everything "
                          "before them, so windows embedded apart are not the protein's states. Use --long truncate "
                          "or skip with --max-length, or leave --max-length unset to embed whole proteins")
+    if config.store == "per-residue" and backbone.leading_states:
+        raise ValueError(
+            f"--store per-residue is not possible with {backbone.architecture}: its pooled vector is the mean over "
+            f"{backbone.leading_states} state(s) before the first residue as well as the residues, and those are not "
+            "stored, so a pooled read of the residues would differ from the model's. Use --store both or pooled"
+        )
     backbone.set_precision(backbone.pick_precision(config.precision, device))
     threads = config.threads or available_cores()
     with torch_threads(threads):
@@ -177,8 +188,9 @@ def extract(
             writer.check_ids(records)
             pending = [e for e in unique.values() if e.status != Status.SKIPPED and not writer.is_done(e.key)]
             items = plan_work(pending, budget, backbone.extra_tokens, max_length, config.chunk_overlap)
-            _check_disk_space(output, pending, len(items), len(layers), backbone.embed_dim, config.dtype)
-            runner = _Runner(backbone, layers, budget)
+            _check_disk_space(output, pending, len(items), len(layers), backbone.embed_dim, config.dtype,
+                              config.store)
+            runner = _Runner(backbone, layers, budget, config.store)
             total = sum(item.n_residues for item in items)
             log.info(
                 "%d sequences already in %s; embedding %d (%d residues) in %d work items, %d threads, %s %s",
@@ -221,10 +233,11 @@ def extract(
 class _Runner:
     """Runs work items through the backbone; on GPU out-of-memory halves the budget, then falls back to CPU."""
 
-    def __init__(self, backbone: Backbone, layers: list[int], budget: int):
+    def __init__(self, backbone: Backbone, layers: list[int], budget: int, store: str = "both"):
         self.backbone = backbone
         self.layers = layers
         self.budget = budget
+        self.keep_residues, self.keep_pooled = stores_residues(store), stores_pooled(store)
         self.oom_retries = 0
         self._cpu: Backbone | None = None
 
@@ -245,7 +258,9 @@ class _Runner:
                     states = per_residue[layer] = stitch([(s, t, out[layer]) for s, t, out in mine], entry.length)
                 # Mean over residues, plus the leading states where the model defines it so.
                 pooled[layer] = states.mean(axis=0, dtype=np.float64).astype(np.float32)
-            results.append(EmbeddedEntry(entry, per_residue, pooled))
+            # What the cache does not keep is dropped here, so a work item holds no more than it writes.
+            results.append(EmbeddedEntry(entry, per_residue if self.keep_residues else {},
+                                         pooled if self.keep_pooled else {}))
         return results
 
     def _embed(self, windows: list[str]) -> list[dict[int, np.ndarray]]:
@@ -305,6 +320,7 @@ def _provenance(
         "long_policy": config.long,
         "max_length": max_length,
         "chunk_overlap": config.chunk_overlap if config.long == "chunk" else 0,
+        "store": config.store,
         "config": asdict(config),
         "embedcache_version": __version__,
         "fair_esm_version": _version("fair-esm"),
@@ -322,11 +338,15 @@ PART_OVERHEAD = 10_000
 PART_OVERHEAD_PER_LAYER = 2_000
 
 
-def _check_disk_space(output: Path, pending: list[Entry], n_parts: int, n_layers: int, dim: int, dtype: str) -> None:
+def _check_disk_space(output: Path, pending: list[Entry], n_parts: int, n_layers: int, dim: int, dtype: str,
+                      store: str = "both") -> None:
     """Parts and the final file coexist at the end of a run: ask for twice the new data plus the old file."""
     bytes_per = np.dtype(dtype).itemsize * dim * n_layers
-    # Per sequence: residues and pooled vector, its tables (key, sequence, lengths) and checksums.
-    new = sum((e.n_residues + 1) * bytes_per + 100 + 2 * e.length + 8 * n_layers for e in pending)
+    residues, pooled = stores_residues(store), stores_pooled(store)
+    # Per sequence: what is kept of residues and pooled vector, its tables (key, sequence,
+    # lengths) and the residues' checksums.
+    new = sum((e.n_residues * residues + pooled) * bytes_per + 100 + 2 * e.length + 8 * n_layers * residues
+              for e in pending)
     overhead = (n_parts + 2) * (PART_OVERHEAD + PART_OVERHEAD_PER_LAYER * n_layers)
     target = real_path(output)  # through a link, the space that counts is the target's
     needed = 2 * new + overhead + (target.stat().st_size if target.exists() else 0)
