@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .atomic import DiskFullError, format_bytes, real_path
 from .backbones import PRECISIONS, Backbone, pick_precision  # noqa: F401  (pick_precision: older import path)
-from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify, plan_work, stitch, sub_batches
+from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify_length, plan_work, stitch, sub_batches
 from .layout import STORES, stores_pooled, stores_residues
-from .sequences import read_sequences
+from .sequences import RecordIndex, SpilledSequences, iter_sequences
 from .store import CacheWriter, EmbeddedEntry
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,67 @@ def extract(
     """Embed every sequence of ``input_path`` into the cache at ``output``; resume what is there.
 
     The input is read and validated completely, and the model loaded, before anything is
-    written. ``backbone`` overrides loading by ``config.model``/``config.weights``.
+    written. ``backbone`` overrides loading by ``config.model``/``config.weights``. The input is
+    read as a stream: memory holds its index (IDs, headers, keys, lengths), the sequences wait
+    in a temporary file until their work item is embedded.
     """
     config = config or ExtractConfig()
     _validate(config)
-    records = read_sequences(input_path, fmt, id_col, seq_col)
+    with SpilledSequences() as spill:
+        records, unique = index_input(input_path, spill, fmt=fmt, id_col=id_col, seq_col=seq_col)
+        return _extract(input_path, output, config, spill, records, unique, backbone=backbone, progress=progress,
+                        command=command)
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """An :class:`Entry` without its sequence, which waits in a :class:`SpilledSequences` at ``offset``.
+
+    ``plan_work`` reads only the key, length, status and residue count, so it plans these as it plans entries.
+    """
+
+    key: str
+    length: int
+    status: Status
+    n_residues: int
+    offset: int  # in the spill
+
+
+def index_input(
+    input_path: str | Path,
+    spill: SpilledSequences,
+    *,
+    fmt: str | None = None,
+    id_col: str | None = None,
+    seq_col: str | None = None,
+) -> tuple[RecordIndex, dict[str, tuple[int, int]]]:
+    """Read the input once, as a stream: every record's ID, header and key, and each unique
+    sequence put in ``spill``: {key: (offset, length)} in input order."""
+    records = RecordIndex()
+    unique: dict[str, tuple[int, int]] = {}
+    for rec in iter_sequences(input_path, fmt, id_col, seq_col):
+        key = rec.key
+        records.append(rec.id, rec.header, key)
+        if key not in unique:
+            unique[key] = (spill.add(rec.sequence), len(rec.sequence))
+    return records, unique
+
+
+def classify_spilled(unique: dict, max_length: int | None, policy: str) -> dict[str, Planned]:
+    """:func:`index_input`'s sequences classified by length, as ``batching.classify`` does; in place."""
+    for key, (offset, length) in unique.items():
+        unique[key] = Planned(key, length, *classify_length(length, max_length, policy), offset)
+    return unique
+
+
+def load_item(item: WorkItem, spill: SpilledSequences) -> WorkItem:
+    """A planned work item with its sequences read back: what the model and the writer take."""
+    entries = [Entry(p.key, spill.read(p.offset, p.length), p.status, p.n_residues) for p in item.entries]
+    return WorkItem(entries, item.windows)
+
+
+def _extract(input_path, output, config: ExtractConfig, spill: SpilledSequences, records: RecordIndex,
+             spans: dict[str, tuple[int, int]], *, backbone, progress, command) -> ExtractSummary:
     output = Path(output)
     if backbone is None:
         backbone = load_backbone(config)
@@ -171,10 +227,7 @@ def extract(
         budget = config.toks_per_batch or backbone.budget.get(device.type, 1024)
         provenance = _provenance(backbone, config, layers, max_length, command)
 
-        unique: dict[str, Entry] = {}
-        for rec in records:
-            if rec.key not in unique:
-                unique[rec.key] = classify(rec.key, rec.sequence, max_length, config.long)
+        unique = classify_spilled(spans, max_length, config.long)
         counts = {s: sum(1 for e in unique.values() if e.status == s) for s in Status}
         limit = "max_length (none set)" if max_length is None else f"{max_length} residues"
         log.info(
@@ -203,7 +256,7 @@ def extract(
             with tqdm(total=total, unit="res", unit_scale=True, desc="embedding", disable=not progress,
                       smoothing=0.1, mininterval=interval) as bar:
                 for item in items:
-                    writer.write_part(runner.run(item))
+                    writer.write_part(runner.run(load_item(item, spill)))
                     bar.update(item.n_residues)
             seconds = time.perf_counter() - start
             written = writer.finish(records, skipped)
