@@ -140,11 +140,13 @@ def extract(
     The input is read and validated completely, and the model loaded, before anything is
     written. ``backbone`` overrides loading by ``config.model``/``config.weights``. The input is
     read as a stream: memory holds its index (IDs, headers, keys, lengths), the sequences wait
-    in a temporary file until their work item is embedded.
+    in an unnamed temporary file in the output's directory until their work item is embedded.
     """
     config = config or ExtractConfig()
     _validate(config)
-    with SpilledSequences() as spill:
+    # Beside the output, on the disk the cache needs anyway (a $TMPDIR in memory would hold them in RAM).
+    where = real_path(output).parent
+    with SpilledSequences(where if where.is_dir() else None) as spill:
         records, unique = index_input(input_path, spill, fmt=fmt, id_col=id_col, seq_col=seq_col)
         return _extract(input_path, output, config, spill, records, unique, backbone=backbone, progress=progress,
                         command=command)
@@ -181,6 +183,7 @@ def index_input(
         records.append(rec.id, rec.header, key)
         if key not in unique:
             unique[key] = (spill.add(rec.sequence), len(rec.sequence))
+    spill.flush()
     return records, unique
 
 

@@ -25,6 +25,7 @@ line, ``*`` elsewhere and non-ASCII characters are errors: ``str.upper`` would t
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import functools
 import gzip
@@ -262,7 +263,8 @@ class _PositionalReader(io.RawIOBase):
         return len(data)
 
 
-_CHUNK = 1 << 20
+# Bytes decoded at a time: the stream's memory is a few times this, whatever the input's size.
+_CHUNK = 1 << 18
 
 
 def _read_file(path: Path) -> bytes:
@@ -1067,21 +1069,44 @@ class SpilledSequences:
     """
 
     def __init__(self, directory: Path | str | None = None):
-        self._file = tempfile.TemporaryFile(prefix="embedcache-sequences-", dir=directory)
+        self.directory = Path(directory or tempfile.gettempdir())
+        self._file = tempfile.TemporaryFile(prefix="embedcache-sequences-", dir=self.directory)
         self._end = 0
         self._dirty = False
+
+    def _no_space(self, err: OSError) -> OSError:
+        from .atomic import DiskFullError, format_bytes, is_no_space
+
+        if not is_no_space(err):
+            return err
+        free = shutil.disk_usage(self.directory).free
+        return DiskFullError(
+            err.errno, f"{self.directory}: the disk is full ({format_bytes(free)} free; or a quota or file-size "
+                       f"limit was reached) while keeping the input's sequences in a temporary file there "
+                       f"({format_bytes(self._end)} so far); nothing was written. Free some space and run the same "
+                       "command again")
 
     def add(self, sequence: str) -> int:
         """Store a (validated, ASCII) sequence; returns its offset."""
         data = sequence.encode("ascii")
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as err:
+            raise self._no_space(err) from None
         offset, self._end, self._dirty = self._end, self._end + len(data), True
         return offset
 
-    def read(self, offset: int, length: int) -> str:
+    def flush(self) -> None:
+        """Write out what is buffered: a full disk shows here, not in the middle of a run."""
         if self._dirty:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as err:
+                raise self._no_space(err) from None
             self._dirty = False
+
+    def read(self, offset: int, length: int) -> str:
+        self.flush()
         data = os.pread(self._file.fileno(), length, offset)
         if len(data) != length:
             raise OSError(f"the temporary copy of the input's sequences lost data at offset {offset}")
@@ -1092,7 +1117,9 @@ class SpilledSequences:
         return self._end
 
     def close(self) -> None:
-        self._file.close()
+        # What is still buffered is of no use to anyone: a full disk must not fail the closing.
+        with contextlib.suppress(OSError):
+            self._file.close()
 
     def __enter__(self) -> SpilledSequences:
         return self
