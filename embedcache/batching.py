@@ -8,8 +8,9 @@ its own, its overlapping windows run in as many forward passes as the budget nee
 
 The plan is a pure function of the sequences' keys and lengths, the budget and the policy
 (anything with an entry's ``key``, ``length``, ``status`` and ``n_residues`` is planned the
-same way, so the sequences themselves can wait on disk), and of nothing that happened before: an interrupted run that is started again plans the same items for
-what is left, so its results equal those of a run that was never interrupted.
+same way, so the sequences themselves can wait on disk), and of nothing that happened
+before: an interrupted run that is started again plans the same items for what is left,
+so its results equal those of a run that was never interrupted.
 """
 
 from __future__ import annotations

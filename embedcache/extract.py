@@ -25,7 +25,7 @@ from .atomic import DiskFullError, format_bytes, real_path
 from .backbones import PRECISIONS, Backbone, pick_precision  # noqa: F401  (pick_precision: older import path)
 from .batching import LONG_POLICIES, Entry, Status, WorkItem, classify_length, plan_work, stitch, sub_batches
 from .layout import STORES, stores_pooled, stores_residues
-from .sequences import RecordIndex, SpilledSequences, iter_sequences
+from .sequences import RecordIndex, SpilledSequences, iter_keyed
 from .store import CacheWriter, EmbeddedEntry
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class ExtractConfig:
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
     threads: int | None = None  # torch CPU threads; None: the cores this process may use
     trust_weights: bool = False  # allow pickled objects beyond argparse.Namespace in the checkpoint
-    # What the cache keeps: "both", "pooled" (a proteome needs no residues: 1/L of the disk) or "per-residue".
+    # What the cache keeps: "both", "pooled" (no residues: a file smaller by about the mean length) or "per-residue".
     store: str = "both"
 
 
@@ -178,8 +178,7 @@ def index_input(
     sequence put in ``spill``: {key: (offset, length)} in input order."""
     records = RecordIndex()
     unique: dict[str, tuple[int, int]] = {}
-    for rec in iter_sequences(input_path, fmt, id_col, seq_col):
-        key = rec.key
+    for rec, key in iter_keyed(input_path, fmt, id_col, seq_col):
         records.append(rec.id, rec.header, key)
         if key not in unique:
             unique[key] = (spill.add(rec.sequence), len(rec.sequence))

@@ -230,7 +230,7 @@ def _stdin_spill() -> tempfile._TemporaryFileWrapper:
             raise InputError(STDIN_NAME, "there is no standard input to read")
         if stream.isatty():
             raise InputError(STDIN_NAME, "standard input is a terminal; pipe or redirect a file into it")
-        spill = tempfile.TemporaryFile(prefix="embedcache-stdin-")
+        spill = tempfile.TemporaryFile(prefix="embedcache-stdin-")  # noqa: SIM115  (kept for the process)
         buffer = getattr(stream, "buffer", None)
         if buffer is not None:
             shutil.copyfileobj(buffer, spill, _CHUNK)
@@ -406,9 +406,10 @@ class _Layer:
 
 
 _STREAM_OPENERS = {
+    # Closed with the raw file they read (a with-block in _text_lines and open_input).
     "gzip": lambda s: gzip.GzipFile(fileobj=s, mode="rb"),
     "bz2": lambda s: bz2.BZ2File(s),
-    "xz": lambda s: lzma.LZMAFile(s),
+    "xz": lambda s: lzma.LZMAFile(s),  # noqa: SIM115
 }
 
 
@@ -481,7 +482,8 @@ def _decode_stream(name: str, stream, compression: str | None) -> Iterator[str]:
             if cut < len(data):
                 pending.append(data[cut:])
 
-        def where(pos: int) -> str:
+        def where(pos: int, chunk: bytes = chunk, base: int = base, newlines: int = newlines,
+                  line_start: int = line_start) -> str:
             last = chunk.rfind(b"\n", 0, pos)
             column = pos - last if last >= 0 else base + pos - line_start + 1
             line = newlines + chunk.count(b"\n", 0, pos) + 1
@@ -536,7 +538,7 @@ def open_input(path: Path | str) -> InputStream:
     elif not stat.S_ISREG(_check_readable(Path(path)).st_mode):
         # A FIFO or device (process substitution, /dev/stdin) can be read once: copied to be read twice.
         name, suffix = str(path), _format_suffix(str(path))
-        spill = tempfile.TemporaryFile(prefix="embedcache-input-")
+        spill = tempfile.TemporaryFile(prefix="embedcache-input-")  # noqa: SIM115  (lives as long as the input)
         try:
             with open(path, "rb") as handle:
                 shutil.copyfileobj(handle, spill, _CHUNK)
@@ -994,37 +996,52 @@ def iter_sequences(
     shape is broken further on) is raised when the iteration ends, so act on the records only
     once it is complete.
     """
+    for rec, _ in iter_keyed(path, fmt, id_col, seq_col):
+        yield rec
+
+
+def iter_keyed(
+    path: Path | str,
+    fmt: str | None = None,
+    id_col: str | None = None,
+    seq_col: str | None = None,
+) -> Iterator[tuple[Record, str]]:
+    """:func:`iter_sequences` with each record's key (``Record.key`` hashes the sequence on every call)."""
     if fmt not in (None, "fasta", "csv", "tsv"):
         raise InputError(path, f"unknown format {fmt!r} (use fasta, csv or tsv)")
     src = open_input(path)
     fmt, sep = _choose_format(src, fmt)
-    if sep is None:
-        records, unit = _parse_fasta(src), "line"
-    else:
-        records, unit = _stream_table(src, sep, id_col, seq_col), "row"
-    first: dict[str, tuple[int, str, int]] = {}  # ID -> (record number, key, line) of its first record
-    conflict: InputError | None = None
+    unit = "line" if sep is None else "row"
+    first: dict[str, str] = {}  # ID -> key of its first record (the caller's index holds the same strings)
+    conflict: tuple[int, Record] | None = None
     number = repeated = 0
-    for number, rec in enumerate(records, 1):
-        key = rec.key
+    for number, rec in enumerate(_records(src, sep, id_col, seq_col), 1):
+        key = sequence_key(rec.sequence)
         seen = first.get(rec.id)
         if seen is None:
-            first[rec.id] = (number, key, rec.line)
-            yield rec
+            first[rec.id] = key
+            yield rec, key
             continue
         repeated += 1
-        if seen[1] != key and conflict is None:
-            conflict = InputError(
-                src.name,
-                f"duplicate ID {rec.id!r} with a different sequence than {_place_at(seen[0], seen[2], unit)}",
-                _place_at(number, rec.line, unit),
-            )
+        if seen != key and conflict is None:
+            conflict = (number, rec)
     if not number:
         raise InputError(src.name, "no records found")
     if conflict is not None:
-        raise conflict
+        number, rec = conflict
+        # Where the ID first appeared is looked up only now: rare, and not worth memory per record.
+        earlier = next((n, r) for n, r in enumerate(_records(src, sep, id_col, seq_col), 1) if r.id == rec.id)
+        raise InputError(
+            src.name,
+            f"duplicate ID {rec.id!r} with a different sequence than {_place(*earlier, unit)}",
+            _place(number, rec, unit),
+        )
     if repeated:
         log.info("%s: %d repeated records (same ID and sequence) kept once", src.name, repeated)
+
+
+def _records(src: InputStream, sep: str | None, id_col: str | None, seq_col: str | None) -> Iterator[Record]:
+    return _parse_fasta(src) if sep is None else _stream_table(src, sep, id_col, seq_col)
 
 
 @dataclass(frozen=True)
@@ -1070,7 +1087,7 @@ class SpilledSequences:
 
     def __init__(self, directory: Path | str | None = None):
         self.directory = Path(directory or tempfile.gettempdir())
-        self._file = tempfile.TemporaryFile(prefix="embedcache-sequences-", dir=self.directory)
+        self._file = tempfile.TemporaryFile(prefix="embedcache-sequences-", dir=self.directory)  # noqa: SIM115
         self._end = 0
         self._dirty = False
 
@@ -1152,10 +1169,6 @@ def drop_repeated_ids(records: list[Record], path: Path | str, *, unit: str = "l
 
 
 def _place(number: int, rec: Record, unit: str) -> str:
-    return _place_at(number, rec.line, unit)
-
-
-def _place_at(number: int, line: int, unit: str) -> str:
-    if not line:
+    if not rec.line:
         return f"record {number}"
-    return f"row {line}" if unit == "row" else f"record {number} ({unit} {line})"
+    return f"row {rec.line}" if unit == "row" else f"record {number} ({unit} {rec.line})"

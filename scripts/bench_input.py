@@ -143,8 +143,9 @@ def main() -> None:
     print(f"{'way':8s} {'seconds':>9s} {'peak RSS MiB':>13s} {'RSS over start MiB':>19s} {'spilled MiB':>12s} "
           f"{'work items':>11s}")
     for r in results:
-        print(f"{r['way']:8s} {r['seconds']:9.1f} {r['peak_rss_mb']:13.0f} {r['peak_rss_mb'] - r['start_rss_mb']:19.0f} "
-              f"{r['spill_mb']:12.0f} {r['items']:11,d}")
+        over = r["peak_rss_mb"] - r["start_rss_mb"]
+        print(f"{r['way']:8s} {r['seconds']:9.1f} {r['peak_rss_mb']:13.0f} {over:19.0f} {r['spill_mb']:12.0f} "
+              f"{r['items']:11,d}")
     plans = {r["plan"] for r in results}
     print("same work plan: " + ("yes" if len(plans) == 1 else "NO"))
     if len(results) == 2:
