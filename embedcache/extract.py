@@ -12,9 +12,10 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -195,7 +196,8 @@ def classify_spilled(unique: dict, max_length: int | None, policy: str) -> dict[
 
 def load_item(item: WorkItem, spill: SpilledSequences) -> WorkItem:
     """A planned work item with its sequences read back: what the model and the writer take."""
-    entries = [Entry(p.key, spill.read(p.offset, p.length), p.status, p.n_residues) for p in item.entries]
+    planned = cast(list[Planned], item.entries)
+    entries = [Entry(p.key, spill.read(p.offset, p.length), p.status, p.n_residues) for p in planned]
     return WorkItem(entries, item.windows)
 
 
@@ -242,7 +244,9 @@ def _extract(input_path, output, config: ExtractConfig, spill: SpilledSequences,
         with CacheWriter(output, provenance) as writer:
             writer.check_ids(records)
             pending = [e for e in unique.values() if e.status != Status.SKIPPED and not writer.is_done(e.key)]
-            items = plan_work(pending, budget, backbone.extra_tokens, max_length, config.chunk_overlap)
+            # A Planned has every attribute plan_work reads; load_item turns its items into Entries.
+            items = plan_work(cast(list[Entry], pending), budget, backbone.extra_tokens, max_length,
+                              config.chunk_overlap)
             _check_disk_space(output, pending, len(items), len(layers), backbone.embed_dim, config.dtype,
                               config.store)
             runner = _Runner(backbone, layers, budget, config.store)
@@ -393,8 +397,8 @@ PART_OVERHEAD = 10_000
 PART_OVERHEAD_PER_LAYER = 2_000
 
 
-def _check_disk_space(output: Path, pending: list[Entry], n_parts: int, n_layers: int, dim: int, dtype: str,
-                      store: str = "both") -> None:
+def _check_disk_space(output: Path, pending: Sequence[Entry | Planned], n_parts: int, n_layers: int, dim: int,
+                      dtype: str, store: str = "both") -> None:
     """Parts and the final file coexist at the end of a run: ask for twice the new data plus the old file."""
     bytes_per = np.dtype(dtype).itemsize * dim * n_layers
     residues, pooled = stores_residues(store), stores_pooled(store)

@@ -41,9 +41,10 @@ import sys
 import tempfile
 import unicodedata
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -200,16 +201,39 @@ class InputStream:
     compression: str | None
     first: tuple[int, str] | None
     header_line: int | None
-    _open: Callable[[], io.RawIOBase]  # the raw (compressed) bytes, from the start
-    _identity: tuple  # the file's (device, inode, size, mtime) when first read: it must not change
+    source: _RawSource
+    identity: tuple  # the file's (device, inode, size, mtime) when first read: it must not change
 
     def lines(self) -> Iterator[str]:
-        yield from _text_lines(self.name, self._open)
-        if self._identity and _file_identity(self._open) != self._identity:
+        yield from _text_lines(self.name, self.source)
+        if self.identity and self.source.identity() != self.identity:
             raise InputError(self.name, "changed while it was being read; read it again once it is complete")
 
 
-_stdin_data: tempfile._TemporaryFileWrapper | None = None
+@dataclass(frozen=True)
+class _RawSource:
+    """Where an input's raw (perhaps compressed) bytes are read from the start, as often as needed."""
+
+    path: Path | None = None  # a regular file
+    spill: IO[bytes] | None = None  # or its copy: standard input, a FIFO or a device can be read once
+
+    def open(self) -> io.IOBase:
+        if self.spill is not None:
+            return _PositionalReader(self.spill.fileno())
+        assert self.path is not None
+        try:
+            return open(self.path, "rb")
+        except OSError as err:
+            raise InputError(self.path, f"cannot be read: {err.strerror or err}") from None
+
+    def identity(self) -> tuple:
+        if self.path is None:
+            return ()
+        info = os.stat(self.path)
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+_stdin_data: IO[bytes] | None = None
 _warned: set[str] = set()
 
 
@@ -220,7 +244,7 @@ def _warn(message: str) -> None:
         log.warning("%s", message)
 
 
-def _stdin_spill() -> tempfile._TemporaryFileWrapper:
+def _stdin_spill() -> IO[bytes]:
     """Standard input, copied the first time into a temporary file (deleted at exit) and kept, so
     that detecting and reading, and both passes of a streamed read, see the same bytes."""
     global _stdin_data
@@ -512,60 +536,37 @@ def _decode_stream(name: str, stream, compression: str | None) -> Iterator[str]:
         base += len(chunk)
 
 
-def _text_lines(name: str, open_raw: Callable[[], object]) -> Iterator[str]:
-    with open_raw() as raw:
+def _text_lines(name: str, source: _RawSource) -> Iterator[str]:
+    with source.open() as raw:
         stream, compression = _decompressing(name, raw)
         yield from _decode_stream(name, stream, compression)
-
-
-def _file_identity(open_raw) -> tuple:
-    path = getattr(open_raw, "path", None)
-    if path is None:
-        return ()
-    info = os.stat(path)
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def open_input(path: Path | str) -> InputStream:
     """Check ``path`` (``-``: standard input) as a stream: every byte decompressed and decoded, its first
     line and first header line found. Memory stays constant; :meth:`InputStream.lines` reads it again."""
     if str(path) == STDIN:
-        spill = _stdin_spill()
         name, suffix = STDIN_NAME, ""
-
-        def open_raw():
-            return _PositionalReader(spill.fileno())
-    elif not stat.S_ISREG(_check_readable(Path(path)).st_mode):
-        # A FIFO or device (process substitution, /dev/stdin) can be read once: copied to be read twice.
-        name, suffix = str(path), _format_suffix(str(path))
-        spill = tempfile.TemporaryFile(prefix="embedcache-input-")  # noqa: SIM115  (lives as long as the input)
-        try:
-            with open(path, "rb") as handle:
-                shutil.copyfileobj(handle, spill, _CHUNK)
-            spill.flush()
-        except OSError as err:
-            spill.close()
-            raise InputError(path, f"cannot be read: {err.strerror or err}") from None
-
-        def open_raw():
-            return _PositionalReader(spill.fileno())
-
-        open_raw.spill = spill  # kept open as long as the input is
+        source = _RawSource(spill=_stdin_spill())
     else:
-        path = Path(path)
         name, suffix = str(path), _format_suffix(str(path))
-
-        def open_raw():
+        if stat.S_ISREG(_check_readable(Path(path)).st_mode):
+            source = _RawSource(path=Path(path))
+        else:
+            # A FIFO or device (process substitution, /dev/stdin) can be read once: copied to be read twice.
+            spill = tempfile.TemporaryFile(prefix="embedcache-input-")  # noqa: SIM115  (lives as long as the input)
             try:
-                return open(path, "rb")
+                with open(path, "rb") as handle:
+                    shutil.copyfileobj(handle, spill, _CHUNK)
+                spill.flush()
             except OSError as err:
+                spill.close()
                 raise InputError(path, f"cannot be read: {err.strerror or err}") from None
-
-        open_raw.path = path
-    identity = _file_identity(open_raw)
-    first = header = None
-    number = 0
-    with open_raw() as raw:
+            source = _RawSource(spill=spill)
+    identity = source.identity()
+    first: tuple[int, str] | None = None
+    header: int | None = None
+    with source.open() as raw:
         stream, compression = _decompressing(name, raw)
         for number, line in enumerate(_decode_stream(name, stream, compression), 1):
             if first is None:
@@ -574,7 +575,7 @@ def open_input(path: Path | str) -> InputStream:
                     first = (number, stripped)
             if header is None and line.lstrip(" \t").startswith(">"):
                 header = number
-    return InputStream(name, suffix, compression, first, header, open_raw, identity)
+    return InputStream(name, suffix, compression, first, header, source, identity)
 
 
 def _check_readable(path: Path) -> os.stat_result:

@@ -62,7 +62,10 @@ from .layout import (
     write_table,
 )
 from .reader import H5_ERRORS, EmbeddingCache, _decode
-from .sequences import Record
+from .sequences import IndexedRecord, Record, RecordIndex
+
+# The input's records as the writer needs them: IDs, headers and keys (the sequences are in the entries).
+Records = Sequence[Record] | RecordIndex
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +198,8 @@ class CacheWriter:
             hint = ""
             if "store" in differ:
                 # One file holds one kind of contents: a pooled-only file cannot gain residues for some proteins.
-                hint = f" It keeps {_STORE_WORDS[differ['store'][0]]}: extend it with --store {differ['store'][0]}."
+                kept = str(differ["store"][0])
+                hint = f" It keeps {_STORE_WORDS.get(kept, kept)}: extend it with --store {kept}."
             raise CacheError(
                 f"{where} was made with other settings ({detail}).{hint} Use the same settings to extend it, "
                 "or write to a new file."
@@ -258,7 +262,7 @@ class CacheWriter:
         if self._part_keys:
             log.info("resuming: %d sequences embedded by an interrupted run", len(self._part_keys))
 
-    def check_ids(self, records: Sequence[Record]) -> None:
+    def check_ids(self, records: Records) -> None:
         """Refuse an input that gives an ID already in the cache a different sequence."""
         for rec in records:
             old = self._existing_ids.get(rec.id)
@@ -299,7 +303,7 @@ class CacheWriter:
             self._part_keys[r.entry.key] = path
         return path
 
-    def finish(self, records: Sequence[Record], skipped_keys: set[str]) -> bool:
+    def finish(self, records: Records, skipped_keys: set[str]) -> bool:
         """Write the complete cache file; returns False when it was already up to date."""
         wanted_keys = {rec.key for rec in records} - skipped_keys
         new_keys = sorted(k for k in wanted_keys - self._existing_keys if k in self._part_keys)
@@ -398,7 +402,7 @@ def _consolidate(
     provenance: dict,
     part_of: dict[str, Path],
     new_keys: list[str],
-    new_ids: list[Record],
+    new_ids: list[Record | IndexedRecord],
 ) -> None:
     """Write old contents + new entries + new IDs into a fresh file and swap it in.
 
@@ -494,7 +498,8 @@ def _consolidate(
 _COLUMNS = {"key": KEY_DTYPE, "sequence": STR_DTYPE, "length": np.int32, "n_residues": np.int32, "status": np.uint8}
 
 
-def _write_ids(out: h5py.File, old: EmbeddingCache | None, new_ids: list[Record], key_index: dict[str, int]) -> None:
+def _write_ids(out: h5py.File, old: EmbeddingCache | None, new_ids: list[Record | IndexedRecord],
+               key_index: dict[str, int]) -> None:
     if old is not None:
         ids, headers, keys = old.all_ids()
     else:
