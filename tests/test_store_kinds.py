@@ -340,7 +340,7 @@ def _cli(args):
                             stderr=subprocess.STDOUT)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)])
 def test_a_pooled_run_stopped_mid_way_then_resumed_equals_an_uninterrupted_one(tmp_path, tiny_weights, sig):
     src = _many(tmp_path)
     args = ["--weights", str(tiny_weights), "--threads", "1", "--toks-per-batch", "256", "--store", "pooled",
