@@ -6,9 +6,11 @@ at all. Ordinary sequences are grouped greedily, longest first, into items whose
 that runs out of memory does so on the first batches. A chunked long sequence is an item of
 its own, its overlapping windows run in as many forward passes as the budget needs.
 
-The plan is a pure function of the sequences, the budget and the policy, and of nothing
-that happened before: an interrupted run that is started again plans the same items for
-what is left, so its results equal those of a run that was never interrupted.
+The plan is a pure function of the sequences' keys and lengths, the budget and the policy
+(anything with an entry's ``key``, ``length``, ``status`` and ``n_residues`` is planned the
+same way, so the sequences themselves can wait on disk), and of nothing that happened
+before: an interrupted run that is started again plans the same items for what is left,
+so its results equal those of a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -58,16 +60,20 @@ class WorkItem:
 
 
 def classify(key: str, sequence: str, max_length: int | None, policy: str) -> Entry:
+    return Entry(key, sequence, *classify_length(len(sequence), max_length, policy))
+
+
+def classify_length(length: int, max_length: int | None, policy: str) -> tuple[Status, int]:
+    """(status, residues stored) of a sequence of ``length`` residues: what :func:`classify` decides."""
     if policy not in LONG_POLICIES:
         raise ValueError(f"long-sequence policy must be one of {LONG_POLICIES}, not {policy!r}")
-    length = len(sequence)
     if max_length is None or length <= max_length:
-        return Entry(key, sequence, Status.FULL, length)
+        return Status.FULL, length
     if policy == "truncate":
-        return Entry(key, sequence, Status.TRUNCATED, max_length)
+        return Status.TRUNCATED, max_length
     if policy == "chunk":
-        return Entry(key, sequence, Status.CHUNKED, length)
-    return Entry(key, sequence, Status.SKIPPED, 0)
+        return Status.CHUNKED, length
+    return Status.SKIPPED, 0
 
 
 def chunk_windows(length: int, window: int, overlap: int) -> list[tuple[int, int]]:

@@ -63,6 +63,12 @@ def _dtypes() -> tuple[str, ...]:
     return tuple(DTYPES)
 
 
+def _stores() -> tuple[str, ...]:
+    from .layout import STORES
+
+    return tuple(STORES)
+
+
 def _esm2_models() -> tuple[str, ...]:
     from .models import ESM2_MODELS
 
@@ -116,6 +122,10 @@ def main() -> None:
 @click.option("--seq-col", help="CSV/TSV column holding sequences [sequence, seq].")
 @click.option("--trust-weights", is_flag=True,
               help="Allow arbitrary pickled objects in the checkpoint (only for files you trust).")
+@click.option("--store", type=LazyChoice(_stores), default="both", show_default=True,
+              help="What the cache keeps: per-residue arrays and pooled vectors, pooled vectors only (a small file; "
+                   "heads that read residues cannot use it), or per-residue arrays only (pooled vectors are their "
+                   "mean, computed when read). A cache keeps one kind: extend it with the same --store.")
 @click.option("--shard", callback=_shard,
               help="I/N: embed only shard I (from 0) of N, a partition of the sequences balanced by residues; "
                    "run every shard (e.g. as a SLURM array) and join them with `embedcache merge`.")
@@ -128,8 +138,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", count=True, help="Debug messages too.")
 def extract_cmd(input_path, output, model, weights, layers, long_policy, max_length, chunk_overlap, toks_per_batch,
-                device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, shard, executor, address,
-                shards, quiet, verbose) -> None:
+                device, precision, dtype, threads, fmt, id_col, seq_col, trust_weights, store, shard, executor,
+                address, shards, quiet, verbose) -> None:
     """Embed every sequence in INPUT (FASTA, CSV or TSV) into the cache OUTPUT (.h5).
 
     Sequences already in OUTPUT are skipped, so re-running after an interruption, or on a
@@ -150,7 +160,7 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
     config = ExtractConfig(
         model=model, weights=weights, layers=layers, long=long_policy, max_length=max_length,
         chunk_overlap=chunk_overlap, toks_per_batch=toks_per_batch, device=device, precision=precision,
-        dtype=dtype, threads=threads, trust_weights=trust_weights, shard=shard,
+        dtype=dtype, threads=threads, trust_weights=trust_weights, store=store, shard=shard,
     )
     user_errors = _user_errors()
     command = shlex.join(["embedcache", *sys.argv[1:]])
@@ -228,7 +238,14 @@ def info_cmd(path, as_json) -> None:
                f"computed in {prov.get('precision')}")
     click.echo(f"  IDs          {info['ids']} ({info['ids_embedded']} embedded, "
                f"{info['ids_skipped']} skipped as too long)")
-    click.echo(f"  sequences    {info['unique_sequences']} unique, {info['residues_stored']} residues stored")
+    kept = {"both": "per-residue arrays and pooled vectors",
+            "pooled": "pooled vectors only (--store pooled: no per-residue arrays)",
+            "per-residue": "per-residue arrays only (--store per-residue: pooled vectors are their mean, "
+                           "computed when read)"}
+    click.echo(f"  store        {info['store']}: {kept.get(info['store'], info['store'])}")
+    click.echo(f"  sequences    {info['unique_sequences']} unique, {info['residues_stored']} residues stored"
+               + (f" ({info['residues_embedded']} embedded)" if info["residues_stored"] != info["residues_embedded"]
+                  else ""))
     if prov.get("max_length") in (None, "none"):
         limit = "with no length limit"
     else:

@@ -11,9 +11,10 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -28,13 +29,14 @@ from .batching import (
     Status,
     WorkItem,
     assign_shards,
-    classify,
+    classify_length,
     parse_shard,
     plan_work,
     stitch,
     sub_batches,
 )
-from .sequences import read_sequences
+from .layout import STORES, stores_pooled, stores_residues
+from .sequences import RecordIndex, SpilledSequences, iter_keyed
 from .store import CacheError, CacheWriter, EmbeddedEntry
 from .threads import available_cores, default_threads  # noqa: F401  (available_cores: older import path)
 
@@ -61,6 +63,8 @@ class ExtractConfig:
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
     threads: int | None = None  # torch CPU threads; None: the cores free at the start (embedcache.threads)
     trust_weights: bool = False  # allow pickled objects beyond argparse.Namespace in the checkpoint
+    # What the cache keeps: "both", "pooled" (no residues: a file smaller by about the mean length) or "per-residue".
+    store: str = "both"
     # "I/N" (I from 0): embed only shard I of N, a partition of the input's sequences by content
     # key that every shard computes alike, so shards run anywhere and `embedcache merge` joins them.
     shard: str | None = None
@@ -88,6 +92,8 @@ def _validate(config: ExtractConfig) -> None:
         raise ValueError(f"dtype must be one of {DTYPES}, not {config.dtype!r}")
     if config.long not in LONG_POLICIES:
         raise ValueError(f"long-sequence policy must be one of {LONG_POLICIES}, not {config.long!r}")
+    if config.store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, not {config.store!r}")
     if config.precision not in ("auto", *PRECISIONS):
         raise ValueError(f"precision must be auto or one of {PRECISIONS}, not {config.precision!r}")
     for name in ("max_length", "toks_per_batch", "threads"):
@@ -142,11 +148,71 @@ def extract(
     """Embed every sequence of ``input_path`` into the cache at ``output``; resume what is there.
 
     The input is read and validated completely, and the model loaded, before anything is
-    written. ``backbone`` overrides loading by ``config.model``/``config.weights``.
+    written. ``backbone`` overrides loading by ``config.model``/``config.weights``. The input is
+    read as a stream: memory holds its index (IDs, headers, keys, lengths), the sequences wait
+    in an unnamed temporary file in the output's directory until their work item is embedded.
     """
     config = config or ExtractConfig()
     _validate(config)
-    records = read_sequences(input_path, fmt, id_col, seq_col)
+    # Beside the output, on the disk the cache needs anyway (a $TMPDIR in memory would hold them in RAM).
+    where = real_path(output).parent
+    with SpilledSequences(where if where.is_dir() else None) as spill:
+        records, unique = index_input(input_path, spill, fmt=fmt, id_col=id_col, seq_col=seq_col)
+        return _extract(input_path, output, config, spill, records, unique, backbone=backbone, progress=progress,
+                        command=command, fmt=fmt, id_col=id_col, seq_col=seq_col)
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """An :class:`Entry` without its sequence, which waits in a :class:`SpilledSequences` at ``offset``.
+
+    ``plan_work`` reads only the key, length, status and residue count, so it plans these as it plans entries.
+    """
+
+    key: str
+    length: int
+    status: Status
+    n_residues: int
+    offset: int  # in the spill
+
+
+def index_input(
+    input_path: str | Path,
+    spill: SpilledSequences,
+    *,
+    fmt: str | None = None,
+    id_col: str | None = None,
+    seq_col: str | None = None,
+) -> tuple[RecordIndex, dict[str, tuple[int, int]]]:
+    """Read the input once, as a stream: every record's ID, header and key, and each unique
+    sequence put in ``spill``: {key: (offset, length)} in input order."""
+    records = RecordIndex()
+    unique: dict[str, tuple[int, int]] = {}
+    for rec, key in iter_keyed(input_path, fmt, id_col, seq_col):
+        records.append(rec.id, rec.header, key)
+        if key not in unique:
+            unique[key] = (spill.add(rec.sequence), len(rec.sequence))
+    spill.flush()
+    return records, unique
+
+
+def classify_spilled(unique: dict, max_length: int | None, policy: str) -> dict[str, Planned]:
+    """:func:`index_input`'s sequences classified by length, as ``batching.classify`` does; in place."""
+    for key, (offset, length) in unique.items():
+        unique[key] = Planned(key, length, *classify_length(length, max_length, policy), offset)
+    return unique
+
+
+def load_item(item: WorkItem, spill: SpilledSequences) -> WorkItem:
+    """A planned work item with its sequences read back: what the model and the writer take."""
+    planned = cast(list[Planned], item.entries)
+    entries = [Entry(p.key, spill.read(p.offset, p.length), p.status, p.n_residues) for p in planned]
+    return WorkItem(entries, item.windows)
+
+
+def _extract(input_path, output, config: ExtractConfig, spill: SpilledSequences, records: RecordIndex,
+             spans: dict[str, tuple[int, int]], *, backbone, progress, command, fmt=None, id_col=None,
+             seq_col=None) -> ExtractSummary:
     output = Path(output)
     if backbone is None:
         backbone = load_backbone(config)
@@ -156,6 +222,12 @@ def extract(
         raise ValueError(f"--long chunk is not possible with {backbone.architecture}: its states carry everything "
                          "before them, so windows embedded apart are not the protein's states. Use --long truncate "
                          "or skip with --max-length, or leave --max-length unset to embed whole proteins")
+    if config.store == "per-residue" and backbone.leading_states:
+        raise ValueError(
+            f"--store per-residue is not possible with {backbone.architecture}: its pooled vector is the mean over "
+            f"{backbone.leading_states} state(s) before the first residue as well as the residues, and those are not "
+            "stored, so a pooled read of the residues would differ from the model's. Use --store both or pooled"
+        )
     backbone.set_precision(backbone.pick_precision(config.precision, device))
     threads = config.threads or default_threads()
     with torch_threads(threads):
@@ -169,10 +241,7 @@ def extract(
         budget = config.toks_per_batch or backbone.budget.get(device.type, 1024)
         provenance = _provenance(backbone, config, layers, max_length, command)
 
-        unique: dict[str, Entry] = {}
-        for rec in records:
-            if rec.key not in unique:
-                unique[rec.key] = classify(rec.key, rec.sequence, max_length, config.long)
+        unique = classify_spilled(spans, max_length, config.long)
         counts = {s: sum(1 for e in unique.values() if e.status == s) for s in Status}
         limit = "max_length (none set)" if max_length is None else f"{max_length} residues"
         log.info(
@@ -190,9 +259,12 @@ def extract(
             _check_shard_target(output, writer.existing_attrs, provenance)
             writer.check_ids(records)
             pending = [e for e in unique.values() if e.status != Status.SKIPPED and not writer.is_done(e.key)]
-            items = plan_work(pending, budget, backbone.extra_tokens, max_length, config.chunk_overlap)
-            _check_disk_space(output, pending, len(items), len(layers), backbone.embed_dim, config.dtype)
-            runner = _Runner(backbone, layers, budget)
+            # A Planned has every attribute plan_work reads; load_item turns its items into Entries.
+            items = plan_work(cast(list[Entry], pending), budget, backbone.extra_tokens, max_length,
+                              config.chunk_overlap)
+            _check_disk_space(output, pending, len(items), len(layers), backbone.embed_dim, config.dtype,
+                              config.store)
+            runner = _Runner(backbone, layers, budget, config.store)
             total = sum(item.n_residues for item in items)
             log.info(
                 "%d sequences already in %s; embedding %d (%d residues) in %d work items, %d threads, %s %s",
@@ -205,7 +277,7 @@ def extract(
             with tqdm(total=total, unit="res", unit_scale=True, desc="embedding", disable=not progress,
                       smoothing=0.1, mininterval=interval) as bar:
                 for item in items:
-                    writer.write_part(runner.run(item))
+                    writer.write_part(runner.run(load_item(item, spill)))
                     bar.update(item.n_residues)
             seconds = time.perf_counter() - start
             written = writer.finish(records, skipped)
@@ -233,8 +305,8 @@ def extract(
 
 
 def _select_shard(
-    shard: str, records: list, unique: dict[str, Entry], input_path, provenance: dict, **options
-) -> tuple[list, dict[str, Entry]]:
+    shard: str, records: RecordIndex, unique: dict[str, Planned], input_path, provenance: dict, **options
+) -> tuple[RecordIndex, dict[str, Planned]]:
     """The records and sequences of one shard; records the shard and the input's identity in ``provenance``."""
     from .merge import input_identity
 
@@ -248,7 +320,10 @@ def _select_shard(
     provenance["shard"] = f"{index}/{count}"
     provenance["input"] = input_identity(input_path, records, n_sequences=len(unique), **options)
     mine = {k: e for k, e in unique.items() if owner[k] == index}
-    selected = [rec for rec in records if rec.key in mine]
+    selected = RecordIndex()
+    for rec in records:
+        if rec.key in mine:
+            selected.append(rec.id, rec.header, rec.key)
     log.info("shard %d/%d: %d of %d unique sequences (%d of %d residues), %d of %d IDs", index, count, len(mine),
              len(unique), sum(e.n_residues for e in mine.values()), sum(e.n_residues for e in unique.values()),
              len(selected), len(records))
@@ -277,10 +352,11 @@ def _check_shard_target(output: Path, existing: dict, provenance: dict) -> None:
 class _Runner:
     """Runs work items through the backbone; on GPU out-of-memory halves the budget, then falls back to CPU."""
 
-    def __init__(self, backbone: Backbone, layers: list[int], budget: int):
+    def __init__(self, backbone: Backbone, layers: list[int], budget: int, store: str = "both"):
         self.backbone = backbone
         self.layers = layers
         self.budget = budget
+        self.keep_residues, self.keep_pooled = stores_residues(store), stores_pooled(store)
         self.oom_retries = 0
         self._cpu: Backbone | None = None
 
@@ -301,7 +377,9 @@ class _Runner:
                     states = per_residue[layer] = stitch([(s, t, out[layer]) for s, t, out in mine], entry.length)
                 # Mean over residues, plus the leading states where the model defines it so.
                 pooled[layer] = states.mean(axis=0, dtype=np.float64).astype(np.float32)
-            results.append(EmbeddedEntry(entry, per_residue, pooled))
+            # What the cache does not keep is dropped here, so a work item holds no more than it writes.
+            results.append(EmbeddedEntry(entry, per_residue if self.keep_residues else {},
+                                         pooled if self.keep_pooled else {}))
         return results
 
     def _embed(self, windows: list[str]) -> list[dict[int, np.ndarray]]:
@@ -361,6 +439,7 @@ def _provenance(
         "long_policy": config.long,
         "max_length": max_length,
         "chunk_overlap": config.chunk_overlap if config.long == "chunk" else 0,
+        "store": config.store,
         "config": asdict(config),
         "embedcache_version": __version__,
         "fair_esm_version": _version("fair-esm"),
@@ -378,11 +457,15 @@ PART_OVERHEAD = 10_000
 PART_OVERHEAD_PER_LAYER = 2_000
 
 
-def _check_disk_space(output: Path, pending: list[Entry], n_parts: int, n_layers: int, dim: int, dtype: str) -> None:
+def _check_disk_space(output: Path, pending: Sequence[Entry | Planned], n_parts: int, n_layers: int, dim: int,
+                      dtype: str, store: str = "both") -> None:
     """Parts and the final file coexist at the end of a run: ask for twice the new data plus the old file."""
     bytes_per = np.dtype(dtype).itemsize * dim * n_layers
-    # Per sequence: residues and pooled vector, its tables (key, sequence, lengths) and checksums.
-    new = sum((e.n_residues + 1) * bytes_per + 100 + 2 * e.length + 8 * n_layers for e in pending)
+    residues, pooled = stores_residues(store), stores_pooled(store)
+    # Per sequence: what is kept of residues and pooled vector, its tables (key, sequence,
+    # lengths) and the residues' checksums.
+    new = sum((e.n_residues * residues + pooled) * bytes_per + 100 + 2 * e.length + 8 * n_layers * residues
+              for e in pending)
     overhead = (n_parts + 2) * (PART_OVERHEAD + PART_OVERHEAD_PER_LAYER * n_layers)
     target = real_path(output)  # through a link, the space that counts is the target's
     needed = 2 * new + overhead + (target.stat().st_size if target.exists() else 0)

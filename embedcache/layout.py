@@ -1,6 +1,6 @@
 """What a cache file is: its format, paths beside it, settings, and the checksums it carries.
 
-Layout of a cache file (``FORMAT_VERSION`` 2)::
+Layout of a cache file (format version 2, or 3 when ``store`` is not "both")::
 
     /                      attrs: provenance (model, layers, dtype, policy, versions, ...),
                                   format, format_version, attrs_checksum
@@ -9,7 +9,7 @@ Layout of a cache file (``FORMAT_VERSION`` 2)::
     /sequences/length      (n,)   residues in the sequence
     /sequences/n_residues  (n,)   residues stored (max_length when truncated)
     /sequences/status      (n,)   batching.Status: 0 full, 1 truncated, 2 chunked
-    /sequences/offset      (n+1,) row of each sequence's first residue in per_residue
+    /sequences/offset      (n+1,) row of each sequence's first residue in per_residue (all 0: none stored)
     /L{layer}/per_residue  (sum n_residues, D)  all residues of all sequences, concatenated
     /L{layer}/per_residue_checksum  (n,)  checksum of each sequence's rows of per_residue
     /L{layer}/pooled       (n, D) mean over residues (specials and padding excluded)
@@ -21,6 +21,17 @@ Every dataset but ``per_residue`` carries a ``checksum`` attribute over its whol
 ``per_residue`` is checked per sequence, against ``per_residue_checksum``, so that reading
 one protein never reads more than that protein. The root attributes are covered by
 ``attrs_checksum``. Version 1 (embedcache < 0.2) is the same layout without checksums.
+
+The root attribute ``store`` says what was kept (a file without it keeps both):
+
+- ``both``: the layout above (format version 2, readable by embedcache 0.2 on).
+- ``pooled``: no ``per_residue`` nor ``per_residue_checksum`` datasets, and every offset 0;
+  ``n_residues`` still counts the residues the pooled vector is the mean of.
+- ``per-residue``: no ``pooled`` datasets; a pooled read is the mean of the stored residues,
+  computed when read (allowed only for models whose pooled vector is exactly that).
+
+Files that keep one kind only say format version 3, so that an embedcache that knows only
+version 2 calls them newer ("upgrade") instead of damaged.
 
 The checksum (``wsum64``, :func:`checksum`) is a position-weighted sum of the data's 64-bit
 words modulo 2**64 with odd weights: any change of a single word changes it, and random
@@ -44,7 +55,9 @@ import numpy as np
 from .atomic import real_path
 
 FORMAT = "embedcache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# What a file that keeps both kinds of embeddings says: readers of version 2 read it unchanged.
+BOTH_FORMAT_VERSION = 2
 # Files of this version or older are read; version 1 has no checksums.
 OLDEST_READABLE = 1
 KEY_DTYPE = "S40"
@@ -62,7 +75,25 @@ CONTENT_SETTINGS = (
     "max_length",
     "chunk_overlap",
     "embed_dim",
+    "store",
 )
+
+# What a cache keeps: per-residue arrays and pooled vectors, or one of the two.
+STORES = ("both", "pooled", "per-residue")
+# What a file without the ``store`` attribute (written before it existed) keeps.
+DEFAULT_STORE = "both"
+
+
+def format_version_for(store: str) -> int:
+    return BOTH_FORMAT_VERSION if store == DEFAULT_STORE else FORMAT_VERSION
+
+
+def stores_residues(store: str) -> bool:
+    return store in ("both", "per-residue")
+
+
+def stores_pooled(store: str) -> bool:
+    return store in ("both", "pooled")
 
 
 class CacheError(RuntimeError):
@@ -124,7 +155,12 @@ def jsonable(value):
 
 
 def settings_of(attrs) -> dict:
-    return {name: jsonable(attrs[name]) for name in CONTENT_SETTINGS if name in attrs}
+    return with_default_store({name: jsonable(attrs[name]) for name in CONTENT_SETTINGS if name in attrs})
+
+
+def with_default_store(settings: dict) -> dict:
+    """Settings written before ``store`` existed describe files that keep both kinds."""
+    return {**settings, "store": settings.get("store", DEFAULT_STORE)}
 
 
 def provenance_attrs(provenance: dict) -> dict:

@@ -49,6 +49,7 @@ from .layout import (
     write_table,
 )
 from .reader import EmbeddingCache, lock_holder, verify_cache
+from .sequences import RecordIndex
 from .writer import WriterLock
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def file_sha256(path: Path | str) -> str:
 
 def input_identity(
     input_path: Path | str,
-    records: Sequence,
+    records: Sequence | RecordIndex,
     *,
     n_sequences: int,
     fmt: str | None = None,

@@ -21,6 +21,8 @@ import numpy as np
 
 from .batching import Status
 from .layout import (
+    DEFAULT_STORE,
+    STORES,
     CacheDamagedError,
     CacheError,
     attrs_digest,
@@ -28,6 +30,8 @@ from .layout import (
     checksum,
     jsonable,
     parts_dir,
+    stores_pooled,
+    stores_residues,
     verify_table,
 )
 
@@ -86,6 +90,10 @@ class EmbeddingCache:
     Arrays come back in the stored dtype (float16 unless the cache was written as float32);
     ``layer`` defaults to the highest stored layer. ``verify=False`` skips the per-protein
     checksum on residue reads (the tables are checked regardless).
+
+    A cache made with ``--store pooled`` has no per-residue arrays: reading them raises a
+    :class:`CacheError`. One made with ``--store per-residue`` has no pooled matrix: a pooled
+    read is the mean of the stored residues, computed when first asked for.
     """
 
     def __init__(self, path: Path | str, verify: bool = True):
@@ -151,6 +159,10 @@ class EmbeddingCache:
                     f"{self.path}: the file's attributes do not match their checksum; the file is damaged"
                 )
         self.attrs = {name: jsonable(value) for name, value in f.attrs.items()}
+        self._store = str(self.attrs.get("store", DEFAULT_STORE))
+        if self._store not in STORES:
+            raise CacheDamagedError(f"{self.path}: store attribute {self._store!r} is none of {STORES}; the file is "
+                                    "damaged, or written by a newer embedcache")
         self.layers = [int(x) for x in np.atleast_1d(f.attrs["layers"])]
         self._offsets = self._table("sequences/offset").astype(np.int64)
         self._status = self._table("sequences/status")
@@ -173,6 +185,8 @@ class EmbeddingCache:
         self._headers = dict(zip(all_ids, headers))
         self._all_ids, self._header_list, self._id_keys = all_ids, headers, id_keys
         self._pooled: dict[int, np.ndarray] = {}
+        # Under --store per-residue: which rows of _pooled have been computed from their residues.
+        self._pooled_done: dict[int, np.ndarray] = {}
         self._id_of_row: dict[int, str] | None = None
 
     def _check_structure(self, all_ids, index, id_keys, headers) -> None:
@@ -186,8 +200,11 @@ class EmbeddingCache:
             raise bad("sequences/offset is not an index of the stored sequences")
         if not len(self._status) == len(self._lengths) == len(self._n_stored) == n:
             raise bad("the sequences/ tables have different lengths")
-        if not np.array_equal(np.diff(self._offsets), self._n_stored):
-            raise bad("sequences/offset and sequences/n_residues disagree")
+        if self.stores_residues:
+            if not np.array_equal(np.diff(self._offsets), self._n_stored):
+                raise bad("sequences/offset and sequences/n_residues disagree")
+        elif self._offsets[-1] != 0:
+            raise bad("sequences/offset points at residues, but the file keeps pooled vectors only")
         if not len(all_ids) == len(index) == len(id_keys) == len(headers):
             raise bad("the ids/ tables have different lengths")
         if len(set(all_ids)) != len(all_ids):
@@ -199,10 +216,41 @@ class EmbeddingCache:
             if row_of_key.get(key, -1) != row:
                 raise bad(f"ids/index and ids/key disagree for ID {ident!r}")
         for layer in self.layers:
-            rows, pooled = self._file[f"L{layer}/per_residue"], self._file[f"L{layer}/pooled"]
-            if rows.shape[0] != self._offsets[-1] or pooled.shape[0] != n or rows.shape[1:] != pooled.shape[1:]:
-                raise bad(f"the shapes of L{layer}/per_residue and L{layer}/pooled do not match the index")
+            group = self._file[f"L{layer}"]
+            shapes = []
+            if self.stores_residues:
+                rows = group["per_residue"]
+                if rows.shape[0] != self._offsets[-1]:
+                    raise bad(f"the shape of L{layer}/per_residue does not match the index")
+                shapes.append(rows.shape[1:])
+            if self.stores_pooled:
+                pooled = group["pooled"]
+                if pooled.shape[0] != n:
+                    raise bad(f"the shape of L{layer}/pooled does not match the index")
+                shapes.append(pooled.shape[1:])
+            if len(shapes[0]) != 1 or len(set(shapes)) != 1:
+                raise bad(f"L{layer}/per_residue and L{layer}/pooled do not have the same width")
         self._key_row = row_of_key
+
+    # -- what the file keeps -------------------------------------------------------------
+    @property
+    def store(self) -> str:
+        """"both", "pooled" (no per-residue arrays) or "per-residue" (pooled vectors computed on read)."""
+        return self._store
+
+    @property
+    def stores_residues(self) -> bool:
+        return stores_residues(self._store)
+
+    @property
+    def stores_pooled(self) -> bool:
+        return stores_pooled(self._store)
+
+    def _no_residues(self) -> CacheError:
+        return CacheError(
+            f"{self.path}: was made with --store pooled and holds pooled vectors only, no per-residue arrays; "
+            "extract the proteins again with --store both (or per-residue) into another file to read residues"
+        )
 
     # -- lookups -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -272,7 +320,8 @@ class EmbeddingCache:
         return int(self._lengths[self._row_of(ident)])
 
     def n_residues(self, ids: Sequence[str]) -> np.ndarray:
-        """Rows stored for each ID: what ``per_residue`` returns."""
+        """Rows stored for each ID: what ``per_residue`` returns (under --store pooled: what the
+        pooled vector is the mean of)."""
         return self.n_residues_rows(self.rows(ids))
 
     # -- by content ----------------------------------------------------------------------
@@ -296,14 +345,38 @@ class EmbeddingCache:
 
     def n_residues_rows(self, rows: np.ndarray) -> np.ndarray:
         rows = self._valid_rows(rows)
-        return (self._offsets[rows + 1] - self._offsets[rows]).astype(np.int64)
+        # Equal to the offsets' differences wherever residues are stored (checked on opening).
+        return self._n_stored[rows].astype(np.int64)
 
     def pooled_rows(self, rows: np.ndarray | Sequence[int], layer: int | None = None) -> np.ndarray:
         layer = self._layer(layer)
+        rows = self._valid_rows(rows)
+        if not self.stores_pooled:
+            return self._pooled_from_residues(rows, layer)
         if layer not in self._pooled:
             with self._reading(f"L{layer}/pooled"):
                 self._pooled[layer] = self._table(f"L{layer}/pooled")
-        return self._pooled[layer][self._valid_rows(rows)]
+        return self._pooled[layer][rows]
+
+    def _pooled_from_residues(self, rows: np.ndarray, layer: int, block: int = 256) -> np.ndarray:
+        """Means of the stored residues (--store per-residue), each row computed once and kept.
+
+        The extraction refuses this store for models whose pooled vector is not the mean of
+        the residues alone. The mean is of the stored (rounded) values, so it differs from a
+        ``both`` cache's pooled vector by the storage rounding, about 1e-3 relative in float16.
+        """
+        data = self._residues(layer)
+        if layer not in self._pooled:
+            self._pooled[layer] = np.zeros((len(self._keys), data.shape[1]), dtype=data.dtype)
+            self._pooled_done[layer] = np.zeros(len(self._keys), dtype=bool)
+        pooled, done = self._pooled[layer], self._pooled_done[layer]
+        todo = np.unique(rows[~done[rows]])
+        for start in range(0, len(todo), block):
+            chunk = todo[start : start + block]
+            for row, residues in zip(chunk.tolist(), self.per_residue_rows(chunk, layer)):
+                pooled[row] = residues.mean(axis=0, dtype=np.float64)
+            done[chunk] = True
+        return pooled[rows]
 
     def _checked(self, layer: int, row: int, rows: np.ndarray) -> np.ndarray:
         if self.verify and self.has_checksums:
@@ -340,9 +413,18 @@ class EmbeddingCache:
     # -- arrays --------------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
-        return int(self._residues(None).shape[1])
+        return int(self._first_dataset(self.layers[-1]).shape[1])
+
+    def _first_dataset(self, layer: int) -> h5py.Dataset:
+        """A stored dataset of the layer (residues or pooled, whichever there is): its width and dtype."""
+        if self.stores_residues:
+            return self._residues(layer)
+        with self._reading(f"L{layer}/pooled"):
+            return self._file[f"L{layer}/pooled"]
 
     def _residues(self, layer: int | None) -> h5py.Dataset:
+        if not self.stores_residues:
+            raise self._no_residues()
         layer = self._layer(layer)
         if layer not in self._residue_sets:
             with self._reading(f"L{layer}/per_residue"):
@@ -429,7 +511,7 @@ class EmbeddingCache:
     # -- description ---------------------------------------------------------------------
     def info(self) -> dict:
         counts = {s.name.lower(): int((self._status == s).sum()) for s in (Status.TRUNCATED, Status.CHUNKED)}
-        first = self._residues(self.layers[0])
+        first = self._first_dataset(self.layers[0])
         return {
             "path": str(self.path),
             "file_size_bytes": self.path.stat().st_size,
@@ -437,7 +519,9 @@ class EmbeddingCache:
             "ids_embedded": len(self.ids),
             "ids_skipped": len(self.skipped_ids),
             "unique_sequences": int(len(self._offsets) - 1),
+            "store": self.store,
             "residues_stored": int(self._offsets[-1]),
+            "residues_embedded": int(self._n_stored.sum()),
             "truncated": counts["truncated"],
             "chunked": counts["chunked"],
             "embed_dim": int(first.shape[1]),
@@ -491,8 +575,11 @@ def verify_cache(path: Path | str, max_problems: int = 20) -> VerifyReport:
             report.notes.append(NO_CHECKSUMS)
         checks: list[Callable[[], object]] = [cache.all_sequences]
         for layer in cache.layers:
-            checks.append(functools.partial(cache.pooled_rows, [], layer))
-            checks.append(functools.partial(_verify_rows, cache, layer, report, max_problems))
+            # Under --store per-residue pooled vectors are computed from the rows checked next.
+            if cache.stores_pooled:
+                checks.append(functools.partial(cache.pooled_rows, [], layer))
+            if cache.stores_residues:
+                checks.append(functools.partial(_verify_rows, cache, layer, report, max_problems))
         for check in checks:
             try:
                 check()

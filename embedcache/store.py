@@ -11,6 +11,7 @@ from .layout import (
     FORMAT,
     FORMAT_VERSION,
     KEY_DTYPE,
+    STORES,
     STR_DTYPE,
     CacheDamagedError,
     CacheError,
@@ -22,7 +23,7 @@ from .reader import EmbeddingCache, VerifyReport, lock_holder, verify_cache
 from .writer import CacheWriter, EmbeddedEntry, WriterLock, write_arrays
 
 __all__ = [
-    "CONTENT_SETTINGS", "FORMAT", "FORMAT_VERSION", "KEY_DTYPE", "STR_DTYPE", "CacheDamagedError", "CacheError",
-    "CacheLockedError", "CacheWriter", "EmbeddedEntry", "EmbeddingCache", "VerifyReport", "WriterLock",
+    "CONTENT_SETTINGS", "FORMAT", "FORMAT_VERSION", "KEY_DTYPE", "STORES", "STR_DTYPE", "CacheDamagedError",
+    "CacheError", "CacheLockedError", "CacheWriter", "EmbeddedEntry", "EmbeddingCache", "VerifyReport", "WriterLock",
     "lock_holder", "lock_path", "parts_dir", "verify_cache", "write_arrays",
 ]

@@ -40,8 +40,8 @@ from .atomic import atomic_h5, fsync_dir, real_path, write_json
 from .batching import Entry, Status, sort_key
 from .layout import (
     CONTENT_SETTINGS,
+    DEFAULT_STORE,
     FORMAT,
-    FORMAT_VERSION,
     KEY_DTYPE,
     STR_DTYPE,
     CacheDamagedError,
@@ -49,16 +49,23 @@ from .layout import (
     CacheLockedError,
     attrs_digest,
     checksum,
+    format_version_for,
     jsonable,
     lock_path,
     parts_dir,
     provenance_attrs,
     settings_of,
+    stores_pooled,
+    stores_residues,
     verify_table,
+    with_default_store,
     write_table,
 )
 from .reader import H5_ERRORS, EmbeddingCache, _decode
-from .sequences import Record
+from .sequences import IndexedRecord, Record, RecordIndex
+
+# The input's records as the writer needs them: IDs, headers and keys (the sequences are in the entries).
+Records = Sequence[Record] | RecordIndex
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +131,10 @@ class WriterLock:
 
 @dataclass
 class EmbeddedEntry:
-    """One sequence's results: per-residue arrays and pooled vectors per layer (float32)."""
+    """One sequence's results: per-residue arrays and pooled vectors per layer (float32).
+
+    Either dict may be empty when the cache does not keep that kind (``store``).
+    """
 
     entry: Entry
     per_residue: dict[int, np.ndarray]
@@ -150,8 +160,9 @@ class CacheWriter:
 
     def __init__(self, path: Path | str, provenance: dict):
         self.path = real_path(path)
-        self.provenance = provenance_attrs(provenance)
+        self.provenance = provenance_attrs(with_default_store(provenance))
         self.settings = {name: jsonable(self.provenance[name]) for name in CONTENT_SETTINGS}
+        self.store = self.settings["store"]
         self.parts = parts_dir(self.path)
         self._lock = WriterLock(self.path)
         self._existing_keys: set[str] = set()
@@ -181,11 +192,17 @@ class CacheWriter:
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
 
     def _check_settings(self, found: dict, where: str) -> None:
+        found = with_default_store(found)
         differ = {k: (found.get(k), self.settings[k]) for k in CONTENT_SETTINGS if found.get(k) != self.settings[k]}
         if differ:
             detail = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+            hint = ""
+            if "store" in differ:
+                # One file holds one kind of contents: a pooled-only file cannot gain residues for some proteins.
+                kept = str(differ["store"][0])
+                hint = f" It keeps {_STORE_WORDS.get(kept, kept)}: extend it with --store {kept}."
             raise CacheError(
-                f"{where} was made with other settings ({detail}). Use the same settings to extend it, "
+                f"{where} was made with other settings ({detail}).{hint} Use the same settings to extend it, "
                 "or write to a new file."
             )
 
@@ -247,7 +264,7 @@ class CacheWriter:
         if self._part_keys:
             log.info("resuming: %d sequences embedded by an interrupted run", len(self._part_keys))
 
-    def check_ids(self, records: Sequence[Record]) -> None:
+    def check_ids(self, records: Records) -> None:
         """Refuse an input that gives an ID already in the cache a different sequence."""
         for rec in records:
             old = self._existing_ids.get(rec.id)
@@ -288,7 +305,7 @@ class CacheWriter:
             self._part_keys[r.entry.key] = path
         return path
 
-    def finish(self, records: Sequence[Record], skipped_keys: set[str]) -> bool:
+    def finish(self, records: Records, skipped_keys: set[str]) -> bool:
         """Write the complete cache file; returns False when it was already up to date."""
         wanted_keys = {rec.key for rec in records} - skipped_keys
         new_keys = sorted(k for k in wanted_keys - self._existing_keys if k in self._part_keys)
@@ -308,18 +325,29 @@ class CacheWriter:
             shutil.rmtree(self.parts)
 
 
+_STORE_WORDS = {
+    "both": "per-residue arrays and pooled vectors",
+    "pooled": "pooled vectors only",
+    "per-residue": "per-residue arrays only",
+}
+
+
 def _write_entries(f: h5py.File, results: Sequence[EmbeddedEntry], layers, dtype: str, settings: dict) -> None:
-    f.attrs.update(format=PART_FORMAT, format_version=FORMAT_VERSION, settings=json.dumps(settings, sort_keys=True))
+    store = settings["store"]
+    f.attrs.update(format=PART_FORMAT, format_version=format_version_for(store),
+                   settings=json.dumps(settings, sort_keys=True))
     write_table(f, "key", [r.entry.key for r in results], KEY_DTYPE)
     write_table(f, "sequence", [r.entry.sequence for r in results], STR_DTYPE)
     write_table(f, "status", [int(r.entry.status) for r in results], np.uint8)
     write_table(f, "n_residues", [r.entry.n_residues for r in results], np.int64)
     for layer in layers:
-        write_table(f, f"L{layer}/per_residue", np.concatenate([r.per_residue[layer] for r in results]), dtype)
-        write_table(f, f"L{layer}/pooled", np.stack([r.pooled[layer] for r in results]), dtype)
+        if stores_residues(store):
+            write_table(f, f"L{layer}/per_residue", np.concatenate([r.per_residue[layer] for r in results]), dtype)
+        if stores_pooled(store):
+            write_table(f, f"L{layer}/pooled", np.stack([r.pooled[layer] for r in results]), dtype)
 
 
-def _load_part(path: Path, layers: list[int]) -> _Part:
+def _load_part(path: Path, layers: list[int], store: str = DEFAULT_STORE) -> _Part:
     """A part's datasets, each checked against its checksum (parts of format 1 have none)."""
     try:
         with h5py.File(path, "r") as f:
@@ -338,8 +366,8 @@ def _load_part(path: Path, layers: list[int]) -> _Part:
                 n_residues=counts,
                 starts=np.concatenate([[0], np.cumsum(counts)]),
                 row={},
-                per_residue={l: table(f"L{l}/per_residue") for l in layers},
-                pooled={l: table(f"L{l}/pooled") for l in layers},
+                per_residue={l: table(f"L{l}/per_residue") for l in layers} if stores_residues(store) else {},
+                pooled={l: table(f"L{l}/pooled") for l in layers} if stores_pooled(store) else {},
             )
     except (CacheDamagedError, *H5_ERRORS) as err:
         path.unlink(missing_ok=True)
@@ -348,8 +376,8 @@ def _load_part(path: Path, layers: list[int]) -> _Part:
             "run the same command again to embed its sequences again"
         ) from None
     if not (len(part.keys) == len(part.sequences) == len(part.status) == len(counts)) or any(
-        part.per_residue[l].shape[0] != part.starts[-1] or part.pooled[l].shape[0] != len(counts) for l in layers
-    ):
+        a.shape[0] != part.starts[-1] for a in part.per_residue.values()
+    ) or any(a.shape[0] != len(counts) for a in part.pooled.values()):
         path.unlink(missing_ok=True)
         raise CacheDamagedError(f"{path}: a part with inconsistent tables has been removed; run the same command again")
     part.row = {k: i for i, k in enumerate(part.keys)}
@@ -359,15 +387,15 @@ def _load_part(path: Path, layers: list[int]) -> _Part:
 class _Parts:
     """Loaded parts, a few at a time: consecutive entries mostly come from the same part."""
 
-    def __init__(self, layers: list[int], keep: int = 4):
-        self.layers, self.keep = layers, keep
+    def __init__(self, layers: list[int], store: str = DEFAULT_STORE, keep: int = 4):
+        self.layers, self.store, self.keep = layers, store, keep
         self.loaded: dict[Path, _Part] = {}
 
     def get(self, path: Path) -> _Part:
         if path not in self.loaded:
             if len(self.loaded) >= self.keep:
                 self.loaded.pop(next(iter(self.loaded)))
-            self.loaded[path] = _load_part(path, self.layers)
+            self.loaded[path] = _load_part(path, self.layers, self.store)
         return self.loaded[path]
 
 
@@ -376,7 +404,7 @@ def _consolidate(
     provenance: dict,
     part_of: dict[str, Path],
     new_keys: list[str],
-    new_ids: list[Record],
+    new_ids: list[Record | IndexedRecord],
 ) -> None:
     """Write old contents + new entries + new IDs into a fresh file and swap it in.
 
@@ -384,7 +412,9 @@ def _consolidate(
     does not depend on how many runs it took to embed them.
     """
     layers = [int(x) for x in provenance["layers"]]
-    parts = _Parts(layers)
+    store = provenance.get("store", DEFAULT_STORE)
+    residues, pooled_kept = stores_residues(store), stores_pooled(store)
+    parts = _Parts(layers, store)
     new_entries = []
     for key in new_keys:
         part = parts.get(part_of[key])
@@ -407,7 +437,8 @@ def _consolidate(
         else:
             old_columns, old_offsets, old_attrs = {name: [] for name in _COLUMNS}, np.zeros(1, dtype=np.int64), {}
         n_old = len(old_offsets) - 1
-        counts = np.array([e.n_residues for e in new_entries], dtype=np.int64)
+        # Under --store pooled no residue is stored: every sequence's rows are the empty range 0:0.
+        counts = np.array([e.n_residues if residues else 0 for e in new_entries], dtype=np.int64)
         offsets = np.concatenate([old_offsets, old_offsets[-1] + np.cumsum(counts)]).astype(np.int64)
         new_columns = {
             "key": [e.key for e in new_entries],
@@ -423,23 +454,30 @@ def _consolidate(
 
             n = len(offsets) - 1
             for l in layers:
-                rows = out.create_dataset(f"L{l}/per_residue", shape=(int(offsets[-1]), dim), dtype=dtype)
-                sums = np.zeros(n, dtype=np.uint64)
-                pooled = np.zeros((n, dim), dtype=dtype)
-                if old is not None:
-                    for start, stop, slab, slab_sums in old.iter_residue_blocks(l):
-                        rows[int(old_offsets[start]) : int(old_offsets[stop])] = slab
-                        sums[start:stop] = slab_sums
-                    pooled[:n_old] = old.pooled_rows(np.arange(n_old), l)
+                if residues:
+                    rows = out.create_dataset(f"L{l}/per_residue", shape=(int(offsets[-1]), dim), dtype=dtype)
+                    sums = np.zeros(n, dtype=np.uint64)
+                    if old is not None:
+                        for start, stop, slab, slab_sums in old.iter_residue_blocks(l):
+                            rows[int(old_offsets[start]) : int(old_offsets[stop])] = slab
+                            sums[start:stop] = slab_sums
+                if pooled_kept:
+                    pooled = np.zeros((n, dim), dtype=dtype)
+                    if old is not None:
+                        pooled[:n_old] = old.pooled_rows(np.arange(n_old), l)
                 for i, entry in enumerate(new_entries, n_old):
                     part = parts.get(part_of[entry.key])
                     j = part.row[entry.key]
-                    data = part.per_residue[l][part.starts[j] : part.starts[j + 1]]
-                    rows[offsets[i] : offsets[i + 1]] = data
-                    sums[i] = checksum(data)
-                    pooled[i] = part.pooled[l][j]
-                write_table(out, f"L{l}/per_residue_checksum", sums, np.uint64)
-                write_table(out, f"L{l}/pooled", pooled, dtype)
+                    if residues:
+                        data = part.per_residue[l][part.starts[j] : part.starts[j + 1]]
+                        rows[offsets[i] : offsets[i + 1]] = data
+                        sums[i] = checksum(data)
+                    if pooled_kept:
+                        pooled[i] = part.pooled[l][j]
+                if residues:
+                    write_table(out, f"L{l}/per_residue_checksum", sums, np.uint64)
+                if pooled_kept:
+                    write_table(out, f"L{l}/pooled", pooled, dtype)
 
             keys = old_columns["key"] + new_columns["key"]
             _write_ids(out, old, new_ids, {k: i for i, k in enumerate(keys)})
@@ -450,7 +488,7 @@ def _consolidate(
             attrs["commands"] = json.dumps(
                 (json.loads(old_attrs["commands"]) if old is not None else []) + [attrs.pop("command")]
             )
-            attrs.update(format=FORMAT, format_version=FORMAT_VERSION)
+            attrs.update(format=FORMAT, format_version=format_version_for(store))
             attrs.pop("attrs_checksum", None)
             out.attrs.update(attrs)
             out.attrs["attrs_checksum"] = attrs_digest(out.attrs)
@@ -462,7 +500,8 @@ def _consolidate(
 _COLUMNS = {"key": KEY_DTYPE, "sequence": STR_DTYPE, "length": np.int32, "n_residues": np.int32, "status": np.uint8}
 
 
-def _write_ids(out: h5py.File, old: EmbeddingCache | None, new_ids: list[Record], key_index: dict[str, int]) -> None:
+def _write_ids(out: h5py.File, old: EmbeddingCache | None, new_ids: list[Record | IndexedRecord],
+               key_index: dict[str, int]) -> None:
     if old is not None:
         ids, headers, keys = old.all_ids()
     else:

@@ -295,7 +295,9 @@ def residues_identity(view: Residues) -> str:
     """
     digest = hashlib.sha256()
     if isinstance(view, CachedResidues):
-        settings = {k: view.cache.attrs.get(k) for k in CONTENT_SETTINGS}
+        # What the cache keeps beside the residues does not change them: "store" is left out, so
+        # the identity of a cache made before it existed stays the same.
+        settings = {k: view.cache.attrs.get(k) for k in CONTENT_SETTINGS if k != "store"}
         digest.update(json.dumps({"settings": settings, "layer": view.layer}, sort_keys=True, default=str).encode())
         digest.update("\n".join(view.cache.sequences_rows(view.rows.tolist())).encode())
     else:

@@ -19,6 +19,16 @@ from embedcache.store import EmbeddingCache
 log = logging.getLogger(__name__)
 
 
+def require_residues(cache: EmbeddingCache, who: str) -> None:
+    """Refuse a cache made with ``--store pooled`` for a head (or command) that reads residues."""
+    if getattr(cache, "store", "both") == "pooled":
+        raise ValueError(
+            f"{cache.path}: was made with --store pooled and holds pooled vectors only, but {who} reads "
+            "per-residue embeddings; extract the proteins again with --store both (or per-residue) into another "
+            "cache, or use a head that reads pooled vectors (logreg, lightgbm)"
+        )
+
+
 class Residues:
     """Per-residue arrays of some proteins; ``view[index_array]`` is a view of a subset."""
 
@@ -55,6 +65,7 @@ class CachedResidues(Residues):
     """Per-residue arrays of some rows of a cache, read when asked for."""
 
     def __init__(self, cache: EmbeddingCache, rows: np.ndarray, layer: int | None = None):
+        require_residues(cache, "this head")
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
         self.layer = layer
@@ -132,6 +143,7 @@ class FeatureSource:
 
     def residues(self) -> CachedResidues:
         cache, rows = self._need_cache("per-residue")
+        require_residues(cache, "this head")
         return CachedResidues(cache, rows, self.layer)
 
     def sequences(self) -> np.ndarray:

@@ -22,7 +22,7 @@ from embedcache.store import EmbeddingCache
 
 from .datasets import LabeledSet, load_labeled, merge
 from .evaluate import MethodResult, cross_validate, read_reference
-from .features import FeatureSource
+from .features import FeatureSource, require_residues
 from .figstyle import FigureContext
 from .folds import homology_folds, scheme, stratified_folds
 from .htmlreport import describe_folds, file_digests, software_versions
@@ -194,6 +194,9 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         frozen = [n for n, h in heads.items() if h.input != "sequence"]
         if frozen and cache is None:
             raise ValueError(f"heads {', '.join(frozen)} read embeddings: give --cache")
+        residue_heads = [n for n, h in heads.items() if h.input == "per_residue"]
+        if residue_heads and cache is not None:  # refused before any head is trained
+            require_residues(cache, f"head{'s' if len(residue_heads) > 1 else ''} {', '.join(residue_heads)}")
         if cache is not None and config.layer is not None and config.layer not in cache.layers:
             raise ValueError(f"layer {config.layer} is not in {cache.path}; stored layers: {cache.layers}")
         features = FeatureSource(cache, data.sequences, config.layer, ids=data.ids)
@@ -433,6 +436,8 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
             if cache_path is None:  # excluded above: proteins come as a cache or as sequences
                 raise ValueError("give the proteins to predict as an embedding cache or as a sequence file")
             cache = stack.enter_context(EmbeddingCache(cache_path))
+            if kind == "per_residue":
+                require_residues(cache, f"{head} (attention pooling over residues)")
             if kind != "sequence":
                 try:
                     check_identity(finished.config.get("backbone"), cache.attrs, run, Path(cache_path))

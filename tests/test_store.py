@@ -201,7 +201,7 @@ def test_version_1_file_stays_readable_and_extending_it_writes_version_2(tmp_pat
     arrays = [rng.standard_normal((len(r.sequence), 8)).astype(np.float32) for r in records]
     write_arrays(path, records, arrays, "synthetic", layer=0, batch=2)
     with EmbeddingCache(path) as cache:
-        assert cache.format_version == FORMAT_VERSION == 2 and cache.has_checksums
+        assert cache.format_version == 2 and cache.has_checksums
     assert verify_cache(path).ok
     new, direct = snapshot(path), snapshot(grown)
     assert new["residues"][:4] == old["residues"]
