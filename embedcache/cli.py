@@ -192,8 +192,9 @@ def extract_cmd(input_path, output, model, weights, layers, long_policy, max_len
 def merge_cmd(paths, partial, verbose) -> None:
     """Join caches of one model into OUTPUT, a new file: the shards of `extract --shard I/N`, or any caches.
 
-    Each sequence is stored once and every ID kept. Refused: other settings or weights, shards of
-    another input or count, missing shards (unless --partial), an ID with two sequences.
+    Each sequence is stored once and every ID kept; OUTPUT keeps what the inputs keep (--store). Refused:
+    other settings, weights or --store, shards of another input or count, missing shards (unless
+    --partial), an ID with two sequences.
     """
     _setup_logging(verbose)
     if len(paths) < 2:

@@ -14,6 +14,10 @@ statuses, and rows in the same order (:func:`embedcache.batching.sort_key`). IDs
 by shard rather than in input order. Embeddings agree with an unsharded run's up to float
 rounding, not bit for bit: a sequence's values can depend on the other sequences in its
 batch (see :mod:`embedcache.writer`).
+
+The merged file keeps what its inputs keep (``store``: both kinds, pooled vectors only, or
+per-residue arrays only), laid out as one run with that ``--store`` lays it out; inputs that
+keep different kinds are refused, since one of them lacks what the other holds.
 """
 
 from __future__ import annotations
@@ -36,16 +40,19 @@ from .atomic import atomic_h5, fsync_dir, real_path
 from .batching import Entry, Status, sort_key
 from .layout import (
     CONTENT_SETTINGS,
+    DEFAULT_STORE,
     FORMAT,
-    FORMAT_VERSION,
     KEY_DTYPE,
     STR_DTYPE,
     CacheDamagedError,
     CacheError,
     attrs_digest,
+    format_version_for,
     jsonable,
     parts_dir,
     settings_of,
+    stores_pooled,
+    stores_residues,
     write_table,
 )
 from .reader import EmbeddingCache, lock_holder, verify_cache
@@ -55,7 +62,7 @@ from .writer import WriterLock
 log = logging.getLogger(__name__)
 
 # What a cache made before a setting existed holds; absent and this value are the same setting.
-SETTING_DEFAULTS = {"store": "both"}
+SETTING_DEFAULTS = {"store": DEFAULT_STORE}
 
 
 @dataclass
@@ -65,7 +72,7 @@ class MergeSummary:
     ids: int  # every ID of the output, skipped ones included
     sequences: int  # unique sequences stored
     duplicates: int  # sequences found in more than one input, stored once
-    residues: int  # residues stored per layer
+    residues: int  # residues stored per layer (0 when the caches keep pooled vectors only)
     shards: str | None  # "N of N", "K of N" (with --partial), or None when the inputs are not shards
     missing_shards: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -198,12 +205,7 @@ def _check_together(inputs: list[_Input], partial: bool) -> tuple[str | None, li
             detail = "; ".join(f"{k}: {first.settings.get(k)!r} in {first.path}, {other.settings.get(k)!r} in "
                                f"{other.path}" for k in differ)
             raise CacheError(f"cannot merge caches made with different settings ({detail}); merge only caches of "
-                             "the same model, weights, layers, precision, dtype and long-sequence policy")
-    for i in inputs:
-        store = str(jsonable(i.cache.attrs.get("store", "both")))
-        if store != "both":
-            raise CacheError(f"{i.path}: made with --store {store}; merging is implemented for caches that store "
-                             "both per-residue arrays and pooled vectors")
+                             "the same model, weights, layers, precision, dtype, long-sequence policy and --store")
     sharded = [i for i in inputs if i.shards is not None]
     if not sharded:
         return None, [], None
@@ -347,8 +349,12 @@ def _write_merged(inputs: list[_Input], staged: Path, shard_attr: str | None, id
     order = sorted(stored, key=lambda k: sort_key(Entry(k, entries[k][0], Status(entries[k][3]), entries[k][2])))
     row_of = {k: i for i, k in enumerate(order)}
     counts = np.array([entries[k][2] for k in order], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     first = inputs[0].cache
+    store = first.store  # the same in every input (checked with the other settings)
+    residues, pooled_kept = stores_residues(store), stores_pooled(store)
+    # As a single run writes it: under --store pooled every sequence's rows are the empty range 0:0,
+    # while n_residues still counts the residues its pooled vector is the mean of.
+    offsets = np.concatenate([[0], np.cumsum(counts if residues else np.zeros_like(counts))]).astype(np.int64)
     layers = first.layers
     dim = first.embed_dim
     with atomic_h5(staged) as out:
@@ -359,30 +365,37 @@ def _write_merged(inputs: list[_Input], staged: Path, shard_attr: str | None, id
         write_table(out, "sequences/status", [entries[k][3] for k in order], np.uint8)
         write_table(out, "sequences/offset", offsets, np.int64)
         for layer in layers:
-            dtype = first._residues(layer).dtype
-            rows = out.create_dataset(f"L{layer}/per_residue", shape=(int(offsets[-1]), dim), dtype=dtype)
-            sums = np.zeros(len(order), dtype=np.uint64)
-            pooled = np.zeros((len(order), dim), dtype=dtype)
+            dtype = first._first_dataset(layer).dtype
+            if residues:
+                rows = out.create_dataset(f"L{layer}/per_residue", shape=(int(offsets[-1]), dim), dtype=dtype)
+                sums = np.zeros(len(order), dtype=np.uint64)
+            if pooled_kept:
+                pooled = np.zeros((len(order), dim), dtype=dtype)
             for n, inp in enumerate(inputs):
                 cache = inp.cache
                 mine = [r for r, k in enumerate(cache._keys) if source.get(k) == (n, r)]
                 if not mine:
                     continue
-                bounds = cache._bounds
-                # Blocks of whole sequences, each checked against its checksum as it is read.
-                for lo, hi, slab, slab_sums in cache.iter_residue_blocks(layer):
-                    base = bounds[lo]
-                    for r in range(lo, hi):
-                        key = cache._keys[r]
-                        if source.get(key) != (n, r):
-                            continue
-                        i = row_of[key]
-                        rows[int(offsets[i]) : int(offsets[i + 1])] = slab[bounds[r] - base : bounds[r + 1] - base]
-                        sums[i] = slab_sums[r - lo]
-                targets = [row_of[cache._keys[r]] for r in mine]
-                pooled[targets] = cache.pooled_rows(mine, layer)
-            write_table(out, f"L{layer}/per_residue_checksum", sums, np.uint64)
-            write_table(out, f"L{layer}/pooled", pooled, dtype)
+                if residues:
+                    bounds = cache._bounds
+                    # Blocks of whole sequences, each checked against its checksum as it is read.
+                    for lo, hi, slab, slab_sums in cache.iter_residue_blocks(layer):
+                        base = bounds[lo]
+                        for r in range(lo, hi):
+                            key = cache._keys[r]
+                            if source.get(key) != (n, r):
+                                continue
+                            i = row_of[key]
+                            rows[int(offsets[i]) : int(offsets[i + 1])] = slab[bounds[r] - base : bounds[r + 1] - base]
+                            sums[i] = slab_sums[r - lo]
+                if pooled_kept:
+                    # The whole matrix is read and checked against its checksum.
+                    targets = [row_of[cache._keys[r]] for r in mine]
+                    pooled[targets] = cache.pooled_rows(mine, layer)
+            if residues:
+                write_table(out, f"L{layer}/per_residue_checksum", sums, np.uint64)
+            if pooled_kept:
+                write_table(out, f"L{layer}/pooled", pooled, dtype)
         id_list = list(id_key)
         write_table(out, "ids/id", id_list, STR_DTYPE)
         write_table(out, "ids/header", [id_key[i][0] for i in id_list], STR_DTYPE)
@@ -428,5 +441,6 @@ def _merged_attrs(inputs: list[_Input], shard_attr: str | None, identity: dict |
             attrs["config"] = json.dumps(config, sort_keys=True)
         except (ValueError, TypeError, AttributeError):
             pass
-    attrs.update(format=FORMAT, format_version=FORMAT_VERSION)
+    # The version a single run with this store writes: files of both kinds stay readable by version-2 readers.
+    attrs.update(format=FORMAT, format_version=format_version_for(inputs[0].cache.store))
     return attrs

@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from embedcache.cli import main
 from embedcache.distributed import KILL_AFTER_FIRST_PART, extract_distributed
 from embedcache.extract import ExtractConfig, extract
+from embedcache.layout import format_version_for
 from embedcache.merge import merge_caches
+from embedcache.store import EmbeddingCache, verify_cache
 
 from test_extract import cache_contents
 from test_shard import assert_equal_up_to_rounding, contents, make_input, run_shards
@@ -80,6 +82,24 @@ def test_ray_run_with_a_worker_killed_mid_shard_equals_the_sharded_and_the_singl
     assert "shard-0-of-2.h5 (shard 0/2): " in failed.output and "is this command's work folder" in (
         failed.output), failed.output
     assert not (work / "second.h5").exists()
+
+
+@pytest.mark.slow
+def test_ray_run_with_store_pooled_holds_what_one_pooled_run_holds(ray_cluster, tiny_weights):
+    work = ray_cluster / "pooled"
+    work.mkdir()
+    src = make_input(work, n=12)
+    args = ["--weights", str(tiny_weights), "--threads", "1", "--store", "pooled"]
+    out = work / "out.h5"
+    result = CliRunner().invoke(main, ["extract", str(src), str(out), *args, "--executor", "ray", "--shards", "2"])
+    assert result.exit_code == 0, result.output
+    single = work / "single.h5"
+    extract(src, single, ExtractConfig(weights=str(tiny_weights), threads=1, store="pooled"), progress=False)
+    assert contents(out) == contents(single)
+    assert assert_equal_up_to_rounding(single, out) < 1e-2
+    with EmbeddingCache(out) as c:
+        assert c.store == "pooled" and c._offsets[-1] == 0 and c.format_version == format_version_for("pooled")
+    assert verify_cache(out).ok and not (work / "out.h5.shards").exists()
 
 
 def test_ray_not_installed_is_a_clear_error(tmp_path, tiny_weights, monkeypatch):

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from embedcache.batching import assign_shards, parse_shard
 from embedcache.cli import main
 from embedcache.extract import ExtractConfig, extract
+from embedcache.layout import format_version_for
 from embedcache.merge import merge_caches
 from embedcache.models import build_tiny_esm2
 from embedcache.store import (
@@ -76,12 +77,17 @@ def contents(path: Path) -> dict:
 
 
 def assert_equal_up_to_rounding(a: Path, b: Path) -> float:
-    """Every array of ``b`` within one step of the stored dtype of ``a``'s (plus 1e-5); the max difference."""
+    """Every stored array of ``b`` within one step of the stored dtype of ``a``'s (plus 1e-5); the max difference.
+
+    Only what ``a`` stores is compared: no residues of a pooled-only cache, no pooled vectors (means
+    computed when read) of a per-residue one.
+    """
     worst = 0.0
     with EmbeddingCache(a) as ca, EmbeddingCache(b) as cb:
         for layer in ca.layers:
-            pairs = [(ca.per_residue(i, layer), cb.per_residue(i, layer)) for i in ca.ids]
-            pairs.append((ca.pooled(ca.ids, layer), cb.pooled(ca.ids, layer)))
+            pairs = [(ca.per_residue(i, layer), cb.per_residue(i, layer)) for i in ca.ids] if ca.stores_residues else []
+            if ca.stores_pooled:
+                pairs.append((ca.pooled(ca.ids, layer), cb.pooled(ca.ids, layer)))
             for x, y in pairs:
                 assert x.dtype == y.dtype and x.shape == y.shape
                 step = np.spacing(np.maximum(np.abs(x), np.abs(y))).astype(np.float64)
@@ -435,11 +441,72 @@ def test_a_second_merge_into_the_same_output_is_refused_and_a_new_folder_is_made
     assert verify_cache(nested).ok
 
 
-def test_caches_that_store_only_one_kind_of_array_are_refused_by_name(tmp_path, two_shards):
+def _datasets(path: Path) -> dict[str, tuple]:
+    found: dict[str, tuple] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.update({name: obj.shape}) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+@pytest.mark.parametrize("store", ["pooled", "per-residue", "both"])
+def test_merged_shards_keep_the_store_and_lay_it_out_as_one_unsharded_run(tmp_path, tiny_weights, store):
+    src = make_input(tmp_path)
+    kw = {"store": store, "long": "truncate", "max_length": 150, "layers": (0, -1)}
+    whole = tmp_path / "whole.h5"
+    extract(src, whole, config(tiny_weights, **kw), progress=False)
+    shards = run_shards(src, tmp_path / "shards", tiny_weights, 2, **kw)
+    merged = tmp_path / "merged.h5"
+    summary = merge_caches(shards, merged)
+    assert summary.shards == "2 of 2" and verify_cache(merged).ok
+    assert contents(merged) == contents(whole)
+    assert assert_equal_up_to_rounding(whole, merged) < 1e-2
+    # The same datasets of the same shapes: no per-residue arrays under pooled, no pooled matrix under per-residue.
+    layout = _datasets(merged)
+    assert layout == _datasets(whole)
+    assert any(name.endswith("/per_residue") for name in layout) == (store != "pooled")
+    assert any(name.endswith("/pooled") for name in layout) == (store != "per-residue")
+    with h5py.File(whole, "r") as a, h5py.File(merged, "r") as b:
+        for name in ("sequences/offset", "sequences/n_residues"):
+            assert np.array_equal(a[name][()], b[name][()]), name
+        assert a.attrs["format_version"] == b.attrs["format_version"] == format_version_for(store)
+    with EmbeddingCache(whole) as w, EmbeddingCache(merged) as m:
+        assert m.store == store and m.attrs["store"] == store
+        assert m.n_residues(m.ids).tolist() == w.n_residues(m.ids).tolist() and m.n_residues(m.ids).sum() > 0
+        if store == "pooled":
+            assert m._offsets[-1] == 0
+            with pytest.raises(CacheError, match="made with --store pooled"):
+                m.per_residue(m.ids[0])
+        # Pooled reads work whatever is stored (under per-residue: the mean of the stored residues).
+        assert np.allclose(m.pooled(m.ids, 0), w.pooled(m.ids, 0), atol=1e-2)
+
+
+def test_merge_refuses_inputs_of_different_stores_naming_both_and_absent_means_both(tmp_path, tiny_weights, two_shards):
     from embedcache.layout import attrs_digest
 
-    _, (s0, s1) = two_shards
+    src, (s0, s1) = two_shards
+    p0 = run_shards(src, tmp_path / "pooled", tiny_weights, 2, store="pooled")[0]
+    _refused([p0, s1], tmp_path / "m.h5", f"store: 'pooled' in {p0}, 'both' in {s1}")
+    r1 = tmp_path / "r1.h5"
+    extract(src, r1, config(tiny_weights, shard="1/2", store="per-residue"), progress=False)
+    _refused([p0, r1], tmp_path / "m.h5", f"store: 'pooled' in {p0}, 'per-residue' in {r1}")
+    # A file written before the store setting existed keeps both kinds.
     with h5py.File(s1, "r+") as f:
-        f.attrs["store"] = "pooled"
+        del f.attrs["store"]
         f.attrs["attrs_checksum"] = attrs_digest(f.attrs)
-    _refused([s0, s1], tmp_path / "m.h5", f"{s1}: made with --store pooled; merging is implemented for caches")
+    _refused([p0, s1], tmp_path / "m.h5", f"store: 'pooled' in {p0}, 'both' in {s1}")
+    merge_caches([s0, s1], tmp_path / "both.h5")
+    with EmbeddingCache(tmp_path / "both.h5") as c:
+        assert c.store == "both" and c.format_version == format_version_for("both")
+
+
+def test_a_damaged_pooled_only_input_is_refused_naming_it_and_nothing_is_written(tmp_path, tiny_weights):
+    src = make_input(tmp_path)
+    p0, p1 = run_shards(src, tmp_path / "shards", tiny_weights, 2, store="pooled")
+    with h5py.File(p1, "r") as f:
+        layer = int(np.atleast_1d(f.attrs["layers"])[-1])
+        offset = f[f"L{layer}/pooled"].id.get_offset()
+    data = bytearray(p1.read_bytes())
+    data[offset + 10] ^= 0xFF  # one value of the first protein's pooled vector
+    p1.write_bytes(bytes(data))
+    _refused([p0, p1], tmp_path / "m.h5", f"{p1}: dataset /L{layer}/pooled does not match its checksum")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fasta", "shards"]
