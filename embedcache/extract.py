@@ -45,7 +45,7 @@ class ExtractConfig:
     chunk_overlap: int = 256  # residues shared by neighbouring windows under --long chunk
     toks_per_batch: int | None = None  # padded tokens per forward pass, BOS/EOS counted; None: the model's default
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    # Compute: fp32 | bf16 | fp16 (GPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU.
+    # Compute: fp32 | bf16 | fp16 (GPU only) | int8 (CPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU.
     precision: str = "auto"
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
     threads: int | None = None  # torch CPU threads; None: the cores this process may use
