@@ -141,7 +141,8 @@ def extract(
     output = Path(output)
     if backbone is None:
         backbone = load_backbone(config)
-    device = pick_device(config.device)
+    # int8 runs on CPUs only: auto means the CPU for it even where a GPU is present.
+    device = pick_device("cpu" if config.precision == "int8" and config.device == "auto" else config.device)
     backbone.to(device)
     if config.long == "chunk" and not backbone.supports_chunking:
         raise ValueError(f"--long chunk is not possible with {backbone.architecture}: its states carry everything "

@@ -182,3 +182,14 @@ def test_int8_cache_records_int8_and_refuses_mixing_with_fp32(tmp_path, tiny_wei
     extract(fasta, fp32, ExtractConfig(weights=str(tiny_weights)), progress=False)
     with pytest.raises(CacheError, match="precision"):
         extract(fasta, fp32, ExtractConfig(weights=str(tiny_weights), precision="int8"), progress=False)
+
+
+def test_int8_with_device_auto_runs_on_the_cpu_even_where_a_gpu_is_seen(tmp_path, tiny_weights, monkeypatch):
+    # A cache computed in int8 is extended (and heads predict embeds new proteins) with
+    # --device auto; on a GPU machine that must mean the CPU, not a refusal or a GPU run.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # any use of CUDA would now fail
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text("".join(f">{k}\n{v}\n" for k, v in SEQUENCES.items()))
+    summary = extract(fasta, tmp_path / "c.h5", ExtractConfig(weights=str(tiny_weights), precision="int8"),
+                      progress=False)
+    assert summary.embedded == len(SEQUENCES)
