@@ -113,7 +113,8 @@ def main() -> None:
               help="Padded tokens per forward pass, BOS/EOS included [4096 on GPU, 1024 on CPU].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=LazyChoice(_precisions), default="auto", show_default=True,
-              help="Compute precision; auto is bf16 (or fp16) on GPU and fp32 on CPU. bf16 on CPU is ~1.5x faster.")
+              help="Compute precision; auto is bf16 (or fp16) on GPU and fp32 on CPU. bf16 on CPU is ~1.5x faster "
+                   "with AMX; int8 (CPU only, never chosen by auto) quantizes the matrix products.")
 @click.option("--dtype", type=LazyChoice(_dtypes), default="float16", show_default=True, help="Storage precision.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch [cores available to this process].")
 @click.option("--format", "fmt", type=click.Choice(["fasta", "csv", "tsv"]),

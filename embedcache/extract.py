@@ -58,7 +58,7 @@ class ExtractConfig:
     chunk_overlap: int = 256  # residues shared by neighbouring windows under --long chunk
     toks_per_batch: int | None = None  # padded tokens per forward pass, BOS/EOS counted; None: the model's default
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    # Compute: fp32 | bf16 | fp16 (GPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU.
+    # Compute: fp32 | bf16 | fp16 (GPU only) | int8 (CPU only) | auto: bf16 (fp16 if unsupported) on GPU, fp32 on CPU.
     precision: str = "auto"
     dtype: str = "float16"  # storage: float16 (half the disk, ~1e-3 relative rounding) | float32
     threads: int | None = None  # torch CPU threads; None: the cores free at the start (embedcache.threads)
@@ -216,7 +216,8 @@ def _extract(input_path, output, config: ExtractConfig, spill: SpilledSequences,
     output = Path(output)
     if backbone is None:
         backbone = load_backbone(config)
-    device = pick_device(config.device)
+    # int8 runs on CPUs only: auto means the CPU for it even where a GPU is present.
+    device = pick_device("cpu" if config.precision == "int8" and config.device == "auto" else config.device)
     backbone.to(device)
     if config.long == "chunk" and not backbone.supports_chunking:
         raise ValueError(f"--long chunk is not possible with {backbone.architecture}: its states carry everything "

@@ -156,7 +156,9 @@ class FinetuneHead(Head):
         "patience": integer(1), "batch_tokens": integer(1, none_ok=True), "max_batch": integer(1),
         "grad_accum": integer(1), "clip_norm": number(0, low_open=True, none_ok=True),
         "class_weight": class_weight_check(), "crop": integer(1, none_ok=True), "crop_policy": one_of(*CROPS),
-        "precision": one_of("auto", "fp32", "bf16"), "grad_checkpointing": boolean, "metric": METRIC,
+        "precision": lambda v: one_of("auto", "fp32", "bf16")(v) and (
+            "auto, fp32 or bf16 (int8 is for extraction only: training does not run in int8)"),
+        "grad_checkpointing": boolean, "metric": METRIC,
         "device": lambda v: None if isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps")
         else "auto, cpu, cuda or cuda:N",
         "threads": integer(1, none_ok=True), "checkpoint_dir": path_check, "trust_weights": boolean,

@@ -12,10 +12,9 @@ machine noise hits all of them alike; medians are reported:
                  per-token and mean representations cloned per protein (extract.py's loop
                  without its torch.save per protein).
   (b) embedcache the library's work plan and runner (embedcache.extract._Runner): SDPA
-                 forward, residue slicing and mean pooling, at several budgets/precisions.
-                 --prototypes adds modes that are not in the library (int8-dynamic: torch's
-                 dynamic INT8 quantization of every Linear layer, per-channel weight
-                 scales, same runner).
+                 forward, residue slicing and mean pooling, at several budgets/precisions:
+                 fp32, bf16, and int8 (int8 weights per output channel, int8 activations
+                 per token, in every Linear layer; CPU only).
   (c) esm-cpp    the C++ engine (`pip install --no-deps esm-cpp`), loading the same weights
                  from a Hugging Face safetensors directory written from the same fair-esm model
                  (esm2_to_hf, plus the language-model head and per-layer rotary buffers that
@@ -38,7 +37,6 @@ With --end-to-end FILE it also times `embedcache.extract` writing a real cache o
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import resource
 import statistics
@@ -73,7 +71,7 @@ class Method:
     """One timed way of embedding the shape's proteins."""
 
     name: str
-    family: str  # "fair-esm", "embedcache", "prototype" (ours, not in the library) or "esm-cpp"
+    family: str  # "fair-esm", "embedcache" or "esm-cpp"
     precision: str  # "fp32", "bf16" or "int8": which rows compare fp32 with fp32
     run: Callable[[], tuple[float, np.ndarray | None]]  # seconds, pooled vectors (None: none produced)
     note: str = ""
@@ -165,23 +163,6 @@ def embedcache_outputs(backbone: ESM2Backbone, seqs, budget: int, keep_states: b
                 states[int(done.entry.key)] = done.per_residue[layer]
     seconds = time.perf_counter() - start
     return seconds, np.stack([pooled[i] for i in range(len(seqs))]), [states.get(i) for i in range(len(seqs))]
-
-
-def int8_dynamic(model):
-    """A copy of the model whose Linear layers run torch's dynamic INT8 quantization (CPU only).
-
-    INT8 weights; activations quantized per call, per tensor, from their own range.
-    """
-    import warnings
-
-    with warnings.catch_warnings():
-        # torch.ao's eager quantization is deprecated in favour of torchao, which is not installed.
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        # Per-channel weight scales, as esm-cpp's INT8 (same speed as per-tensor here, closer to fp32).
-        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear: per_channel_dynamic_qconfig},
-                                dtype=torch.qint8)
 
 
 # ---- esm-cpp ---------------------------------------------------------------------------------
@@ -321,16 +302,6 @@ def bench_shape(shape: str, labels, seqs, args, esm_cpp, tmp: Path, peaks: dict[
             _, _, got = embedcache_outputs(backbone, check_seqs, budget, keep_states=True)
             diffs[f"(b) embedcache {precision}, {budget}"] = _max_diff(got, reference)
 
-    if "int8-dynamic" in args.prototypes:
-        qbackbone = ESM2Backbone(int8_dynamic(model), model.alphabet, shape, shape)
-        budget = args.mode_pairs[0][1]  # the reference's (fp32 modes come first)
-        for b in sorted({b for p, b in args.mode_pairs if p == "fp32"}):
-            name = f"(p) ours int8-dynamic, {b}"
-            methods.append(Method(name, "prototype", "int8", ours(qbackbone, "fp32", b),
-                                  note="prototype, not in the library"))
-        _, _, got = embedcache_outputs(qbackbone, check_seqs, budget, keep_states=True)
-        diffs[f"(p) ours int8-dynamic, {budget}"] = _max_diff(got, reference)
-
     if "esm-cpp" in args.methods and esm_cpp is not None:
         weights = write_esm_cpp_weights(model, tmp / f"hf_{short_name(shape)}")
         ids_list = esm_cpp_ids(esm_cpp, model.alphabet, seqs)
@@ -432,7 +403,6 @@ def targets(shape: str, methods: list[Method], medians: dict[str, float], cos: d
 
     ours_best = fastest("embedcache", lambda m: cos.get(m.name, 0.0) >= TARGET_COSINE)
     ours_fp32 = fastest("embedcache", lambda m: m.precision == "fp32")
-    proto = fastest("prototype", lambda m: cos.get(m.name, 0.0) >= TARGET_COSINE)
     cpp_best = fastest("esm-cpp")
     cpp_fp32 = fastest("esm-cpp", lambda m: m.precision == "fp32")
     out = {"shape": shape}
@@ -441,19 +411,15 @@ def targets(shape: str, methods: list[Method], medians: dict[str, float], cos: d
         (f"our fastest mode with pooled cosine >= {TARGET_COSINE} vs esm-cpp's fastest", ours_best, cpp_best,
          TARGET_FASTEST),
         ("our fastest fp32 vs esm-cpp's fastest fp32", ours_fp32, cpp_fp32, TARGET_FP32),
-        (f"prototype (not in the library) with cosine >= {TARGET_COSINE} vs esm-cpp's fastest", proto, cpp_best,
-         TARGET_FASTEST),
     ]:
         if ours is None or theirs is None:
-            if not label.startswith("prototype"):
-                print(f"    {label}: not measured")
+            print(f"    {label}: not measured")
             continue
         ratio = speed[ours.name] / speed[theirs.name]
         met = "met" if ratio >= goal else "NOT met"
         print(f"    {label}: {ours.name} {speed[ours.name]:.0f} res/s / {theirs.name} {speed[theirs.name]:.0f} "
               f"res/s = {ratio:.2f}x (target >= {goal}x): {met}")
-        if not label.startswith("prototype"):
-            out[label] = ratio >= goal
+        out[label] = ratio >= goal
     return out
 
 
@@ -469,15 +435,16 @@ def main() -> None:
                         help="ESM-2 shapes by name or size: 8M,35M,150M,650M")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="which of fair-esm,embedcache,esm-cpp to time (embedcache always: the reference)")
-    parser.add_argument("--modes", default="fp32:4096,fp32:1024,bf16:1024,bf16:2048",
-                        help="embedcache precision:budget pairs to time; the first fp32 one is the reference")
+    parser.add_argument("--modes", default="fp32:4096,fp32:1024,bf16:1024,bf16:2048,int8:1024",
+                        help="embedcache precision:budget pairs to time (fp32, bf16, int8); the first fp32 one is "
+                             "the reference")
     parser.add_argument("--esm-cpp-modes", default="fp32:packed,int8:packed,fp32:states,int8:states",
                         help="esm-cpp weights:path pairs; weights fp32|int8, path packed (forward_scheduled, "
                              "logits only) | states (forward_with_hidden_states per protein, embeddings)")
     parser.add_argument("--esm-cpp-tokens", type=int, default=0,
                         help="tokens per forward_scheduled call, length-sorted (0: all proteins in one call)")
     parser.add_argument("--prototypes", default="",
-                        help="extra modes of ours that are not in the library: int8-dynamic")
+                        help="int8-dynamic: int8 at every fp32 budget (int8 is a library mode now: --modes int8:N)")
     parser.add_argument("--check-n", type=int, default=20, help="proteins whose per-residue states are compared")
     parser.add_argument("--end-to-end", type=Path, help="also time a full `extract` of this FASTA (8M shape)")
     args = parser.parse_args()
@@ -488,8 +455,8 @@ def main() -> None:
     args.mode_pairs = []
     for mode in filter(None, args.modes.split(",")):
         precision, _, budget = mode.partition(":")
-        if precision not in ("fp32", "bf16") or not budget.isdigit() or int(budget) < 1:
-            raise SystemExit(f"--modes: {mode!r} is not fp32|bf16:TOKENS (e.g. bf16:1024)")
+        if precision not in ("fp32", "bf16", "int8") or not budget.isdigit() or int(budget) < 1:
+            raise SystemExit(f"--modes: {mode!r} is not fp32|bf16|int8:TOKENS (e.g. bf16:1024)")
         args.mode_pairs.append((precision, int(budget)))
     if not any(p == "fp32" for p, _ in args.mode_pairs):
         raise SystemExit("--modes needs an fp32 mode: it is the reference for every comparison")
@@ -501,6 +468,11 @@ def main() -> None:
     args.prototypes = set(filter(None, args.prototypes.split(",")))
     if args.prototypes - {"int8-dynamic"}:
         raise SystemExit(f"--prototypes: unknown {sorted(args.prototypes - {'int8-dynamic'})}; known: int8-dynamic")
+    if "int8-dynamic" in args.prototypes:
+        # The library's --precision int8 replaced the prototype: the same budgets as fp32, in int8.
+        for budget in sorted({b for p, b in args.mode_pairs if p == "fp32"} - {b for p, b in args.mode_pairs
+                                                                               if p == "int8"}):
+            args.mode_pairs.append(("int8", budget))
     shapes = [resolve_shape(s.strip()) for s in args.shapes.split(",") if s.strip()]
     per_shape = parse_per_shape(args.proteins_per_shape)
 
@@ -540,7 +512,7 @@ def main() -> None:
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as tmp:
             weights = save_esm2_checkpoint(random_esm2("esm2_t6_8M_UR50D"), Path(tmp) / "random_8M.pt")
-            for precision, budget in [("fp32", 1024), ("bf16", 1024)]:
+            for precision, budget in [("fp32", 1024), ("bf16", 1024), ("int8", 1024)]:
                 out = Path(tmp) / f"cache_{precision}.h5"
                 config = ExtractConfig(weights=str(weights), threads=args.threads, precision=precision,
                                        toks_per_batch=budget)

@@ -18,9 +18,13 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .int8 import Int8Linears, Int8Weights, int8_kernel_problem
+
+# int8: CPU inference only, never chosen by auto (see embedcache/backbones/int8.py).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 TRAINING_MODES = ("full", "top", "lora", "frozen")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+_INT8_TRAINING = "int8 is for extraction (inference) only; training runs in fp32 or bf16"
 
 # The two protocol-2 opcodes and the magic number torch's legacy (pre-zip) format starts with.
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
@@ -92,11 +96,14 @@ def pick_precision(requested: str, device: torch.device | str, training: bool = 
 
     auto: bf16 on GPUs that have it; otherwise fp16 for inference on GPU (autocast keeps
     fp16 training prone to overflow, so training stays fp32), fp32 on CPU, where bf16 is not
-    faster on every processor.
+    faster on every processor. auto never picks int8: it changes the embeddings more than
+    bf16 does, so it is only used when asked for.
     """
     if requested != "auto":
         if requested not in PRECISIONS:
             raise ValueError(f"precision must be auto or one of {PRECISIONS}, not {requested!r}")
+        if requested == "int8" and training:
+            raise ValueError(_INT8_TRAINING)
         return requested
     device = torch.device(device)
     if device.type == "cuda":
@@ -127,6 +134,8 @@ class Backbone(ABC):
     supports_chunking: bool = True
     pooling: str = "mean over residues"  # how the pooled vector is defined; recorded in the cache
     supports_grad_checkpointing: bool = False  # residue_states(checkpoint=True) recomputes activations
+    # Why --precision int8 is refused for this family; None where it runs (see int8_weights).
+    int8_refusal: str | None = "its layers are not torch.nn.Linear projections"
     budget = {"cpu": 1024, "cuda": 4096}  # default padded tokens per forward pass
     train_budget = 4096  # default padded tokens per training batch (fine-tuning)
 
@@ -134,6 +143,7 @@ class Backbone(ABC):
         self.device = torch.device("cpu")
         self.precision = "fp32"
         self.training_mode = "frozen"
+        self._int8: Int8Weights | None = None  # int8 copies of the weight matrices while precision is int8
 
     # -- loading (used by the registry) --------------------------------------------------
     @classmethod
@@ -209,12 +219,46 @@ class Backbone(ABC):
         if precision == "fp16" and self.device.type == "cpu":
             # fp16 matmuls run ~400x slower than fp32 on CPUs without native support.
             raise ValueError("fp16 compute is for GPUs; on CPU use bf16 or fp32")
+        if precision == "int8":
+            if self.device.type != "cpu":
+                raise ValueError(f"int8 compute is for CPUs; on {self.device.type.upper()} use bf16 or fp16, "
+                                 "which are faster there and change the embeddings less")
+            if self.training_mode != "frozen":
+                raise ValueError(_INT8_TRAINING)
+            if self.int8_refusal is not None:
+                raise ValueError(f"int8 is not available for {self.architecture} ({self.family}): "
+                                 f"{self.int8_refusal}; use fp32 or bf16")
+            problem = int8_kernel_problem()
+            if problem is not None:
+                raise ValueError(f"int8 is refused: {problem}; use fp32 or bf16")
+            self._int8 = self.int8_weights()
+        else:
+            self._int8 = None
         self.precision = precision
+
+    def int8_weights(self) -> Int8Weights:
+        """int8 copies of the network's weight matrices; their ``active()`` runs ``embed`` with them.
+
+        By default every ``torch.nn.Linear`` under :meth:`int8_modules`.
+        """
+        linears = Int8Linears(self.int8_modules())
+        if not len(linears):
+            raise ValueError(f"int8 is not available for {self.architecture}: no Linear layers found")
+        return linears
+
+    def int8_modules(self) -> list[torch.nn.Module]:
+        """The modules whose ``torch.nn.Linear`` layers run in int8 (families with ``int8_refusal`` None)."""
+        raise NotImplementedError
 
     def pick_precision(self, requested: str, device: torch.device | str, training: bool = False) -> str:
         return pick_precision(requested, device, training)
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """Where ``embed`` runs: autocast to bf16/fp16, the int8 Linear layers swapped in, or nothing."""
+        if self.precision == "int8":
+            if self._int8 is None or self.device.type != "cpu":
+                raise ValueError("int8 compute is for CPUs; set the precision again after moving the model")
+            return self._int8.active()
         dtype = _DTYPES[self.precision]
         if dtype is None:
             return contextlib.nullcontext()
@@ -262,6 +306,8 @@ class Backbone(ABC):
         """
         if mode not in TRAINING_MODES:
             raise ValueError(f"training mode must be one of {TRAINING_MODES}, not {mode!r}")
+        if self.precision == "int8" and mode != "frozen":
+            raise ValueError(_INT8_TRAINING)
         module = self.module
         module.requires_grad_(mode == "full")
         if mode == "top":

@@ -269,6 +269,7 @@ class ESM2Backbone(Backbone):
     family = "esm2"
     extra_tokens = 2  # BOS and EOS
     supports_grad_checkpointing = True
+    int8_refusal = None
     model: ESM2
 
     def __init__(self, model, alphabet, name: str, architecture: str, source: str = "", sha256: str = ""):
@@ -336,6 +337,9 @@ class ESM2Backbone(Backbone):
 
     def lora_targets(self, feed_forward: bool = False) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", "out_proj"] + (["fc1", "fc2"] if feed_forward else [])
+
+    def int8_modules(self) -> list[torch.nn.Module]:
+        return list(self.model.layers)  # every matrix product of the forward: attention and feed-forward
 
     def export(self, path: Path | str) -> Path:
         """A fair-esm checkpoint (LoRA merged), for ``embedcache extract --weights``."""

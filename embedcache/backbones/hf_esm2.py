@@ -141,6 +141,7 @@ class HFESM2Backbone(Backbone):
 
     family = "hf-esm2"
     extra_tokens = 2  # BOS and EOS
+    int8_refusal = None
     model: EsmModel
 
     def __init__(self, model, vocab: list[str], name: str, source: str = "", sha256: str = ""):
@@ -295,6 +296,9 @@ class HFESM2Backbone(Backbone):
     # -- training ----------------------------------------------------------------------------
     def trainable_layers(self) -> list[torch.nn.Module]:
         return list(self.model.encoder.layer)
+
+    def int8_modules(self) -> list[torch.nn.Module]:
+        return list(self.model.encoder.layer)  # every matrix product of the forward: attention and feed-forward
 
     def top_extras(self) -> list[torch.nn.Module]:
         return [self.model.encoder.emb_layer_norm_after]
