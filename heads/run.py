@@ -555,15 +555,23 @@ def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | No
     records = read_sequences(sequences, None, id_col, seq_col)  # a bad file fails before any model is loaded
     # Named by the input and the embedding settings: runs of one backbone share a folder safely.
     digest = hashlib.sha1()
-    with open(sequences, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
+    if str(sequences) != "-" and Path(sequences).is_file():
+        with open(sequences, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    else:
+        # Standard input or a pipe was read once, into a copy: opened again it blocks (a named FIFO)
+        # or gives nothing, which would give every piped input one name. Its records name it instead.
+        for rec in records:
+            digest.update(f"{rec.id}\0{rec.header}\0{rec.key}\n".encode())
     digest.update(f"\0{id_col}\0{seq_col}\0{canonical_json(identity)}".encode())
     target = Path(embeddings_dir or finished.path / "embeddings") / f"{digest.hexdigest()}.h5"
     if target.exists():
         with EmbeddingCache(target) as done:
-            known = set(done.ids) | set(done.skipped_ids)
-            if all(r.id in known for r in records):
+            ids, _, keys = done.all_ids()
+            known = dict(zip(ids, keys))
+            # Each ID with its own sequence, not only its name: an ID may name another protein elsewhere.
+            if all(known.get(r.id) == r.key for r in records):
                 log.info("%s: embeddings of %s already there", target, sequences)
                 return target
     try:
