@@ -154,14 +154,14 @@ def test_an_existing_output_of_other_settings_is_refused_not_reported_done(tmp_p
     assert same.written is False and same.embedded == 0
     other_weights = build_tiny_esm2(tmp_path / "other.pt", num_layers=3, embed_dim=32, attention_heads=4, seed=7)
     cases = [
-        (dict(dtype="float32"), "dtype: 'float16' there, 'float32' now"),
-        (dict(store="pooled"), "store: 'both' there, 'pooled' now"),
-        (dict(layers=(1,)), r"layers: \[3\] there, \[1\] now"),
-        (dict(max_length=20), "max_length: 1022 there, 20 now"),
-        (dict(long="chunk", max_length=1022, chunk_overlap=100), "long_policy: 'truncate' there, 'chunk' now"),
-        (dict(precision="bf16"), "precision: 'fp32' there, 'bf16' now"),
-        (dict(precision="int8"), "precision: 'fp32' there, 'int8' now"),
-        (dict(weights=str(other_weights)), "weights sha256: "),
+        ({"dtype": "float32"}, "dtype: 'float16' there, 'float32' now"),
+        ({"store": "pooled"}, "store: 'both' there, 'pooled' now"),
+        ({"layers": (1,)}, r"layers: \[3\] there, \[1\] now"),
+        ({"max_length": 20}, "max_length: 1022 there, 20 now"),
+        ({"long": "chunk", "max_length": 1022, "chunk_overlap": 100}, "long_policy: 'truncate' there, 'chunk' now"),
+        ({"precision": "bf16"}, "precision: 'fp32' there, 'bf16' now"),
+        ({"precision": "int8"}, "precision: 'fp32' there, 'int8' now"),
+        ({"weights": str(other_weights)}, "weights sha256: "),
     ]
     for change, message in cases:
         settings = {"weights": str(tiny_weights), "threads": 1, **change}
