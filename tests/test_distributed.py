@@ -141,7 +141,7 @@ def test_an_existing_output_of_other_settings_is_refused_not_reported_done(tmp_p
     from embedcache.models import build_tiny_esm2
     from embedcache.store import CacheError
 
-    src = make_input(tmp_path, n=6)
+    src = make_input(tmp_path, n=10)
     out = tmp_path / "out.h5"
     extract(src, out, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
     before = out.read_bytes()
@@ -177,7 +177,7 @@ def test_a_fifo_input_is_refused_by_the_ray_executor_instead_of_hanging_the_work
 
     from embedcache import distributed
 
-    data = make_input(tmp_path, n=6).read_bytes()
+    data = make_input(tmp_path, n=10).read_bytes()
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
 

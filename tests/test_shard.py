@@ -186,7 +186,7 @@ def test_a_shard_of_a_fifo_reads_it_once_and_is_the_same_shard_as_one_of_the_fil
 
     from embedcache import merge
 
-    src = make_input(tmp_path, n=8)
+    src = make_input(tmp_path, n=10)
     from_file = tmp_path / "file.h5"
     extract(src, from_file, config(tiny_weights, shard="0/2"), progress=False)
     real_sha256 = merge.file_sha256
