@@ -222,7 +222,9 @@ def _model_sha256(name: str | None) -> str | None:
     """The sha256 of the weights a model name loads, when it can be known without loading them."""
     from .backbones import family_of_name, weights_digest
 
-    family = family_of_name(name) if name else None
+    if not name:
+        return None
+    family = family_of_name(name)
     if family is None:
         return None
     try:
