@@ -19,12 +19,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import shutil
 import socket
 import time
 from pathlib import Path
+
+import numpy as np
 
 from .atomic import real_path
 from .extract import ExtractConfig, ExtractSummary, _validate
@@ -77,6 +80,10 @@ def extract_distributed(
     if str(input_path) == "-":
         raise ValueError("the ray executor has every worker read INPUT: give a file on a filesystem the nodes "
                          "share, not standard input")
+    if Path(input_path).exists() and not Path(input_path).is_file():
+        # Each worker opens INPUT again: a FIFO or device gives its data once, to one reader.
+        raise ValueError(f"{input_path}: not a regular file (a FIFO, device or directory); the ray executor has every "
+                         "worker read INPUT, so give a file on a filesystem the nodes share")
     # Read (and validate) the input here first, so that a bad record stops the run before any cluster work.
     records = read_sequences(input_path, fmt, id_col, seq_col)
     n_unique = len({rec.key for rec in records})
@@ -87,7 +94,7 @@ def extract_distributed(
     target = real_path(output)
     work = target.with_name(target.name + ".shards")
     if target.exists():
-        done = _already_done(output, records, start)
+        done = _already_done(output, records, config, start)
         with WriterLock(work):
             # Left by a run stopped between its merge and the removal of its shards.
             shutil.rmtree(work, ignore_errors=True)
@@ -140,11 +147,17 @@ def extract_distributed(
     return summary
 
 
-def _already_done(output: Path, records, start: float) -> ExtractSummary:
-    """An existing output is left alone: fine when it holds every ID of the input already, refused otherwise."""
+def _already_done(output: Path, records, config: ExtractConfig, start: float) -> ExtractSummary:
+    """An existing output is left alone: fine when it holds every ID of the input already, made with these
+    settings, refused otherwise."""
     from .store import EmbeddingCache
 
     with EmbeddingCache(output) as cache:
+        differ = settings_differences(cache.attrs, config)
+        if differ:
+            raise CacheError(f"{output}: exists and was made with other settings ({'; '.join(differ)}); the ray "
+                             "executor writes a new file: choose another output, or run with the settings it was "
+                             "made with")
         ids, _, keys = cache.all_ids()
     have = dict(zip(ids, keys))
     missing = [rec.id for rec in records if have.get(rec.id) != rec.key]
@@ -156,6 +169,69 @@ def _already_done(output: Path, records, start: float) -> ExtractSummary:
                           already_present=len({r.key for r in records}), embedded=0, residues_embedded=0,
                           truncated=0, chunked=0, skipped=0, seconds=time.perf_counter() - start,
                           residues_per_second=0.0, written=False)
+
+
+def settings_differences(attrs: dict, config: ExtractConfig) -> list[str]:
+    """Where ``config`` asks for other embeddings than an existing cache's ``attrs`` hold.
+
+    Judged without loading the model, from what the cache recorded of it (its weights' sha256,
+    number of layers, window), so that the driver of a cluster run needs neither the weights'
+    memory nor the workers' device. ``precision`` auto accepts what auto picks on any device.
+    """
+    from .backbones import weights_digest
+    from .layout import jsonable, settings_of
+
+    found = settings_of(attrs)
+    stored_config = attrs.get("config")
+    try:
+        requested = json.loads(jsonable(stored_config)) if stored_config is not None else {}
+    except (TypeError, ValueError):
+        requested = {}
+    differ = []
+
+    def compare(name: str, wanted, have) -> None:
+        if wanted != have:
+            differ.append(f"{name}: {have!r} there, {wanted!r} now")
+
+    if config.weights is not None:
+        compare("weights sha256", weights_digest(Path(config.weights)), found.get("weights_sha256"))
+    elif config.model not in (attrs.get("model"), requested.get("model")) and (
+        _model_sha256(config.model) != found.get("weights_sha256")
+    ):
+        compare("model", config.model, attrs.get("model"))
+    num_layers = attrs.get("num_layers")
+    if isinstance(num_layers, int):
+        layers = sorted({layer + num_layers + 1 if layer < 0 else layer for layer in (config.layers or (-1,))})
+        compare("layers", layers, [int(x) for x in np.atleast_1d(found.get("layers", []))])
+    compare("long_policy", config.long, found.get("long_policy"))
+    compare("chunk_overlap", config.chunk_overlap if config.long == "chunk" else 0, found.get("chunk_overlap"))
+    window = config.max_length if config.max_length is not None else attrs.get("max_residues")
+    compare("max_length", None if window == "none" else window,
+            None if found.get("max_length") == "none" else found.get("max_length"))
+    compare("dtype", config.dtype, found.get("dtype"))
+    compare("store", config.store, found.get("store"))
+    precision = found.get("precision")
+    if config.precision != "auto":
+        compare("precision", config.precision, precision)
+    elif precision == "int8":  # auto never picks int8
+        compare("precision", "auto (fp32, bf16 or fp16)", precision)
+    return differ
+
+
+def _model_sha256(name: str | None) -> str | None:
+    """The sha256 of the weights a model name loads, when it can be known without loading them."""
+    from .backbones import family_of_name, weights_digest
+
+    if not name:
+        return None
+    family = family_of_name(name)
+    if family is None:
+        return None
+    try:
+        local = family.locate(name)
+    except (OSError, ValueError):
+        local = None
+    return weights_digest(local) if local is not None else family.official_sha256(name)
 
 
 def _import_ray():

@@ -329,7 +329,9 @@ class _Job:
     # -- npy ------------------------------------------------------------------------------------
     def write_npy(self, folder: Path) -> None:
         cache, layer = self.cache, self.layers[0]
-        bad = [i for i in self.ids if "\n" in i or "\r" in i]
+        # Every character str.splitlines breaks at (vertical tab, form feed, U+0085, U+2028, ...), not
+        # only CR and LF: a reader splitting ids.txt so would see more IDs than rows, shifted.
+        bad = [i for i in self.ids if i.splitlines() != [i]]
         if bad:
             raise ValueError(f"ID {bad[0]!r} holds a line break, which ids.txt (one ID per line) cannot hold; "
                              "export as npz instead")
@@ -399,11 +401,19 @@ def _check_target(target: Path, fmt: str, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(errno.EEXIST, f"{target}: already exists; pass --overwrite to replace it")
     if fmt in DIRECTORY_FORMATS:
-        if target.is_dir() and not _is_our_export(target):
+        if not target.is_dir():
+            # Never an earlier export of this format: a user's file (or a device) that --overwrite would delete.
+            raise FileExistsError(errno.EEXIST, f"{target}: is a file, not a directory of an earlier export; the "
+                                                f"{fmt} export is a directory. Not replacing it: choose another "
+                                                "output, or remove the file yourself if it can go")
+        if not _is_our_export(target):
             raise FileExistsError(errno.EEXIST, f"{target}: a directory not written by embedcache export (no "
                                                 f"{MARKER}); not replacing it, remove it yourself if it can go")
     elif target.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"{target}: is a directory; the {fmt} export is one file")
+    elif not target.is_file():
+        # Renaming over a FIFO or device node would replace the node itself.
+        raise FileExistsError(errno.EEXIST, f"{target}: not a regular file (a FIFO or device); not replacing it")
 
 
 @contextlib.contextmanager

@@ -100,17 +100,19 @@ def input_identity(
 ) -> dict:
     """What makes two shards parts of one input: its records (IDs, headers, sequences, in order).
 
-    ``records_sha256`` decides; the file's own sha256 (None for standard input) and the reading
-    options are recorded for people. The same records from a gzipped copy or through a pipe
-    are the same input.
+    ``records_sha256`` decides; the file's own sha256 (None for standard input, a FIFO or a
+    device) and the reading options are recorded for people. The same records from a gzipped
+    copy or through a pipe are the same input.
     """
     digest = hashlib.sha256()
     for rec in records:
         digest.update(f"{rec.id}\0{rec.header}\0{rec.key}\n".encode())
     from_stdin = str(input_path) == "-"
+    # A pipe was read once, into a copy: opened again it blocks (a named FIFO) or gives nothing.
+    regular = not from_stdin and Path(input_path).is_file()
     return {
         "path": "-" if from_stdin else str(real_path(input_path)),
-        "sha256": None if from_stdin else file_sha256(input_path),
+        "sha256": file_sha256(input_path) if regular else None,
         "records_sha256": digest.hexdigest(),
         "records": len(records),
         "sequences": n_sequences,
@@ -427,6 +429,10 @@ def _merged_attrs(inputs: list[_Input], shard_attr: str | None, identity: dict |
     ])
     if identity is None:
         attrs.pop("shard", None)
+        # The first input's record of its input would claim the merge holds that input alone.
+        recorded = {json.dumps(_json_attr(i.cache.attrs.get("input")), sort_keys=True) for i in inputs}
+        if len(recorded) > 1:
+            attrs.pop("input", None)
     else:
         # A complete set is the whole input: no shard; its input stays recorded.
         attrs["input"] = json.dumps(identity, sort_keys=True)

@@ -552,18 +552,31 @@ def embed_for_run(finished: FinishedRun, sequences: Path | str, id_col: str | No
         raise RunDirectoryError(
             f"{finished.path}: its cache was not made by `embedcache extract` ({describe_identity(identity)}), so "
             "the proteins cannot be embedded the same way here; embed them as the run's cache was and give --cache")
+    from_stdin = str(sequences) == "-"
+    if not from_stdin and Path(sequences).exists() and not Path(sequences).is_file():
+        # It is read three times (checked, named, embedded): a pipe gives its data to the first
+        # reader only, and a named FIFO keeps the next one waiting for ever.
+        raise ValueError(f"{sequences}: not a regular file (a pipe, FIFO or device); save the sequences to a file "
+                         "and give that")
     records = read_sequences(sequences, None, id_col, seq_col)  # a bad file fails before any model is loaded
     # Named by the input and the embedding settings: runs of one backbone share a folder safely.
     digest = hashlib.sha1()
-    with open(sequences, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
+    if from_stdin:
+        # Read once into a copy that extract reads again; its records name it.
+        for rec in records:
+            digest.update(f"{rec.id}\0{rec.header}\0{rec.key}\n".encode())
+    else:
+        with open(sequences, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
     digest.update(f"\0{id_col}\0{seq_col}\0{canonical_json(identity)}".encode())
     target = Path(embeddings_dir or finished.path / "embeddings") / f"{digest.hexdigest()}.h5"
     if target.exists():
         with EmbeddingCache(target) as done:
-            known = set(done.ids) | set(done.skipped_ids)
-            if all(r.id in known for r in records):
+            ids, _, keys = done.all_ids()
+            known = dict(zip(ids, keys))
+            # Each ID with its own sequence, not only its name: an ID may name another protein elsewhere.
+            if all(known.get(r.id) == r.key for r in records):
                 log.info("%s: embeddings of %s already there", target, sequences)
                 return target
     try:

@@ -134,3 +134,67 @@ def test_ray_options_that_do_not_fit_are_usage_errors(tmp_path, tiny_weights):
         assert result.exit_code == 2 and message in result.output, result.output
     with pytest.raises(ValueError, match="not standard input"):
         extract_distributed("-", tmp_path / "o.h5", ExtractConfig(weights=str(tiny_weights)), shards=2)
+
+
+def test_an_existing_output_of_other_settings_is_refused_not_reported_done(tmp_path, tiny_weights, monkeypatch):
+    from embedcache import distributed
+    from embedcache.models import build_tiny_esm2
+    from embedcache.store import CacheError
+
+    src = make_input(tmp_path, n=10)
+    out = tmp_path / "out.h5"
+    extract(src, out, ExtractConfig(weights=str(tiny_weights), threads=1), progress=False)
+    before = out.read_bytes()
+
+    def no_cluster():
+        raise AssertionError("an existing output is judged without starting Ray")
+
+    monkeypatch.setattr(distributed, "_import_ray", no_cluster)
+    same = extract_distributed(src, out, ExtractConfig(weights=str(tiny_weights), threads=1, layers=(-1,)), shards=2)
+    assert same.written is False and same.embedded == 0
+    other_weights = build_tiny_esm2(tmp_path / "other.pt", num_layers=3, embed_dim=32, attention_heads=4, seed=7)
+    cases = [
+        ({"dtype": "float32"}, "dtype: 'float16' there, 'float32' now"),
+        ({"store": "pooled"}, "store: 'both' there, 'pooled' now"),
+        ({"layers": (1,)}, r"layers: \[3\] there, \[1\] now"),
+        ({"max_length": 20}, "max_length: 1022 there, 20 now"),
+        ({"long": "chunk", "max_length": 1022, "chunk_overlap": 100}, "long_policy: 'truncate' there, 'chunk' now"),
+        ({"precision": "bf16"}, "precision: 'fp32' there, 'bf16' now"),
+        ({"precision": "int8"}, "precision: 'fp32' there, 'int8' now"),
+        ({"weights": str(other_weights)}, "weights sha256: "),
+    ]
+    for change, message in cases:
+        settings = {"weights": str(tiny_weights), "threads": 1, **change}
+        with pytest.raises(CacheError, match=message):
+            extract_distributed(src, out, ExtractConfig(**settings), shards=2)
+    assert out.read_bytes() == before
+
+
+def test_a_fifo_input_is_refused_by_the_ray_executor_instead_of_hanging_the_workers(tmp_path, tiny_weights,
+                                                                                   monkeypatch):
+    import contextlib
+    import threading
+
+    from embedcache import distributed
+
+    data = make_input(tmp_path, n=10).read_bytes()
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with contextlib.suppress(OSError), open(fifo, "wb") as handle:
+            handle.write(data)
+
+    def no_cluster():
+        raise AssertionError("the workers would open the FIFO again and wait for ever")
+
+    monkeypatch.setattr(distributed, "_import_ray", no_cluster)
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(ValueError, match="not a regular file .*every worker read INPUT"):
+            extract_distributed(fifo, tmp_path / "o.h5", ExtractConfig(weights=str(tiny_weights)), shards=2)
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets a writer still waiting for a reader finish
+        writer.join(10)
+    assert not (tmp_path / "o.h5").exists()

@@ -283,6 +283,20 @@ def test_ids_with_spaces_from_a_table(tmp_path, tiny_weights):
         assert sorted(f[k].attrs["original_id"] for k in f) == ["my protein 1", "my protein 2"]
 
 
+
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_npy_refuses_an_id_that_a_line_splitting_reader_would_cut_in_two(tmp_path, tiny_weights, separator):
+    table = tmp_path / "in.csv"
+    table.write_text(f'id,sequence\n"a{separator}b",MKTAYIAKQR\nc,MKVLAAGWQ\n', encoding="utf-8")
+    cache = tmp_path / "c.h5"
+    extract(table, cache, config(tiny_weights), progress=False)
+    with pytest.raises(ValueError, match="holds a line break, which ids.txt"):
+        export_cache(cache, "npy", tmp_path / "npy")
+    assert not (tmp_path / "npy").exists()
+    export_cache(cache, "npz", tmp_path / "out.npz")
+    with np.load(tmp_path / "out.npz") as npz:
+        assert list(npz["ids"]) == [f"a{separator}b", "c"]
+
 def test_cache_of_skipped_ids_only_exports_empty_outputs_listing_them(tmp_path, tiny_weights):
     fasta = write_fasta(tmp_path / "long.fasta", {"a": "MKTAYIAKQR", "b": "MKTAYIAKQRQISF"})
     cache = tmp_path / "c.h5"
@@ -335,6 +349,24 @@ def test_existing_output_needs_overwrite_and_only_an_export_is_replaced(tmp_path
         export_cache(plain[1], "npz", plain[1], overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["esm", "f.npz", "mine"]
 
+
+
+@pytest.mark.parametrize("fmt", ["npy", "esm-extract"])
+def test_overwrite_never_replaces_a_users_file_with_an_export_directory(tmp_path, plain, fmt):
+    mine = tmp_path / "results.csv"
+    mine.write_text("keep me")
+    with pytest.raises(FileExistsError, match="is a file, not a directory of an earlier export"):
+        export_cache(plain[1], fmt, mine, overwrite=True)
+    assert mine.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+
+
+def test_overwrite_never_renames_a_file_export_over_a_fifo(tmp_path, plain):
+    fifo = tmp_path / "out.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        export_cache(plain[1], "npz", fifo, overwrite=True)
+    assert fifo.is_fifo()
 
 def test_unknown_format_and_bad_dtype_are_refused(tmp_path, plain):
     with pytest.raises(ValueError, match="unknown export format 'hdf5'; choose one of esm-extract"):

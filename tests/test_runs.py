@@ -239,6 +239,24 @@ def test_predict_embeds_sequences_with_the_runs_backbone_and_marks_training_prot
     assert (tmp_path / "again.tsv").read_bytes() == (tmp_path / "seq.tsv").read_bytes()
 
 
+def test_predict_refuses_a_pipe_instead_of_finding_it_empty_or_waiting_for_ever(planted, tmp_path):
+    from heads.run import predict as predict_frame
+
+    csv, cache = planted
+    out = tmp_path / "run"
+    assert cv(csv, cache, out).exit_code == 0
+    frame = pd.read_csv(csv)
+    read, write = os.pipe()
+    os.write(write, "".join(f">q{i}\n{s}\n" for i, s in enumerate(frame["sequence"][:3])).encode())
+    os.close(write)
+    try:
+        with pytest.raises(ValueError, match="not a regular file .*save the sequences to a file"):
+            predict_frame(out, sequences=f"/dev/fd/{read}")
+    finally:
+        os.close(read)
+    assert not (out / "embeddings").exists()
+
+
 def test_predict_options_are_explicit(planted, tmp_path):
     csv, cache = planted
     out = tmp_path / "run"

@@ -180,6 +180,41 @@ def test_shard_provenance_names_the_shard_the_input_and_its_columns(tmp_path, ti
     assert identity["path"] == str(table.resolve())
 
 
+
+def test_a_shard_of_a_fifo_reads_it_once_and_is_the_same_shard_as_one_of_the_file(tmp_path, tiny_weights, monkeypatch):
+    import threading
+
+    from embedcache import merge
+
+    src = make_input(tmp_path, n=10)
+    from_file = tmp_path / "file.h5"
+    extract(src, from_file, config(tiny_weights, shard="0/2"), progress=False)
+    real_sha256 = merge.file_sha256
+
+    def sha256_of_regular_files(path):
+        # Opened again, a named FIFO waits for a writer that never comes.
+        assert Path(path).is_file(), f"{path} opened a second time"
+        return real_sha256(path)
+
+    monkeypatch.setattr(merge, "file_sha256", sha256_of_regular_files)
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as handle:
+            handle.write(src.read_bytes())
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    from_fifo = tmp_path / "fifo.h5"
+    extract(fifo, from_fifo, config(tiny_weights, shard="0/2"), progress=False)
+    writer.join(10)
+    with EmbeddingCache(from_file) as a, EmbeddingCache(from_fifo) as b:
+        file_identity, fifo_identity = json.loads(a.attrs["input"]), json.loads(b.attrs["input"])
+    assert fifo_identity["sha256"] is None and file_identity["sha256"] is not None
+    assert fifo_identity["records_sha256"] == file_identity["records_sha256"]
+    assert contents(from_fifo) == contents(from_file)
+
 def test_a_shard_rerun_finds_everything_there_and_another_shard_or_whole_run_is_refused(tmp_path, tiny_weights):
     src = make_input(tmp_path)
     out = tmp_path / "s0.h5"
@@ -255,6 +290,23 @@ def test_an_incomplete_set_is_refused_naming_the_missing_unless_partial(tmp_path
     assert contents(tmp_path / "all.h5") == contents(tmp_path / "direct.h5")
     assert_equal_up_to_rounding(tmp_path / "direct.h5", tmp_path / "all.h5")
 
+
+
+def test_a_merge_with_another_input_does_not_claim_to_hold_the_first_input_alone(tmp_path, tiny_weights, two_shards):
+    src, shards = two_shards
+    merge_caches(shards, tmp_path / "a.h5")
+    other = write_fasta(tmp_path / "other.fasta", {"x1": "MKTAYIAKQR", "x2": "MVLSPADKTNVKAAW"})
+    extract(other, tmp_path / "b.h5", config(tiny_weights), progress=False)
+    merge_caches([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "ab.h5")
+    with EmbeddingCache(tmp_path / "a.h5") as a, EmbeddingCache(tmp_path / "ab.h5") as ab:
+        assert json.loads(a.attrs["input"])["path"] == str(src.resolve())
+        assert "input" not in ab.attrs and "shard" not in ab.attrs
+        assert len(json.loads(ab.attrs["merged_from"])) == 2
+    # Merged with itself under another name the input stays recorded: the merge holds that input alone.
+    shutil.copy(tmp_path / "a.h5", tmp_path / "a2.h5")
+    merge_caches([tmp_path / "a.h5", tmp_path / "a2.h5"], tmp_path / "aa.h5")
+    with EmbeddingCache(tmp_path / "aa.h5") as aa:
+        assert json.loads(aa.attrs["input"])["path"] == str(src.resolve())
 
 def test_merge_refuses_an_output_that_is_an_input_by_real_path_or_exists(tmp_path, two_shards):
     _, (s0, s1) = two_shards
