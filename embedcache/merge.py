@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_h5, fsync_dir, real_path
+from .atomic import atomic_h5, file_sha256, fsync_dir, real_path
 from .batching import Entry, Status, sort_key
 from .layout import (
     CONTENT_SETTINGS,
@@ -79,14 +79,6 @@ class MergeSummary:
 
 
 # -- the identity of a shard's input ---------------------------------------------------------
-
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def input_identity(

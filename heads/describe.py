@@ -18,7 +18,6 @@ window; without a cache the report assumes ESM-2 (1,022 residues, BOS and EOS).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embedcache.atomic import file_sha256
 from embedcache.batching import chunk_windows
 from embedcache.sequences import AMINO_ACIDS, InputError, read_sequences, sequence_key
 
@@ -93,14 +93,6 @@ def assumed_window() -> ModelWindow:
 def dataset_title(path: Path | str, kind: str) -> str:
     path = Path(path)
     return f"{KIND_TITLES.get(kind, kind)} ({path.name})" if kind != "csv" else path.name
-
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- counts --------------------------------------------------------------------------------
