@@ -855,8 +855,8 @@ def read_table(
 
 
 def table_records(table: Table, id_col: str | None = None, seq_col: str | None = None) -> list[Record]:
-    id_index = _pick_column(table, id_col, ID_COLUMNS, "--id-col")
-    seq_index = _pick_column(table, seq_col, SEQ_COLUMNS, "--seq-col")
+    id_index = pick_column(table, id_col, ID_COLUMNS, "--id-col")
+    seq_index = pick_column(table, seq_col, SEQ_COLUMNS, "--seq-col")
     if not table.rows:
         raise InputError(table.name, "table has a header but no rows")
     return [_table_record(table.name, table.columns, id_index, seq_index, row, fields)
@@ -949,10 +949,10 @@ def _stream_columns(name: str, sep: str, columns: list[str], id_col: str | None,
     if twice:
         raise InputError(name, f"column names appear more than once: {twice}")
     table = Table(name, sep, columns, [], [])
-    return (_pick_column(table, id_col, ID_COLUMNS, "--id-col"), _pick_column(table, seq_col, SEQ_COLUMNS, "--seq-col"))
+    return (pick_column(table, id_col, ID_COLUMNS, "--id-col"), pick_column(table, seq_col, SEQ_COLUMNS, "--seq-col"))
 
 
-def _pick_column(table: Table, wanted: str | None, candidates: tuple[str, ...], option: str) -> int:
+def pick_column(table: Table, wanted: str | None, candidates: tuple[str, ...], option: str) -> int:
     if wanted is not None:
         return table.column_index(wanted, option)
     lower = [c.lower() for c in table.columns]

@@ -23,7 +23,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embedcache.atomic import atomic_path
@@ -38,12 +37,23 @@ from .base import (
     check_width,
     class_weight_check,
     integer,
+    is_multilabel,
     number,
     path_check,
     seed_check,
 )
 from .features import ArrayResidues, CachedResidues, Residues, length_batches, pad
-from .training import Schedule, Task, class_weights, isolated_rng, seed_from, seed_torch, train
+from .training import (
+    Schedule,
+    Task,
+    class_weights,
+    head_loss,
+    isolated_rng,
+    output_proba,
+    seed_from,
+    seed_torch,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +170,7 @@ class AttentionHead(Head):
             if val.dim != X.dim:
                 raise ValueError(f"validation embeddings are {val.dim}-dimensional, training ones {X.dim}")
         self.classes_ = classes
+        self.multilabel_ = multilabel = is_multilabel(targets)
         self.n_features_in_ = X.dim
         self.heads_ = usable_heads(X.dim, self.heads)
         seed = seed_from(self.random_state)
@@ -177,7 +188,7 @@ class AttentionHead(Head):
                 x, mask = pad(_read(X, idx), self.crop)
                 logits = module(torch.from_numpy(x), torch.from_numpy(mask))
                 target = torch.from_numpy(targets[idx])
-                return F.cross_entropy(logits, target, weight=weight, reduction="sum"), len(idx), int(mask.sum())
+                return head_loss(logits, target, weight, multilabel), len(idx), int(mask.sum())
 
             def load_state(state):
                 module.load_state_dict(state)
@@ -202,7 +213,10 @@ class AttentionHead(Head):
             if view is None:
                 continue
             digest.update(residues_identity(view).encode())
-            digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+            labels = np.asarray(labels, dtype=np.int64)
+            digest.update(labels.tobytes())
+            if labels.ndim == 2:  # a label matrix: its shape too (single-label fingerprints stay as they were)
+                digest.update(str(labels.shape).encode())
         return digest.hexdigest()
 
     # -- prediction ----------------------------------------------------------------------
@@ -212,7 +226,8 @@ class AttentionHead(Head):
         with torch.inference_mode():
             for idx in length_batches(np.minimum(X.lengths, self.crop or 1 << 30), self.batch_tokens, self.max_batch):
                 x, mask = pad(_read(X, idx), self.crop)
-                out[idx] = torch.softmax(self.module_(torch.from_numpy(x), torch.from_numpy(mask)), dim=1).numpy()
+                logits = self.module_(torch.from_numpy(x), torch.from_numpy(mask))
+                out[idx] = output_proba(logits, getattr(self, "multilabel_", False)).numpy()
         return out
 
     def predict_proba(self, X):
@@ -245,7 +260,7 @@ class AttentionHead(Head):
             for idx in length_batches(lengths, self.batch_tokens, self.max_batch):
                 x, mask = pad(_read(X, idx), self.crop)
                 pooled, attention = module.pool(torch.from_numpy(x), torch.from_numpy(mask))
-                proba[idx] = torch.softmax(module.classifier(pooled), dim=1).numpy()
+                proba[idx] = output_proba(module.classifier(pooled), getattr(self, "multilabel_", False)).numpy()
                 for row, i in enumerate(idx):
                     weights[i] = attention[row, :lengths[i]].T.contiguous().numpy()
         return ResidueAttention(proba, weights, [np.arange(n) for n in lengths])

@@ -5,7 +5,12 @@ they are checked when a head is made through the registry and again when ``fit``
 so a bad value stops a run before any training. What is learned ends in ``_`` and is set by
 ``fit``, which returns ``self``; ``predict_proba`` gives one column per entry of
 ``classes_``. ``fit`` takes an optional ``eval_set=(X_val, y_val)``, used for model
-selection and early stopping, never for the weights themselves. ``input`` says what X is:
+selection and early stopping, never for the weights themselves.
+
+Multi-label: ``y`` is an (n, L) 0/1 indicator matrix (scikit-learn's convention); the head
+then gives every label an independent probability, ``predict_proba`` returns (n, L),
+``classes_`` is ``0..L-1``, and ``fit_thresholds`` sets each label's decision threshold
+(``thresholds_``) from validation data; ``predict`` returns the (n, L) predicted sets. ``input`` says what X is:
 a pooled matrix, a :class:`heads.features.Residues` view of per-residue arrays, or
 sequences.
 
@@ -67,7 +72,27 @@ class Head(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, msg=f"this {type(self).__name__} is not fitted yet: call fit before predicting")
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        """Class labels; multi-label: the (n, L) 0/1 sets (thresholds_, at least one label each)."""
+        proba = self.predict_proba(X)
+        if getattr(self, "multilabel_", False):
+            from .multilabel import DEFAULT_THRESHOLD, label_sets
+
+            return label_sets(proba, getattr(self, "thresholds_", DEFAULT_THRESHOLD)).astype(np.int64)
+        return self.classes_[proba.argmax(1)]
+
+    def fit_thresholds(self, X_val, Y_val, proba: np.ndarray | None = None) -> Head:
+        """Multi-label: each label's threshold, chosen on validation proteins (``proba``: their
+        probabilities when already computed)."""
+        from .multilabel import choose_thresholds
+
+        self.check_fitted()
+        if not getattr(self, "multilabel_", False):
+            raise ValueError(f"{self.kind} head was trained on one label per protein: no thresholds to choose")
+        Y_val = check_indicator(np.asarray(Y_val), "validation labels")
+        if Y_val.shape[1] != len(self.classes_):
+            raise ValueError(f"validation labels have {Y_val.shape[1]} columns, the head {len(self.classes_)} labels")
+        self.thresholds_ = choose_thresholds(self.predict_proba(X_val) if proba is None else proba, Y_val)
+        return self
 
     def selection_summary(self) -> dict:
         """What validation chose, for the run's record."""
@@ -112,7 +137,10 @@ class Head(ClassifierMixin, BaseEstimator):
     # -- persistence ---------------------------------------------------------------------
     def payload(self) -> dict:
         """What a saved file records besides the head itself."""
-        return {"kind": self.kind, "version": __version__}
+        out = {"kind": self.kind, "version": __version__, "multilabel": bool(getattr(self, "multilabel_", False))}
+        if hasattr(self, "thresholds_"):
+            out["thresholds"] = [float(t) for t in self.thresholds_]
+        return out
 
     def save(self, path: Path | str) -> Path:
         self.check_fitted()
@@ -134,7 +162,13 @@ class Head(ClassifierMixin, BaseEstimator):
         if cls is not Head and not issubclass(target, cls):
             raise ValueError(f"{path} holds a {kind} head, not a {cls.kind or cls.__name__} head")
         check_version(data, path)
-        return target.from_saved(data, path, **options)
+        head = target.from_saved(data, path, **options)
+        if isinstance(data, dict):
+            if data.get("multilabel"):
+                head.multilabel_ = True
+            if data.get("thresholds") is not None:
+                head.thresholds_ = np.asarray(data["thresholds"], dtype=np.float64)
+        return head
 
     @classmethod
     def from_saved(cls, data, path: Path, **options) -> Head:
@@ -286,12 +320,49 @@ def _as_labels(y, name: str) -> np.ndarray:
     return y
 
 
+def check_indicator(Y: np.ndarray, name: str) -> np.ndarray:
+    """An (n, L) matrix of 0/1 as int64, or a clear error."""
+    if Y.ndim != 2 or Y.shape[1] < 1:
+        raise ValueError(f"{name} must be an (proteins, labels) 0/1 matrix, got shape {Y.shape}")
+    try:
+        values = Y.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: a multi-label matrix holds 0 and 1 only") from None
+    if not np.isin(values, (0.0, 1.0)).all():
+        raise ValueError(f"{name}: a multi-label matrix holds 0 and 1 only")
+    return values.astype(np.int64)
+
+
+def check_multilabel(y, eval_set=None, n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """classes_ (0..L-1), training and validation 0/1 matrices, for a multi-label fit."""
+    Y = check_indicator(np.asarray(y), "y")
+    if n is not None and len(Y) != n:
+        raise ValueError(f"{n} proteins but {len(Y)} label rows")
+    Y_val = None
+    if eval_set is not None:
+        Y_val = check_indicator(np.asarray(eval_set[1]), "eval_set labels")
+        if len(Y_val) == 0:
+            raise ValueError("the validation set (eval_set) holds no proteins; pass eval_set=None to train "
+                             "without one")
+        if Y_val.shape[1] != Y.shape[1]:
+            raise ValueError(f"validation labels have {Y_val.shape[1]} columns, training labels {Y.shape[1]}")
+    return np.arange(Y.shape[1]), Y, Y_val
+
+
+def is_multilabel(y) -> bool:
+    """y as scikit-learn's multi-label indicator matrix (2-D), not one label per protein."""
+    return np.ndim(y) == 2
+
+
 def check_labels(y, eval_set=None, n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """classes_ (every label seen in training or validation), training targets, validation targets.
 
     Clear errors for: one class only, labels that mix numbers and strings (also between
     training and validation), missing labels, an empty validation set, a length mismatch.
+    A 2-D ``y`` is multi-label (see :func:`check_multilabel`).
     """
+    if is_multilabel(y):
+        return check_multilabel(y, eval_set, n)
     y = _as_labels(y, "y")
     if n is not None and len(y) != n:
         raise ValueError(f"{n} proteins but {len(y)} labels")

@@ -77,6 +77,15 @@ def _class_names(value: str | None) -> dict | None:
     return dict(pairs)
 
 
+def _label_cols(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    cols = tuple(c.strip() for c in value.split(",") if c.strip())
+    if not cols:
+        raise click.BadParameter("give the label columns as A,B,C or 'auto'")
+    return cols
+
+
 ARGV = "heads.argv"  # click's context meta key for the command line
 
 
@@ -127,6 +136,13 @@ def common(func):
         click.option("--id-col"), click.option("--seq-col"),
         click.option("--label-col", default="label", show_default=True),
         click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus."),
+        click.option("--label-cols", callback=_label_cols,
+                     help="Multi-label CSV: the 0/1 columns, one per label (A,B,C), or 'auto' (every 0/1 column). "
+                          "Each label gets a probability and a threshold chosen on the validation fold."),
+        click.option("--task", type=click.Choice(["location", "membrane", "multilabel"]), default="location",
+                     show_default=True,
+                     help="DeepLoc 1.0 headers as: the location, membrane-bound or soluble (proteins marked U left "
+                          "out), or the set of locations (multi-label)."),
         click.option("--set", "settings", multiple=True,
                      help="Head parameter, e.g. attention.max_epochs=30 or finetune.mode=lora (repeatable)."),
         click.option("--model", help="finetune: a model name as `embedcache models` lists it [the backbone that built "

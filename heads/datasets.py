@@ -3,6 +3,12 @@
 Every reader validates sequences with the embedding cache's own reader, so a dataset and
 its cache always agree on IDs and residues. Class names are sorted, so the label numbering
 is the same whatever order the file lists proteins in, and it is saved with every run.
+
+A set is single-label (``labels`` holds one class index per protein) or multi-label
+(``labels`` is an (n, L) 0/1 matrix over the L label names in ``classes``): a CSV with one
+0/1 column per label (DeepLoc 2.0's layout, ``label_cols``), or DeepLoc 1.0 headers read as
+location sets (``task="multilabel"``: ``Cytoplasm-Nucleus-U`` is both). DeepLoc 1.0 also
+gives the membrane-bound/soluble task (``task="membrane"``; proteins marked U are left out).
 """
 
 from __future__ import annotations
@@ -17,11 +23,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from embedcache.sequences import InputError, detect_format, load_table, load_text, read_fasta, table_records
+from embedcache.sequences import (
+    ID_COLUMNS,
+    SEQ_COLUMNS,
+    InputError,
+    Table,
+    detect_format,
+    load_table,
+    load_text,
+    pick_column,
+    read_fasta,
+    table_records,
+)
 
 log = logging.getLogger(__name__)
 
 DATASET_KINDS = ("deeplocpro", "csv", "deeploc1")
+# What a file's labels mean: the location (one per protein), membrane-bound or soluble
+# (DeepLoc 1.0's M/S), or the set of locations (DeepLoc 1.0 headers, or 0/1 columns of a CSV).
+TASKS = ("location", "membrane", "multilabel")
+MEMBRANE_CLASSES = {"M": "Membrane", "S": "Soluble"}
 
 
 @dataclass
@@ -29,7 +50,7 @@ class LabeledSet:
     name: str
     ids: list[str]
     sequences: list[str]
-    labels: np.ndarray  # int, index into classes
+    labels: np.ndarray  # int: index into classes (n,), or a 0/1 matrix over the labels in classes (n, L)
     classes: list[str]
     groups: np.ndarray | None = None  # organism group (DeepLocPro) or None
     folds: np.ndarray | None = None  # int fold per protein when the file gives one, -1 = left out
@@ -41,6 +62,16 @@ class LabeledSet:
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    def label_names(self) -> list[str]:
+        """Each protein's class, or its labels joined by ";" (multi-label)."""
+        if self.multilabel:
+            return [";".join(c for c, on in zip(self.classes, row) if on) for row in self.labels]
+        return [self.classes[i] for i in self.labels]
 
     def subset(self, index: np.ndarray) -> LabeledSet:
         index = np.asarray(index)
@@ -69,12 +100,25 @@ class LabeledSet:
         return out.subset(keep)
 
     def frame(self) -> pd.DataFrame:
-        data: dict[str, Any] = {"id": self.ids, "label": [self.classes[i] for i in self.labels]}
+        data: dict[str, Any] = {"id": self.ids, "label": self.label_names()}
         if self.groups is not None:
             data["group"] = self.groups
         if self.folds is not None:
             data["fold"] = self.folds
         return pd.DataFrame(data)
+
+
+def describe_labels(data: LabeledSet) -> str:
+    """"6 classes", or "10 labels (multi-label, 1.18 labels per protein)"."""
+    if data.multilabel:
+        return f"{data.n_classes} labels (multi-label, {data.labels.sum(1).mean():.2f} labels per protein)"
+    return f"{data.n_classes} classes"
+
+
+def present_classes(data: LabeledSet) -> list[str]:
+    """The classes (or labels) at least one protein of ``data`` has."""
+    counts = data.labels.sum(0) if data.multilabel else np.bincount(data.labels, minlength=data.n_classes)
+    return [c for c, n in zip(data.classes, counts) if n > 0]
 
 
 def _encode(names: list[str], classes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -114,12 +158,25 @@ def read_labeled_csv(
     label_col: str = "label",
     class_names: dict[str, str] | None = None,
     fold_col: str | None = None,
+    label_cols: tuple[str, ...] | list[str] | None = None,
 ) -> LabeledSet:
-    """One protein per row; labels from ``label_col``, renamed through ``class_names`` if given."""
+    """One protein per row; labels from ``label_col``, renamed through ``class_names`` if given.
+
+    With ``label_cols`` the set is multi-label: one 0/1 column per label (``("auto",)``: every
+    column other than the ID, sequence and fold columns whose values are all 0 or 1).
+    """
     path = Path(path)
     # One read serves records and labels, with the same decompression, decoding and delimiter.
     table = load_table(path)
     records = table_records(table, id_col, seq_col)
+    folds = _fold_column(table, path, fold_col) if fold_col is not None else None
+    if label_cols:
+        if class_names:
+            raise InputError(path, "--class-names renames the values of --label-col; with --label-cols the "
+                                   "column names are the labels")
+        labels, classes = _label_matrix(table, path, label_cols, id_col, seq_col, fold_col)
+        return _dedupe_ids(LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels,
+                                      classes, None, folds), path, table.lines)
     if label_col not in table.columns:
         raise InputError(path, f"no label column {label_col!r}; columns are {table.columns}")
     raw = [v.strip() for v in table.column(label_col)]
@@ -147,11 +204,67 @@ def read_labeled_csv(
                 log.warning("%s: --class-names maps %s to one class %r", path, ", ".join(map(repr, keys)), name)
     names = [class_names.get(v, v) for v in raw] if class_names else raw
     labels, classes = _encode(names)
-    folds = None
-    if fold_col is not None:
-        folds = np.array([int(v) for v in table.column(fold_col)], dtype=np.int64)
     return _dedupe_ids(LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels,
                                   classes, None, folds), path, table.lines)
+
+
+def _fold_column(table: Table, path: Path, fold_col: str) -> np.ndarray:
+    """Whole numbers; a negative fold leaves the protein out."""
+    folds = []
+    for row, value in zip(table.lines, table.column(fold_col)):
+        text = value.strip()
+        try:
+            folds.append(int(text))
+        except ValueError:
+            raise InputError(path, f"fold {text!r} in column {fold_col!r} is not a whole number",
+                             f"row {row}") from None
+    return np.array(folds, dtype=np.int64)
+
+
+# Spellings of 0 and 1 in a label column (pandas writes booleans and floats this way).
+_BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+
+
+def _label_matrix(table: Table, path: Path, label_cols, id_col: str | None, seq_col: str | None,
+                  fold_col: str | None) -> tuple[np.ndarray, list[str]]:
+    """(n, L) 0/1 matrix and the L label names (sorted), from one 0/1 column per label."""
+    cols = [c.strip() for c in label_cols if c.strip()]
+    if cols == ["auto"]:
+        taken = {pick_column(table, id_col, ID_COLUMNS, "--id-col"), pick_column(table, seq_col, SEQ_COLUMNS,
+                                                                                   "--seq-col")}
+        if fold_col is not None:
+            taken.add(table.column_index(fold_col))
+        index = [i for i, c in enumerate(table.columns) if i not in taken and table.rows
+                 and all(row[i].strip().lower() in _BINARY for row in table.rows)]
+        if len(index) < 2:
+            raise InputError(path, f"--label-cols auto found {len(index)} column(s) of 0/1 values "
+                                   f"({', '.join(table.columns[i] for i in index) or 'none'}); a multi-label set "
+                                   "needs at least two (one label column: --label-col)")
+    else:
+        if len(cols) < 2:
+            raise InputError(path, f"--label-cols names {len(cols)} column(s); a multi-label set needs at least two "
+                                   "(one label column: --label-col)")
+        index = [table.column_index(c, "--label-cols") for c in cols]
+        twice = sorted({table.columns[i] for i in index if index.count(i) > 1})
+        if twice:
+            raise InputError(path, f"--label-cols names column {', '.join(map(repr, twice))} twice")
+    names = [table.columns[i].strip() for i in index]
+    if len(set(names)) != len(names) or not all(names):
+        raise InputError(path, f"label columns {names} need distinct, non-empty names")
+    matrix = np.zeros((len(table.rows), len(index)), dtype=np.int64)
+    for r, (row, fields) in enumerate(zip(table.lines, table.rows)):
+        for j, i in enumerate(index):
+            value = fields[i].strip()
+            code = _BINARY.get(value.lower())
+            if code is None:
+                raise InputError(path, f"label column {names[j]!r} holds {value!r}; label columns hold 0 or 1",
+                                 f"row {row}")
+            matrix[r, j] = code
+        if not matrix[r].any():
+            raise InputError(path, f"no label set (every one of {', '.join(names)} is 0); give the protein a label "
+                                   "or drop the row", f"row {row}")
+    order = sorted(range(len(names)), key=lambda j: names[j])
+    return matrix[:, order], [names[j] for j in order]
 
 
 def _dedupe_ids(data: LabeledSet, path: Path, rows: list[int], unit: str = "rows") -> LabeledSet:
@@ -172,13 +285,17 @@ _MISSING = {"nan", "na", "n/a", "none", "null", "<na>", "?"}
 _DEEPLOC1 = re.compile(r"^(\S+)\s+([A-Za-z._/]+(?:-[A-Za-z._/]+)*)-([MSU])(?:\s|$)")
 
 
-def read_deeploc1(path: Path | str) -> LabeledSet:
+def read_deeploc1(path: Path | str, task: str = "location") -> LabeledSet:
     """Headers ``>ACC Location-M/S/U [test|new_test_set]`` (DeepLoc 1.0 as Light Attention ships it).
 
-    23 proteins carry two locations (``Cytoplasm-Nucleus-U``); like Light Attention's loader,
-    whose setHARD results are the published ones, the first is the label. The full annotation
-    is kept in ``extra['annotation']``.
+    23 proteins carry two locations (``Cytoplasm-Nucleus-U``). For ``task="location"``, like
+    Light Attention's loader, whose setHARD results are the published ones, the first is the
+    label; ``task="multilabel"`` gives each protein its set of locations; ``task="membrane"``
+    labels Membrane (M) or Soluble (S) and leaves out the proteins marked U (unknown). The
+    full annotation is kept in ``extra['annotation']``, the M/S/U mark in ``extra['membrane']``.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
     path = Path(path)
     records = read_fasta(path)
     locations, membrane, annotation = [], [], []
@@ -189,11 +306,28 @@ def read_deeploc1(path: Path | str) -> LabeledSet:
         locations.append(match.group(2).split("-")[0])
         membrane.append(match.group(3))
         annotation.append(match.group(2))
-    labels, classes = _encode(locations)
-    return _dedupe_ids(LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels,
+    if task == "multilabel":
+        classes = sorted({name for a in annotation for name in a.split("-")})
+        labels = np.array([[int(c in a.split("-")) for c in classes] for a in annotation], dtype=np.int64)
+    elif task == "membrane":
+        labels, classes = _encode([MEMBRANE_CLASSES.get(m, "") for m in membrane],
+                                  sorted(MEMBRANE_CLASSES.values()) + [""])
+        classes = classes[:-1]  # "" marks U: those proteins are dropped below
+    else:
+        labels, classes = _encode(locations)
+    data = _dedupe_ids(LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels,
                                   classes, extra={"membrane": np.array(membrane),
                                                   "annotation": np.array(annotation)}),
                        path, [r.line for r in records], unit="lines")
+    if task == "membrane":
+        known = np.flatnonzero(np.array(membrane) != "U")
+        if len(known) == 0:
+            raise InputError(path, "every protein is marked U (membrane association unknown); the membrane task "
+                                   "needs proteins marked M or S")
+        log.info("%s: membrane task: %d proteins marked U (unknown) left out, %d kept", path,
+                 len(data) - len(known), len(known))
+        data = data.subset(known)
+    return data
 
 
 def detect_kind(path: Path | str) -> str:
@@ -214,13 +348,21 @@ def detect_kind(path: Path | str) -> str:
                            "(DeepLocPro) or 'ACC Location-M/S/U' (DeepLoc 1.0), or give a CSV")
 
 
-def load_labeled(path: Path | str, kind: str | None = None, **csv_options) -> LabeledSet:
-    """Read a labelled set; ``csv_options`` (id_col, seq_col, label_col, class_names) apply to CSV only."""
+def load_labeled(path: Path | str, kind: str | None = None, task: str = "location", **csv_options) -> LabeledSet:
+    """Read a labelled set; ``csv_options`` (id_col, seq_col, label_col, class_names, fold_col,
+    label_cols) apply to CSV only. ``task`` other than location needs DeepLoc 1.0 headers
+    (a CSV is multi-label through ``label_cols``)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
     kind = kind or detect_kind(path)
+    if task != "location" and kind != "deeploc1":
+        how = " (a CSV gives label sets as 0/1 columns: --label-cols)" if kind == "csv" else ""
+        raise InputError(path, f"--task {task} reads DeepLoc 1.0 headers ('ACC Location-M/S/U'); this file is "
+                               f"{kind}{how}")
     if kind == "deeplocpro":
         return read_deeplocpro(path)
     if kind == "deeploc1":
-        return read_deeploc1(path)
+        return read_deeploc1(path, task)
     if kind == "csv":
         return read_labeled_csv(path, **csv_options)
     raise ValueError(f"dataset kind must be one of {DATASET_KINDS}, not {kind!r}")
@@ -236,7 +378,17 @@ def merge(sets: list[LabeledSet], name: str) -> LabeledSet:
     if twice:
         raise ValueError(f"IDs appear in more than one of {', '.join(s.name for s in sets)}: {', '.join(twice[:5])}")
     classes = sorted(set().union(*(s.classes for s in sets)))
-    labels, classes = _encode([s.classes[i] for s in sets for i in s.labels], classes)
+    if len({s.multilabel for s in sets}) > 1:
+        raise ValueError(f"{', '.join(s.name for s in sets)}: some are multi-label and some are not")
+    if sets[0].multilabel:
+        # A label a file does not have is 0 for its proteins.
+        labels = np.zeros((sum(len(s) for s in sets), len(classes)), dtype=np.int64)
+        start = 0
+        for s in sets:
+            labels[start:start + len(s), [classes.index(c) for c in s.classes]] = s.labels
+            start += len(s)
+    else:
+        labels, classes = _encode([s.classes[i] for s in sets for i in s.labels], classes)
     extra_keys = set.intersection(*(set(s.extra) for s in sets)) if sets else set()
     return LabeledSet(
         name,

@@ -1,4 +1,9 @@
-"""Heads on pooled embeddings: logistic regression and LightGBM (see :mod:`heads.base`)."""
+"""Heads on pooled embeddings: logistic regression and LightGBM (see :mod:`heads.base`).
+
+Multi-label targets get one binary model per label, each selected on its own validation
+column (logistic regression: C by average precision; LightGBM: early stopping on the
+label's log-loss). A label that is always 0 (or always 1) in training gets that constant.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from .base import (
     check_pooled,
     class_weight_check,
     integer,
+    is_multilabel,
     number,
     seed_check,
 )
@@ -47,6 +53,36 @@ def weights_by_index(class_weight, classes: np.ndarray):
     if unknown:
         raise ValueError(f"class_weight names labels {unknown} that are not among the labels {classes.tolist()}")
     return {index[k]: w for k, w in class_weight.items()}
+
+
+class ConstantLabel:
+    """A label seen with one value only in training: that value's probability, always."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+
+    def positive_proba(self, X) -> np.ndarray:
+        return np.full(len(X), self.value)
+
+
+def fit_per_label(Y: np.ndarray, fit_one: Callable[[int], Any], name: str) -> list:
+    """One binary model per label column (``fit_one(j)``), or a constant where training has one value."""
+    models: list = []
+    for j in range(Y.shape[1]):
+        values = np.unique(Y[:, j])
+        if len(values) < 2:
+            log.warning("%s: label %d is %d for every training protein; it gets that probability", name, j,
+                        int(values[0]))
+            models.append(ConstantLabel(values[0]))
+        else:
+            models.append(fit_one(j))
+    return models
+
+
+def per_label_proba(models: list, X, positive: Callable[[Any, Any], np.ndarray]) -> np.ndarray:
+    """(n, L) probabilities: each label's model's probability of 1."""
+    return np.column_stack([m.positive_proba(X) if isinstance(m, ConstantLabel) else positive(m, X)
+                            for m in models])
 
 
 class LogisticHead(Head):
@@ -89,6 +125,10 @@ class LogisticHead(Head):
         Cs = sorted(self.Cs)
         if eval_set is None:
             Cs = [Cs[len(Cs) // 2]]
+        self.multilabel_ = is_multilabel(targets)
+        if self.multilabel_:
+            return self._fit_labels(Xs, targets, None if X_val is None else scaler.transform(X_val), val_targets,
+                                    Cs, scaler, classes)
         # Trained on class indices, so that any label type (strings too) scores the same way.
         weights = weights_by_index(self.class_weight, classes)
         model = LogisticRegression(max_iter=self.max_iter, class_weight=weights,
@@ -113,12 +153,50 @@ class LogisticHead(Head):
         self.classes_ = classes[self.model_.classes_]
         return self
 
+    def _fit_labels(self, Xs, Y, Xs_val, Y_val, Cs, scaler, classes):
+        """One logistic regression per label, C chosen per label by validation average precision."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import average_precision_score
+
+        if self.class_weight is not None and self.class_weight != "balanced":
+            raise ValueError("logreg class_weight for multi-label targets must be null or 'balanced' (per label)")
+        chosen, scores = [], []
+
+        def fit_one(j):
+            model = LogisticRegression(max_iter=self.max_iter, class_weight=self.class_weight,
+                                       random_state=self.random_state, warm_start=True)
+            best, label_scores = None, {}
+            informative = Y_val is not None and len(np.unique(Y_val[:, j])) == 2
+            for C in Cs if informative else [Cs[len(Cs) // 2]]:
+                model.set_params(C=C)
+                model.fit(Xs, Y[:, j])
+                value = (float(average_precision_score(Y_val[:, j], model.predict_proba(Xs_val)[:, 1]))
+                         if informative else None)
+                label_scores[str(C)] = value
+                if best is None or (value is not None and value > best[0]):
+                    best = (value, C, copy.deepcopy(model))
+            chosen.append(best[1])
+            scores.append(label_scores)
+            return best[2]
+
+        self.model_ = fit_per_label(Y, fit_one, self.kind)
+        self.C_ = chosen
+        self.validation_scores_ = scores
+        self.scaler_ = scaler
+        self.classes_ = classes
+        return self
+
     def predict_proba(self, X):
         X = check_pooled(self, X, fitting=False)
         with threadpool_limits(1, user_api="blas"):
-            return self.model_.predict_proba(self.scaler_.transform(X))
+            Xs = self.scaler_.transform(X)
+            if getattr(self, "multilabel_", False):
+                return per_label_proba(self.model_, Xs, lambda m, x: m.predict_proba(x)[:, 1])
+            return self.model_.predict_proba(Xs)
 
     def selection_summary(self):
+        if getattr(self, "multilabel_", False):  # per label: C and validation average precision
+            return {"C": self.C_, "validation_scores": self.validation_scores_}
         return {"C": self.C_, "validation_scores": {str(k): v for k, v in self.validation_scores_.items()}}
 
 
@@ -159,13 +237,30 @@ class LightGBMHead(Head):
     def fit(self, X, y, eval_set=None):
         import lightgbm as lgb
 
-        from embedcache.threads import default_threads
-
         self.validate_params()
         X = check_pooled(self, X, fitting=True)
         classes, targets, val_targets = check_labels(y, eval_set, len(X))
-        weights = weights_by_index(self.class_weight, classes)
-        self.model_ = lgb.LGBMClassifier(
+        X_val = None if val_targets is None else check_pooled(self, eval_set[0], fitting=False, validation=True)
+        self.multilabel_ = is_multilabel(targets)
+        if self.multilabel_:
+            if self.class_weight is not None and self.class_weight != "balanced":
+                raise ValueError("lightgbm class_weight for multi-label targets must be null or 'balanced' (per label)")
+            self.model_ = fit_per_label(targets, lambda j: self._fit_one(
+                lgb, X, targets[:, j], None if X_val is None else X_val,
+                None if val_targets is None else val_targets[:, j], self.class_weight), self.kind)
+            self.classes_ = classes
+            self.best_iteration_ = [int(m.best_iteration_ or self.n_estimators) if hasattr(m, "best_iteration_")
+                                    else 0 for m in self.model_]
+            return self
+        self.model_ = self._fit_one(lgb, X, targets, X_val, val_targets, weights_by_index(self.class_weight, classes))
+        self.classes_ = classes[self.model_.classes_]
+        self.best_iteration_ = int(self.model_.best_iteration_ or self.n_estimators)
+        return self
+
+    def _fit_one(self, lgb, X, targets, X_val, val_targets, weights):
+        from embedcache.threads import default_threads
+
+        model = lgb.LGBMClassifier(
             n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
             min_child_samples=self.min_child_samples, colsample_bytree=self.colsample_bytree,
             subsample=self.subsample, subsample_freq=1, reg_lambda=self.reg_lambda, max_bin=self.max_bin,
@@ -178,23 +273,22 @@ class LightGBMHead(Head):
         callbacks: list[Callable[..., Any]] = []
         kwargs: dict[str, Any] = {}
         if val_targets is not None:  # exactly when there is an eval_set
-            X_val = check_pooled(self, eval_set[0], fitting=False, validation=True)
             # Validation proteins of a class absent from training cannot be scored by these trees.
             seen = np.isin(val_targets, targets)
             X_val, y_val = X_val[seen], val_targets[seen]
             if len(y_val):
-                if "eval_X" in inspect.signature(self.model_.fit).parameters:  # lightgbm >= 4.7
+                if "eval_X" in inspect.signature(model.fit).parameters:  # lightgbm >= 4.7
                     kwargs.update(eval_X=(X_val,), eval_y=(y_val,))
                 else:
                     kwargs["eval_set"] = [(X_val, y_val)]
                 callbacks.append(lgb.early_stopping(self.early_stopping_rounds, verbose=False))
-        self.model_.fit(X, targets, callbacks=callbacks, **kwargs)
-        self.classes_ = classes[self.model_.classes_]
-        self.best_iteration_ = int(self.model_.best_iteration_ or self.n_estimators)
-        return self
+        model.fit(X, targets, callbacks=callbacks, **kwargs)
+        return model
 
     def predict_proba(self, X):
         X = check_pooled(self, X, fitting=False)
+        if getattr(self, "multilabel_", False):
+            return per_label_proba(self.model_, X, lambda m, x: m.predict_proba(x)[:, 1])
         return self.model_.predict_proba(X)
 
     def selection_summary(self):

@@ -3,7 +3,9 @@
 For each split a fresh copy of the head is fitted on the training folds with the
 validation fold as ``eval_set`` and predicts the test fold. Test probabilities of all the
 models that share a test fold are averaged (one model per fold in the simple scheme, K-1 in
-the nested one), so every protein gets exactly one prediction.
+the nested one), so every protein gets exactly one prediction. Multi-label heads also get
+their per-label thresholds from the validation fold; a protein's thresholds are the mean of
+those of the models whose probabilities were averaged for it, as in ``heads predict``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .base import Head
 from .datasets import LabeledSet
 from .features import FeatureSource
 from .folds import Split
+from .multilabel import label_sets
 from .progress import eta, progress_bar
 from .rundir import SavedModel
 
@@ -40,23 +43,45 @@ class MethodResult:
     splits: list[dict] = field(default_factory=list)  # per split: folds, sizes, seconds, what validation chose
     models: list[tuple[Split, Head]] = field(default_factory=list)
     saved: list[SavedModel] = field(default_factory=list)  # model files written, for the run's manifest
+    # Multi-label: (n, L) per protein, the mean threshold of the models averaged for it (NaN where not predicted).
+    thresholds: np.ndarray | None = None
+    # Per split, its model's probabilities on split.val (rows in that order): what stacking and
+    # an ensemble's thresholds are fitted on.
+    validation: list[tuple[Split, np.ndarray]] = field(default_factory=list)
 
     def predicted(self) -> np.ndarray:
         return ~np.isnan(self.proba).any(1)
+
+    def sets(self) -> np.ndarray:
+        """(n, L) bool: each protein's predicted labels (multi-label); all False where not predicted."""
+        if self.thresholds is None:
+            raise ValueError(f"{self.name}: not a multi-label result")
+        done = self.predicted()
+        out = np.zeros(self.proba.shape, dtype=bool)
+        out[done] = label_sets(self.proba[done], self.thresholds[done])
+        return out
 
     def frame(self, data: LabeledSet) -> pd.DataFrame:
         out = data.frame()
         out.insert(0, "method", self.name)
         out["test_fold"] = self.folds
-        proba = np.nan_to_num(self.proba, nan=0.0)
-        out["prediction"] = [data.classes[k] for k in proba.argmax(1)]
+        if self.thresholds is not None:
+            sets = self.sets()
+            out["prediction"] = [";".join(c for c, on in zip(data.classes, row) if on) for row in sets]
+        else:
+            proba = np.nan_to_num(self.proba, nan=0.0)
+            out["prediction"] = [data.classes[k] for k in proba.argmax(1)]
         for k, c in enumerate(data.classes):
             out[f"p_{c}"] = self.proba[:, k]
+        if self.thresholds is not None:
+            for k, c in enumerate(data.classes):
+                out[f"threshold_{c}"] = self.thresholds[:, k]
         return out[self.predicted()]
 
 
 def full_proba(head: Head, X, n_classes: int) -> np.ndarray:
-    """Probabilities over all classes, also when a class was missing from training."""
+    """Probabilities over all classes, also when a class was missing from training
+    (multi-label heads give every label a column: classes_ is 0..L-1)."""
     proba = head.predict_proba(X)
     out = np.zeros((proba.shape[0], n_classes), dtype=np.float64)
     out[:, np.asarray(head.classes_, dtype=np.int64)] = proba
@@ -77,6 +102,7 @@ def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits
     total = np.zeros((len(data), data.n_classes))
     count = np.zeros(len(data))
     result = MethodResult(name, np.full((len(data), data.n_classes), np.nan), np.full(len(data), -1))
+    thresholds = np.zeros((len(data), data.n_classes)) if data.multilabel else None
     if model_dir is not None:
         model_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -86,6 +112,11 @@ def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits
         if work_dir is not None and "checkpoint_dir" in model.get_params():
             model.set_params(checkpoint_dir=str(work_dir / name / split.name))
         model.fit(X[split.train], y[split.train], eval_set=(X[split.val], y[split.val]))
+        val_proba = full_proba(model, X[split.val], data.n_classes)
+        if thresholds is not None:
+            model.fit_thresholds(X[split.val], y[split.val], proba=val_proba)
+            thresholds[split.test] += model.thresholds_
+        result.validation.append((split, val_proba))
         total[split.test] += full_proba(model, X[split.test], data.n_classes)
         count[split.test] += 1
         result.folds[split.test] = split.test_fold
@@ -104,6 +135,9 @@ def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits
                  eta(number, len(splits), time.perf_counter() - began))
     done = count > 0
     result.proba[done] = total[done] / count[done, None]
+    if thresholds is not None:
+        result.thresholds = np.full(thresholds.shape, np.nan)
+        result.thresholds[done] = thresholds[done] / count[done, None]
     return result
 
 

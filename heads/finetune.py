@@ -30,7 +30,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embedcache.atomic import atomic_path, write_json
@@ -38,9 +37,20 @@ from embedcache.backbone import Backbone
 from embedcache.extract import ExtractConfig, default_threads, load_backbone, pick_device, torch_threads
 
 from .attention import AttentionPooling, ResidueAttention, usable_heads
-from .base import METRIC, Head, boolean, check_labels, class_weight_check, integer, number, one_of, path_check
+from .base import (
+    METRIC,
+    Head,
+    boolean,
+    check_labels,
+    class_weight_check,
+    integer,
+    is_multilabel,
+    number,
+    one_of,
+    path_check,
+)
 from .features import length_batches
-from .training import Schedule, Task, class_weights, isolated_rng, seed_torch, train
+from .training import Schedule, Task, class_weights, head_loss, isolated_rng, output_proba, seed_torch, train
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +261,7 @@ class FinetuneHead(Head):
             # Before building: LoRA adapters draw their initial weights as they are attached.
             seed_torch(self.random_state, device)
             self.classes_ = classes
+            self.multilabel_ = is_multilabel(targets)
             self.classifier_ = classifier = self._build(len(classes))
             # After loading: a checkpoint resumes only on the very weights it was trained from.
             fingerprint = self._fingerprint(sequences, targets, None if val is None else (val, val_targets))
@@ -277,7 +288,7 @@ class FinetuneHead(Head):
             batch = [crop_sequence(sequences[i], self.crop, self.crop_policy, rng) for i in idx]
             logits = classifier(batch)
             target = torch.from_numpy(targets[idx]).to(device)
-            return (F.cross_entropy(logits, target, weight=train_weight, reduction="sum"), len(idx),
+            return (head_loss(logits, target, train_weight, self.multilabel_), len(idx),
                     sum(len(s) + extra for s in batch))
 
         n_trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
@@ -311,7 +322,10 @@ class FinetuneHead(Head):
         digest = hashlib.sha256(json.dumps(self._result_params(), sort_keys=True, default=str).encode())
         for seqs, labels in ((sequences, targets), val or ((), ())):
             digest.update("\n".join(seqs).encode())
-            digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+            labels = np.asarray(labels, dtype=np.int64)
+            digest.update(labels.tobytes())
+            if labels.ndim == 2:  # a label matrix: its shape too (single-label fingerprints stay as they were)
+                digest.update(str(labels.shape).encode())
         digest.update(self.backbone_info_["weights_sha256"].encode())
         return digest.hexdigest()
 
@@ -328,7 +342,7 @@ class FinetuneHead(Head):
         with torch.inference_mode():
             for idx in length_batches(lengths, self._budget(), self.max_batch):
                 logits = classifier([cropped[i] for i in idx])
-                out[idx] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                out[idx] = output_proba(logits, getattr(self, "multilabel_", False)).cpu().numpy()
         return out
 
     def predict_proba(self, X):
@@ -357,7 +371,7 @@ class FinetuneHead(Head):
         with torch_threads(self.threads or default_threads()), torch.inference_mode():
             for idx in length_batches(lengths, self._budget(), self.max_batch):
                 logits, attention = classifier.forward_with_attention([cropped[i] for i in idx])
-                proba[idx] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                proba[idx] = output_proba(logits, getattr(self, "multilabel_", False)).cpu().numpy()
                 for row, i in enumerate(idx):
                     weights[i] = attention[row, :len(cropped[i])].T.float().cpu().contiguous().numpy()
         positions = [crop_positions(len(s), self.crop, self.crop_policy) for s in sequences]

@@ -23,7 +23,20 @@ SELECTION_METRICS = ("accuracy", "macro_f1", "mcc")
 
 
 def score(y: np.ndarray, pred: np.ndarray, metric: str, n_classes: int | None = None) -> float:
-    """One number, for model selection and early stopping."""
+    """One number, for model selection and early stopping.
+
+    Multi-label ((n, L) 0/1 ``y`` and ``pred``): accuracy is exact-set accuracy, macro_f1 the
+    mean of the labels' F1, mcc the mean of the labels' MCC.
+    """
+    if np.ndim(y) == 2:
+        y, pred = np.asarray(y), np.asarray(pred)
+        if metric == "accuracy":
+            return float((y == pred).all(1).mean())
+        if metric == "macro_f1":
+            return float(f1_score(y, pred, average="macro", zero_division=0))
+        if metric == "mcc":
+            return float(np.mean([matthews_corrcoef(y[:, j], pred[:, j]) for j in range(y.shape[1])]))
+        raise ValueError(f"metric must be one of {SELECTION_METRICS}, not {metric!r}")
     if metric == "accuracy":
         return float(accuracy_score(y, pred))
     if metric == "macro_f1":

@@ -56,18 +56,17 @@ def method_metrics(result: MethodResult, data: LabeledSet, n_boot: int = 1000, s
     return out
 
 
-def paired_tests(results: list[MethodResult], data: LabeledSet, baseline: str, n_boot: int = 1000,
+def paired_tests(results: list[MethodResult], data: LabeledSet, pairs: list[tuple[str, str]], n_boot: int = 1000,
                  seed: int = 0) -> dict:
-    """Each method against ``baseline`` on the proteins both predicted."""
-    base = next(r for r in results if r.name == baseline)
+    """Each pair (a, b) of methods, a against b, on the proteins both predicted; keys "a vs b"."""
+    by_name = {r.name: r for r in results}
     tests = {}
-    for other in results:
-        if other.name == baseline:
-            continue
+    for first, second in pairs:
+        other, base = by_name[first], by_name[second]
         mask = base.predicted() & other.predicted()
         y = data.labels[mask]
         a, b = other.proba[mask].argmax(1), base.proba[mask].argmax(1)
-        tests[f"{other.name} vs {baseline}"] = {
+        tests[f"{first} vs {second}"] = {
             "n": int(mask.sum()),
             "mcnemar": mcnemar(y, a, b),
             "macro_f1_difference": paired_bootstrap(y, a, b, data.n_classes, "macro_f1", n_boot, seed),
@@ -110,19 +109,25 @@ def markdown_table(table: pd.DataFrame, title: str, notes: list[str]) -> str:
 def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodResult], title: str,
               notes: list[str] | None = None, baseline: str | None = None, n_boot: int = 1000,
               seed: int = 0, context: FigureContext | None = None, features: np.ndarray | None = None,
-              figures: bool = True) -> dict:
+              figures: bool = True, pairs: list[tuple[str, str]] | None = None) -> dict:
     """Every output of a run; config.json last (its ``manifest_sha256`` marks a finished run).
 
     metrics.json depends only on the predictions, ``n_boot`` and ``seed``: no times, no dates.
     ``context`` says in every figure's title what the run is; ``features`` (pooled embeddings in
-    ``data``'s order) give the embedding map. The returned dict's "figures" lists the figures drawn.
+    ``data``'s order) give the embedding map. Paired tests: every method against ``baseline``
+    (the best by macro-F1 when None), then ``pairs`` (a, b) not already tested. The returned
+    dict's "figures" lists the figures drawn.
     """
     out.mkdir(parents=True, exist_ok=True)
     metrics = {r.name: method_metrics(r, data, n_boot, seed) for r in results}
     if baseline is None and len(results) > 1:
         # Compare everything with the best method by macro-F1.
         baseline = max(metrics, key=lambda n: metrics[n]["macro_f1"])
-    tests = paired_tests(results, data, baseline, n_boot, seed) if baseline else {}
+    tested = [(r.name, baseline) for r in results if baseline and r.name != baseline]
+    for a, b in pairs or []:
+        if (a, b) not in tested and (b, a) not in tested and a != b:
+            tested.append((a, b))
+    tests = paired_tests(results, data, tested, n_boot, seed)
     table = comparison_table(metrics)
     notes = list(notes or [])
     run_notes = list(notes)  # the report shows the paired tests as a table of their own

@@ -20,7 +20,7 @@ from embedcache.backbones import ModelLoadError, backbone_for_cache, family_of_n
 from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
-from .datasets import LabeledSet, load_labeled, merge
+from .datasets import LabeledSet, describe_labels, load_labeled, merge, present_classes
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource, require_residues
 from .figstyle import FigureContext
@@ -77,6 +77,11 @@ class RunConfig:
     seq_col: str | None = None
     label_col: str = "label"
     class_names: dict | None = None  # CSV label value -> class name, e.g. {"0": "Cytoplasm"}
+    # Multi-label CSV: one 0/1 column per label (("auto",): every 0/1 column); None: one label column
+    label_cols: tuple[str, ...] | None = None
+    # What DeepLoc 1.0 headers are read as: location (one per protein) | membrane (M/S; U left
+    # out) | multilabel (the set of locations)
+    task: str = "location"
     n_boot: int = 1000  # bootstrap resamples for intervals and paired tests
     # CPU threads of every head that has a setting for them (attention, finetune, LightGBM);
     # None: a resumed run's own count, else the cores free at the start. config.json records the
@@ -119,7 +124,7 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
         if not keep.any():
             raise ValueError(f"every protein of {config.data} also occurs in the test data {config.test_data}; "
                              "nothing is left to train on")
-        unseen = sorted(set(test.classes) - {data.classes[i] for i in np.unique(data.labels[keep])})
+        unseen = sorted(set(test.classes) - set(present_classes(data.subset(np.flatnonzero(keep)))))
         if unseen:
             info["test_classes_without_training_examples"] = unseen
             log.warning("%s: classes %s have no training examples in %s; no model can predict them",
@@ -133,8 +138,11 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
 
 def _read(config: RunConfig, paths: str | tuple[str, ...]) -> LabeledSet:
     path_list = [paths] if isinstance(paths, str) else list(paths)
-    sets = [load_labeled(p, config.kind, id_col=config.id_col, seq_col=config.seq_col,
-                         label_col=config.label_col, class_names=config.class_names) for p in path_list]
+    csv_options: dict[str, Any] = {"id_col": config.id_col, "seq_col": config.seq_col, "label_col": config.label_col,
+                                   "class_names": config.class_names}
+    if config.label_cols:
+        csv_options["label_cols"] = tuple(config.label_cols)
+    sets = [load_labeled(p, config.kind, config.task, **csv_options) for p in path_list]
     return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
 
 
@@ -212,7 +220,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         run_dir = stack.enter_context(RunDirectory(out, fingerprint, overwrite, inputs))
 
         notes = [
-            f"{len(data)} proteins, {data.n_classes} classes; folds: {describe_folds(fold_info)} (sizes "
+            f"{len(data)} proteins, {describe_labels(data)}; folds: {describe_folds(fold_info)} (sizes "
             f"{', '.join(str(n) for n in fold_info['sizes'].values())}); scheme {config.scheme} "
             f"({len(splits)} models per head)",
             "95% intervals: percentile bootstrap over proteins",

@@ -45,20 +45,53 @@ CHECKPOINT = "last.pt"
 
 
 def class_weights(targets: np.ndarray, n_classes: int, mode: str | None) -> torch.Tensor | None:
-    """``balanced``: loss weights by inverse class frequency (as scikit-learn defines them)."""
+    """``balanced``: loss weights by inverse class frequency (as scikit-learn defines them);
+    multi-label (2-D targets): each label's positives weighted by its negatives/positives."""
     if mode is None:
         return None
     if mode != "balanced":
         raise ValueError(f"class_weight must be None or 'balanced', not {mode!r}")
+    if targets.ndim == 2:
+        positives = targets.sum(0).astype(np.float64)
+        return torch.tensor((len(targets) - positives) / np.maximum(positives, 1), dtype=torch.float32)
     counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
     return torch.tensor(len(targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
+def head_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+              multilabel: bool) -> torch.Tensor:
+    """Summed over proteins: cross-entropy over classes, or (multi-label) binary cross-entropy
+    summed over the labels, ``weight`` then weighting each label's positives."""
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=weight,
+                                                  reduction="sum")
+    return F.cross_entropy(logits, target, weight=weight, reduction="sum")
+
+
+def output_proba(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Class probabilities (softmax), or each label's own probability (sigmoid)."""
+    return torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), dim=1)
+
+
 def validation_record(proba: np.ndarray, targets: np.ndarray, weight: torch.Tensor | None) -> dict:
-    """Validation loss (weighted like training) and metrics of predicted probabilities."""
-    logp = torch.log(torch.from_numpy(proba).float().clamp_min(1e-12))
-    record = {"val_loss": float(F.nll_loss(logp, torch.from_numpy(targets), weight=weight))}
-    pred = proba.argmax(1)
+    """Validation loss (weighted like training) and metrics of predicted probabilities.
+
+    Multi-label metrics are those of the sets at threshold 0.5 (the per-label thresholds are
+    chosen on the validation fold after training).
+    """
+    if targets.ndim == 2:
+        from .multilabel import DEFAULT_THRESHOLD, label_sets
+
+        p = torch.from_numpy(proba).double().clamp(1e-12, 1 - 1e-12)
+        y = torch.from_numpy(targets).double()
+        pos = 1.0 if weight is None else weight.double()
+        loss = -(pos * y * torch.log(p) + (1 - y) * torch.log1p(-p)).sum(1).mean()
+        record = {"val_loss": float(loss)}
+        pred = label_sets(proba, DEFAULT_THRESHOLD).astype(np.int64)
+    else:
+        logp = torch.log(torch.from_numpy(proba).float().clamp_min(1e-12))
+        record = {"val_loss": float(F.nll_loss(logp, torch.from_numpy(targets), weight=weight))}
+        pred = proba.argmax(1)
     for m in VALIDATION_METRICS:
         record[f"val_{m}"] = score(targets, pred, m, proba.shape[1])
     return record
