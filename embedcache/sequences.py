@@ -57,7 +57,7 @@ TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 # Checked in this order; on a tie in the number of header fields the first wins.
 DELIMITERS = (",", "\t", ";", "|")
 _SEP_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "'|'"}
-ID_COLUMNS = ("id", "entry", "accession", "name", "protein_id", "uniprot_id")
+ID_COLUMNS = ("id", "entry", "accession", "name", "protein_id", "uniprot_id", "sid")
 SEQ_COLUMNS = ("sequence", "seq", "protein_sequence")
 
 STDIN = "-"

@@ -26,6 +26,7 @@ from .features import FeatureSource, require_residues
 from .figstyle import FigureContext
 from .folds import homology_folds, scheme, stratified_folds
 from .htmlreport import describe_folds, file_digests, software_versions
+from .multilabel import label_sets, set_names
 from .progress import bars_shown, with_run_log
 from .registry import Head, get_head_class, make_head
 from .report import write_config, write_run
@@ -235,6 +236,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
                              f"pooling {p['pooling']}); per-epoch logs and curves in work/{name}/")
         run_config = {
             **asdict(config),
+            "multilabel": data.multilabel,
             "methods": methods,
             "folds_info": fold_info,
             "splits": [s.name for s in splits],
@@ -471,6 +473,8 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
             features = FeatureSource.from_rows(cache, cache.rows(ids), layer)
         seqs = [str(s) for s in features.sequences()]
         total = np.zeros((len(ids), len(classes)))
+        multilabel = bool(finished.config.get("multilabel"))
+        thresholds = np.zeros(len(classes))
         maps: list[np.ndarray | None] | None = [None] * len(ids) if attention else None
         seen = [np.zeros(len(s), dtype=bool) for s in seqs]
         for entry in entries:  # one at a time: a fine-tuned model holds a whole backbone
@@ -482,6 +486,13 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
             if [classes[k] for k in columns] != entry["classes"] or model.input != entry["input"]:
                 raise RunDirectoryError(f"{path}: holds a model of classes {columns.tolist()} ({model.input}); the "
                                         f"manifest says {entry['classes']} ({entry['input']})")
+            if bool(getattr(model, "multilabel_", False)) != multilabel:
+                raise RunDirectoryError(f"{path}: holds a {'single' if multilabel else 'multi'}-label model; the run "
+                                        f"is {'multi' if multilabel else 'single'}-label")
+            if multilabel:
+                if getattr(model, "thresholds_", None) is None or len(model.thresholds_) != len(classes):
+                    raise RunDirectoryError(f"{path}: a multi-label model without its {len(classes)} thresholds")
+                thresholds += model.thresholds_
             if maps is None:
                 total[:, columns] += model.predict_proba(features.for_input(model.input))
             else:
@@ -492,10 +503,19 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
                 _add_attention(maps, seen, found, seqs, path)
             del model
         proba = total / len(entries)
-    frame = pd.DataFrame({"id": ids, "prediction": [classes[k] for k in proba.argmax(1)],
-                          "in_training_data": [k in training for k in keys]})
+    if multilabel:
+        # The fold models' probabilities and thresholds are averaged alike, as cross-validation did.
+        thresholds /= len(entries)
+        predicted = [set_names(row, classes) for row in label_sets(proba, thresholds)]
+    else:
+        predicted = [classes[k] for k in proba.argmax(1)]
+    frame = pd.DataFrame({"id": ids, "prediction": predicted, "in_training_data": [k in training for k in keys]})
     for k, c in enumerate(classes):
         frame[f"p_{c}"] = proba[:, k]
+    if multilabel:
+        for k, c in enumerate(classes):
+            frame[f"threshold_{c}"] = thresholds[k]
+    frame.attrs["multilabel"] = multilabel
     frame.attrs["head"] = head
     frame.attrs["models"] = len(entries)
     frame.attrs["cache"] = None if cache_path is None else str(cache_path)
