@@ -65,15 +65,12 @@ def test_crop_policies():
 
 def test_full_finetuning_learns_a_motif(tiny_weights, task):
     (X, y), (Xv, yv) = task
-    start = time.perf_counter()
     head = quick(tiny_weights, mode="full").fit(X, y, eval_set=(Xv, yv))
-    seconds = time.perf_counter() - start
     losses = [r["train_loss"] for r in head.history_]
     assert losses[-1] < 0.5 * losses[0]
     assert max(r["val_accuracy"] for r in head.history_) >= 0.85  # chance is 0.5
     assert (head.predict(Xv) == yv).mean() >= 0.85  # the best epoch was restored
     assert head.predict_proba(Xv).shape == (40, 2)
-    assert seconds < 30
 
 
 def trained_and_base(head: FinetuneHead, weights):
@@ -343,3 +340,37 @@ def test_lora_fits_do_not_depend_on_the_callers_random_state(tiny_weights, task)
         head = quick(tiny_weights, mode="lora", lora_rank=4, max_epochs=1).fit(X[:40], y[:40], eval_set=(Xv, yv))
         fits.append(head.predict_proba(Xv))
     np.testing.assert_array_equal(fits[0], fits[1])
+
+
+def two_motif_task(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Label 0: MOTIF somewhere; label 1: CWWWC somewhere; each on for half the proteins, independently."""
+    rng = np.random.default_rng(seed)
+    sequences, labels = [], []
+    for _ in range(n):
+        on = rng.random(2) < 0.5
+        if not on.any():
+            on[rng.integers(2)] = True
+        seq = "".join(rng.choice(AMINO, int(rng.integers(40, 80))))
+        for flag, motif in zip(on, (MOTIF, "CWWWC")):
+            if flag:
+                at = int(rng.integers(0, len(seq) - len(motif)))
+                seq = seq[:at] + motif + seq[at + len(motif):]
+        sequences.append(seq)
+        labels.append(on.astype(int))
+    return np.array(sequences, dtype=object), np.array(labels)
+
+
+def test_multilabel_finetuning_learns_each_label_and_keeps_its_thresholds(tiny_weights, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    (X, Y), (Xv, Yv) = two_motif_task(120, 0), two_motif_task(40, 1)
+    head = quick(tiny_weights, mode="full", max_epochs=10, lr=1e-2, head_lr=1e-2).fit(X, Y, eval_set=(Xv, Yv))
+    proba = head.predict_proba(Xv)
+    assert proba.shape == (40, 2) and head.multilabel_
+    assert not np.allclose(proba.sum(1), 1.0)  # a sigmoid per label, not a softmax over them
+    assert min(roc_auc_score(Yv[:, j], proba[:, j]) for j in range(2)) >= 0.8
+    head.fit_thresholds(Xv, Yv)
+    again = FinetuneHead.load(head.save(tmp_path / "ml.finetune.pt"))
+    np.testing.assert_array_equal(again.thresholds_, head.thresholds_)
+    np.testing.assert_allclose(again.predict_proba(Xv), proba, atol=1e-5)
+    np.testing.assert_array_equal(again.predict(Xv), head.predict(Xv))
