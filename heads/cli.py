@@ -389,10 +389,13 @@ def explain_cmd(run_dir, ident, attention, cache, sequences, id_col, seq_col, he
 @click.option("--seq-col")
 @click.option("--label-col", default="label", show_default=True)
 @click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus.")
+@click.option("--label-cols", callback=_label_cols, help="Multi-label CSV: the 0/1 columns (A,B,C) or 'auto'.")
+@click.option("--task", type=click.Choice(["location", "membrane", "multilabel"]), default="location",
+              show_default=True, help="DeepLoc 1.0 headers as the location, membrane/soluble, or the location set.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="MMseqs2 threads.")
 @click.option("--verbose", "-v", is_flag=True)
-def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, label_col, class_names, threads,
-                 verbose) -> None:
+def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, label_col, class_names, label_cols,
+                 task, threads, verbose) -> None:
     """Describe a labelled dataset: classes, groups, folds, duplicates, lengths against the model
     window, tokens, unusual residues and overlap with another set."""
     import shlex
@@ -406,7 +409,7 @@ def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, lab
         with resumable():
             report = write_report(out, data, kind=kind, cache=cache, against=against, identity=identity,
                                   threads=threads, id_col=id_col, seq_col=seq_col, label_col=label_col,
-                                  class_names=_class_names(class_names),
+                                  class_names=_class_names(class_names), label_cols=label_cols, task=task,
                                   command=shlex.join(["heads", *sys.argv[1:]]))
     except user_errors as err:
         raise click.ClickException(str(err)) from None

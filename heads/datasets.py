@@ -67,6 +67,12 @@ class LabeledSet:
     def multilabel(self) -> bool:
         return self.labels.ndim == 2
 
+    def membership(self) -> np.ndarray:
+        """(n, K) bool: protein i has class (or label) k."""
+        if self.multilabel:
+            return self.labels.astype(bool)
+        return np.arange(self.n_classes)[None, :] == self.labels[:, None]
+
     def label_names(self) -> list[str]:
         """Each protein's class, or its labels joined by ";" (multi-label)."""
         if self.multilabel:

@@ -98,32 +98,40 @@ def dataset_title(path: Path | str, kind: str) -> str:
 # -- counts --------------------------------------------------------------------------------
 
 
-def _table(rows: list[str], cols: list[Any], row_names: list[str], col_names: list[Any]) -> dict:
-    """{row: {col: count}} with every row and column present, zeros included."""
+def _table(member: np.ndarray, cols: list[Any], row_names: list[str], col_names: list[Any]) -> dict:
+    """{class: {col: proteins}} with every class and column present, zeros included; ``member``
+    (proteins x classes) says which classes each protein counts for (several when multi-label)."""
     out = {str(r): {str(c): 0 for c in col_names} for r in row_names}
-    for r, c in zip(rows, cols):
-        out[str(r)][str(c)] += 1
+    for row, c in zip(member, cols):
+        for k in np.flatnonzero(row):
+            out[str(row_names[k])][str(c)] += 1
     return out
 
 
 def counts(data: LabeledSet) -> dict:
     """Proteins per class, group and fold, and the class x fold and class x group tables."""
-    names = [data.classes[i] for i in data.labels]
+    member = data.membership()
     out: dict[str, Any] = {
         "n": len(data),
         "classes": list(data.classes),
-        "per_class": {c: int(n) for c, n in zip(data.classes, np.bincount(data.labels, minlength=data.n_classes))},
+        "per_class": {c: int(n) for c, n in zip(data.classes, member.sum(0))},
     }
+    if data.multilabel:
+        per_protein = member.sum(1)
+        out["multilabel"] = True
+        out["labels_per_protein"] = {str(k): int((per_protein == k).sum())
+                                     for k in range(1, int(per_protein.max()) + 1)}
+        out["per_label_set"] = dict(Counter(data.label_names()).most_common())
     if data.groups is not None:
         groups = sorted({str(g) for g in data.groups})
         out["groups"] = groups
         out["per_group"] = {g: int(n) for g, n in sorted(Counter(str(g) for g in data.groups).items())}
-        out["class_by_group"] = _table(names, [str(g) for g in data.groups], data.classes, groups)
+        out["class_by_group"] = _table(member, [str(g) for g in data.groups], data.classes, groups)
     if data.folds is not None:
         folds = sorted({int(f) for f in data.folds})
         out["folds"] = folds
         out["per_fold"] = {str(f): int((data.folds == f).sum()) for f in folds}
-        out["class_by_fold"] = _table(names, [int(f) for f in data.folds], data.classes, folds)
+        out["class_by_fold"] = _table(member, [int(f) for f in data.folds], data.classes, folds)
     return out
 
 
@@ -137,14 +145,15 @@ def duplicates(data: LabeledSet, listed: int = LISTED) -> dict:
     by_key: dict[str, list[int]] = defaultdict(list)
     for i, seq in enumerate(data.sequences):
         by_key[sequence_key(seq)].append(i)
+    names = data.label_names()
     sets = []
     for members in by_key.values():
         if len(members) < 2:
             continue
-        labels = sorted({data.classes[data.labels[i]] for i in members})
+        labels = sorted({names[i] for i in members})
         entry: dict[str, Any] = {
             "ids": [data.ids[i] for i in members],
-            "labels": [data.classes[data.labels[i]] for i in members],
+            "labels": [names[i] for i in members],
             "labels_agree": len(labels) == 1,
             "length": len(data.sequences[members[0]]),
         }
@@ -186,7 +195,7 @@ def lengths(data: LabeledSet) -> dict:
     length = np.array([len(s) for s in data.sequences], dtype=np.int64)
     return {
         "all": _summary(length),
-        "per_class": {c: _summary(length[data.labels == k]) for k, c in enumerate(data.classes)},
+        "per_class": {c: _summary(length[member]) for c, member in zip(data.classes, data.membership().T)},
     }
 
 
@@ -203,6 +212,7 @@ def window_effects(data: LabeledSet, model: ModelWindow, listed: int = LISTED) -
                                        "so nothing is truncated or chunked")
         return out
     over = length > model.window
+    names = data.label_names()
     lost = np.maximum(length - model.window, 0)
     windows = np.array([len(chunk_windows(int(n), model.window, model.chunk_overlap)) if n > model.window else 1
                         for n in length], dtype=np.int64)
@@ -211,7 +221,7 @@ def window_effects(data: LabeledSet, model: ModelWindow, listed: int = LISTED) -
     out.update(
         over_window=int(over.sum()),
         over_window_fraction=float(over.mean()) if len(length) else 0.0,
-        over_window_per_class={c: int(over[data.labels == k].sum()) for k, c in enumerate(data.classes)},
+        over_window_per_class={c: int(over[member].sum()) for c, member in zip(data.classes, data.membership().T)},
         truncation={
             "residues_lost": int(lost.sum()),
             "residues_total": int(length.sum()),
@@ -226,7 +236,7 @@ def window_effects(data: LabeledSet, model: ModelWindow, listed: int = LISTED) -
             "extra_windows": int((windows - 1).sum()),
             "most_windows": int(windows.max()) if len(windows) else 0,
         },
-        over_window_ids=[{"id": data.ids[i], "label": data.classes[data.labels[i]], "length": int(length[i]),
+        over_window_ids=[{"id": data.ids[i], "label": names[i], "length": int(length[i]),
                           "residues_lost_truncated": int(lost[i]), "windows_chunked": int(windows[i])}
                          for i in over_index[:listed]],
     )
@@ -264,11 +274,12 @@ def residues(data: LabeledSet, listed: int = LISTED) -> dict:
     """Residues outside the 20 standard amino acids (X, B, Z, J, U, O), per letter and per protein."""
     per_letter: Counter[str] = Counter()
     proteins = []
+    names = data.label_names()
     for i, seq in enumerate(data.sequences):
         odd = Counter(ch for ch in seq if ch not in STANDARD)
         if odd:
             per_letter.update(odd)
-            proteins.append({"id": data.ids[i], "label": data.classes[data.labels[i]], "length": len(seq),
+            proteins.append({"id": data.ids[i], "label": names[i], "length": len(seq),
                              "nonstandard": sum(odd.values()), "letters": dict(sorted(odd.items()))})
     proteins.sort(key=lambda p: (-p["nonstandard"], p["id"]))
     per_protein = np.array([p["nonstandard"] for p in proteins], dtype=np.int64)
@@ -314,7 +325,7 @@ def read_other(
     """
     try:
         other = load_labeled(path, kind, **csv_options)
-        return other.ids, other.sequences, [other.classes[i] for i in other.labels]
+        return other.ids, other.sequences, other.label_names()
     except InputError as err:
         if "ID" in err.problem and "twice" in err.problem:
             raise
@@ -330,11 +341,12 @@ def exact_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str],
     for j, seq in enumerate(other_seqs):
         where[sequence_key(seq)].append(j)
     pairs = []
+    names = data.label_names()
     for i, seq in enumerate(data.sequences):
         hits = where.get(sequence_key(seq))
         if not hits:
             continue
-        entry: dict[str, Any] = {"id": data.ids[i], "label": data.classes[data.labels[i]],
+        entry: dict[str, Any] = {"id": data.ids[i], "label": names[i],
                                  "other_ids": [other_ids[j] for j in hits]}
         if other_labels is not None:
             entry["other_labels"] = [other_labels[j] for j in hits]
@@ -414,6 +426,7 @@ def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str]
             hit_targets.add(j)
             best[i] = (1.0, j)
     order = sorted(best, key=lambda i: (-best[i][0], data.ids[i]))
+    names = data.label_names()
     return {
         "available": True,
         "identity": identity,
@@ -424,7 +437,7 @@ def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str]
         "too_short_to_search": {"here": len(data) - searched[0], "there": len(other_ids) - searched[1],
                                 "min_length": MMSEQS_MIN_LENGTH},
         "ids": [data.ids[i] for i in order[:listed]],
-        "best_hits": [{"id": data.ids[i], "label": data.classes[data.labels[i]],
+        "best_hits": [{"id": data.ids[i], "label": names[i],
                        "other_id": other_ids[best[i][1]], "identity": round(best[i][0], 4)} for i in order[:listed]],
     }
 
@@ -432,10 +445,17 @@ def mmseqs_overlap(data: LabeledSet, other_ids: list[str], other_seqs: list[str]
 # -- the whole report ----------------------------------------------------------------------
 
 
-def load(path: Path | str, kind: str | None = None, **csv_options) -> tuple[LabeledSet, str]:
+def load(path: Path | str, kind: str | None = None, task: str = "location", **csv_options) -> tuple[LabeledSet, str]:
     """The labelled set as ``heads cv`` reads it, and the reader used."""
     kind = kind or detect_kind(path)
-    return load_labeled(path, kind, **csv_options), kind
+    return load_labeled(path, kind, task, **csv_options), kind
+
+
+def _csv_options(id_col, seq_col, label_col, class_names, label_cols) -> dict:
+    options = {"id_col": id_col, "seq_col": seq_col, "label_col": label_col, "class_names": class_names}
+    if label_cols:
+        options["label_cols"] = tuple(label_cols)
+    return options
 
 
 def describe(
@@ -450,10 +470,12 @@ def describe(
     seq_col: str | None = None,
     label_col: str = "label",
     class_names: dict[str, str] | None = None,
+    label_cols: tuple[str, ...] | None = None,
+    task: str = "location",
 ) -> dict:
     """Every number of the dataset report for a file, as a JSON-ready dict (``describe.json``)."""
-    csv_options = {"id_col": id_col, "seq_col": seq_col, "label_col": label_col, "class_names": class_names}
-    data, kind = load(data_path, kind, **csv_options)
+    csv_options = _csv_options(id_col, seq_col, label_col, class_names, label_cols)
+    data, kind = load(data_path, kind, task, **csv_options)
     return describe_data(data, data_path, kind, cache=cache, against=against, identity=identity, threads=threads,
                          csv_options=csv_options)
 
@@ -541,6 +563,7 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
     plt = pyplot()
     made: list[Figure] = []
     classes = list(data.classes)
+    member = data.membership()
     length = np.array([len(s) for s in data.sequences], dtype=np.int64)
     window = report["window"]
     n_classes = len(classes)
@@ -566,9 +589,11 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
     ax.invert_yaxis()
     ax.set_xlabel("proteins")
     ax.set_xlim(0, max(counts_["per_class"].values()) * 1.3)
-    _title(ax, "Proteins per class", report)
+    _title(ax, "Proteins per label" if data.multilabel else "Proteins per class", report)
     made.append(Figure(save_figure(fig, out / "class_balance")["png"].with_suffix(""), "Counts",
-                       "Proteins per class" + (", split by organism group." if "class_by_group" in counts_ else ".")
+                       ("Proteins per label (a protein counts for each of its labels)" if data.multilabel
+                        else "Proteins per class")
+                       + (", split by organism group." if "class_by_group" in counts_ else ".")
                        + " Percentages are of all proteins."))
 
     # Per-fold class counts.
@@ -604,13 +629,13 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
     for k, c in enumerate(classes):
         ax = axes[k // cols][k % cols]
         # One colour: each panel is named, and repeating colours past eight classes would mislead.
-        ax.hist(length[data.labels == k], bins=edges, color=colour(0))
+        ax.hist(length[member[:, k]], bins=edges, color=colour(0))
         if log_length:
             ax.set_xscale("log")
         if limit is not None:
             ax.axvline(limit, color="#444", linestyle="--", linewidth=0.9,
                        label=f"model window ({limit:,} residues)" if k == 0 else None)
-        ax.set_title(f"{c} (n = {int((data.labels == k).sum()):,})", fontsize=9, loc="left")
+        ax.set_title(f"{c} (n = {int(member[:, k].sum()):,})", fontsize=9, loc="left")
         ax.set_ylabel("proteins")
     if limit is not None:
         fig.legend(frameon=False, loc="upper right", bbox_to_anchor=(0.99, 0.99))
@@ -629,7 +654,7 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
 
     # Box plot of lengths per class.
     fig, ax = plt.subplots(figsize=(max(4.8, 0.8 * n_classes + 2), 3.8))
-    parts = ax.boxplot([length[data.labels == k] for k in range(n_classes)], showfliers=True,
+    parts = ax.boxplot([length[member[:, k]] for k in range(n_classes)], showfliers=True,
                        flierprops={"marker": ".", "markersize": 2, "alpha": 0.5}, patch_artist=True,
                        medianprops={"color": "black"})
     for box in parts["boxes"]:
@@ -638,7 +663,7 @@ def figures(data: LabeledSet, report: dict, out: Path) -> list[Any]:
     if log_length:
         ax.set_yscale("log")
     ax.set_xticks(range(1, n_classes + 1),
-                  [f"{c}\n(n = {int((data.labels == k).sum()):,})" for k, c in enumerate(classes)],
+                  [f"{c}\n(n = {int(member[:, k].sum()):,})" for k, c in enumerate(classes)],
                   rotation=30 if n_classes > 4 else 0, ha="right" if n_classes > 4 else "center")
     if limit is not None:
         ax.axhline(limit, color="#444", linestyle="--", linewidth=0.9, label=f"model window ({limit:,})")
@@ -706,6 +731,12 @@ def html_sections(report: dict, made: list[Any]) -> list[str]:
     per_class = pd.DataFrame({"class": list(c["per_class"]), "proteins": list(c["per_class"].values())})
     per_class["share"] = per_class["proteins"] / c["n"]
     parts = [table(per_class)]
+    if c.get("multilabel"):
+        per = ", ".join(f"{k} label{'s' if k != '1' else ''}: {n:,}" for k, n in c["labels_per_protein"].items())
+        parts += [f"<p>Multi-label: a protein counts once for each of its labels, so the shares add up to more "
+                  f"than 1. Proteins by number of labels: {per}.</p>", "<h3>Label sets</h3>",
+                  table(pd.DataFrame({"labels": list(c["per_label_set"]),
+                                      "proteins": list(c["per_label_set"].values())}))]
     if "class_by_group" in c:
         parts += ["<h3>Class × organism group</h3>", table(_frame(c["class_by_group"], "class"))]
     if "class_by_fold" in c:
@@ -829,15 +860,16 @@ def _replace_report(out: Path, stage: Path, stems: list[str]) -> None:
 def write_report(out: Path | str, data_path: Path | str, *, kind: str | None = None,
                  cache: Path | str | None = None, against: Path | str | None = None, identity: float = 0.3,
                  threads: int = 2, id_col: str | None = None, seq_col: str | None = None, label_col: str = "label",
-                 class_names: dict[str, str] | None = None, command: str | None = None) -> dict:
+                 class_names: dict[str, str] | None = None, command: str | None = None,
+                 label_cols: tuple[str, ...] | None = None, task: str = "location") -> dict:
     """describe.json, the figures and describe.html in ``out``; returns the report dict."""
     from embedcache import __version__
     from embedcache.atomic import write_json
 
     from .htmlpage import write_page
 
-    csv_options = {"id_col": id_col, "seq_col": seq_col, "label_col": label_col, "class_names": class_names}
-    data, kind = load(data_path, kind, **csv_options)
+    csv_options = _csv_options(id_col, seq_col, label_col, class_names, label_cols)
+    data, kind = load(data_path, kind, task, **csv_options)
     report = describe_data(data, data_path, kind, cache=cache, against=against, identity=identity,
                            threads=threads, csv_options=csv_options)
     report["provenance"] = {"embedcache_version": __version__, "command": command}

@@ -306,3 +306,26 @@ def test_a_membrane_run_trains_on_m_and_s_only(tmp_path, tiny_weights):
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == 40 and set(predictions["label"]) == {"Membrane", "Soluble"}
     assert set(predictions["p_Membrane"].index) and "p_Nucleus" not in predictions.columns
+
+
+def test_describe_counts_each_label_and_lists_label_sets(tmp_path):
+    from heads.describe import write_report
+
+    path = tmp_path / "ml.csv"
+    path.write_text("sid,A,B,Sequence\np1,1,0,MKVLAAGG\np2,1,1,MKWLAAGG\np3,0,1,MKYLAAGG\np4,1,1,MKYLAAGG\n")
+    report = write_report(tmp_path / "describe", path, label_cols=("auto",))
+    counts = report["counts"]
+    assert counts["per_class"] == {"A": 3, "B": 3}
+    assert counts["labels_per_protein"] == {"1": 2, "2": 2}
+    assert counts["per_label_set"] == {"A;B": 2, "A": 1, "B": 1}
+    # p3 and p4 share a sequence with different label sets
+    assert report["duplicates"]["sets_with_conflicting_labels"] == 1
+    assert "Label sets" in (tmp_path / "describe" / "describe.html").read_text()
+
+
+def test_describe_reads_the_membrane_task(tmp_path):
+    from heads.describe import write_report
+
+    path = write_fasta(tmp_path / "dl1.fasta", DEEPLOC1)
+    report = write_report(tmp_path / "describe", path, task="membrane")
+    assert report["counts"]["per_class"] == {"Membrane": 2, "Soluble": 1}
