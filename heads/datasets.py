@@ -257,6 +257,10 @@ def _label_matrix(table: Table, path: Path, label_cols, id_col: str | None, seq_
     names = [table.columns[i].strip() for i in index]
     if len(set(names)) != len(names) or not all(names):
         raise InputError(path, f"label columns {names} need distinct, non-empty names")
+    joined = [n for n in names if ";" in n]
+    if joined:
+        # Predicted sets are written as names joined by ";": such a name would read as two labels.
+        raise InputError(path, f"label column {joined[0]!r} has ';' in its name; rename it")
     matrix = np.zeros((len(table.rows), len(index)), dtype=np.int64)
     for r, (row, fields) in enumerate(zip(table.lines, table.rows)):
         for j, i in enumerate(index):
@@ -365,6 +369,9 @@ def load_labeled(path: Path | str, kind: str | None = None, task: str = "locatio
         how = " (a CSV gives label sets as 0/1 columns: --label-cols)" if kind == "csv" else ""
         raise InputError(path, f"--task {task} reads DeepLoc 1.0 headers ('ACC Location-M/S/U'); this file is "
                                f"{kind}{how}")
+    if kind != "csv" and csv_options.get("label_cols"):
+        how = "; DeepLoc 1.0 headers give location sets with --task multilabel" if kind == "deeploc1" else ""
+        raise InputError(path, f"--label-cols names the 0/1 columns of a CSV/TSV; this file is {kind}{how}")
     if kind == "deeplocpro":
         return read_deeplocpro(path)
     if kind == "deeploc1":

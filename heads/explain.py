@@ -128,9 +128,11 @@ def proteins_of(ens, finished: FinishedRun) -> list[ProteinAttention]:
     out = []
     for i, row in enumerate(frame.itertuples(index=False)):
         probs = {c: float(frame[f"p_{c}"].iloc[i]) for c in classes}
+        # A multi-label prediction is a set "A;B": its most probable label's probability.
+        predicted = [c for c in str(row.prediction).split(";") if c in probs]
         out.append(ProteinAttention(
             id=str(row.id), sequence=ens.sequences[i], weights=ens.attention[i], seen=ens.seen[i],
-            predicted=str(row.prediction), probability=probs[str(row.prediction)], probabilities=probs,
+            predicted=str(row.prediction), probability=max(probs[c] for c in predicted), probabilities=probs,
             in_training_data=bool(row.in_training_data), method=ens.head, method_title=title, kind=kind,
             n_models=ens.n_models, run_fingerprint=finished.config["fingerprint"]))
     return out

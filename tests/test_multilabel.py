@@ -329,3 +329,13 @@ def test_describe_reads_the_membrane_task(tmp_path):
     path = write_fasta(tmp_path / "dl1.fasta", DEEPLOC1)
     report = write_report(tmp_path / "describe", path, task="membrane")
     assert report["counts"]["per_class"] == {"Membrane": 2, "Soluble": 1}
+
+
+def test_label_columns_on_a_fasta_are_refused_not_ignored(tmp_path):
+    path = write_fasta(tmp_path / "dl1.fasta", DEEPLOC1)
+    with pytest.raises(InputError, match="--task multilabel"):
+        load_labeled(path, label_cols=("auto",))
+    ml = tmp_path / "semi.csv"
+    ml.write_text("sid,A;B,C,Sequence\np1,1,0,MKV\np2,0,1,MKW\n")
+    with pytest.raises(InputError, match="';' in its name"):
+        read_labeled_csv(ml, label_cols=("auto",))
