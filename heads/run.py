@@ -20,8 +20,16 @@ from embedcache.backbones import ModelLoadError, backbone_for_cache, family_of_n
 from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
-from .combine import ENSEMBLE, check_kind, check_stackable, combine, describe, load_stacker, predict_combined, \
-    save_stackers
+from .combine import (
+    ENSEMBLE,
+    check_kind,
+    check_stackable,
+    combine,
+    describe,
+    load_stacker,
+    predict_combined,
+    save_stackers,
+)
 from .datasets import LabeledSet, describe_labels, load_labeled, merge, present_classes
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource, require_residues
