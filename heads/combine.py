@@ -294,6 +294,15 @@ def mean_ensemble(members: list[MethodResult], data: LabeledSet, name: str = ENS
 def fit_stacker(split: Split, member_names: list[str], val_proba: list[np.ndarray], labels: np.ndarray,
                 n_classes: int, seed: int = 0) -> Stacker:
     """A stacker for one split, from the members' validation probabilities and the validation labels only."""
+    from threadpoolctl import threadpool_limits
+
+    # A few features per member: one BLAS thread is several times faster than many.
+    with threadpool_limits(1, user_api="blas"):
+        return _fit_stacker(split, member_names, val_proba, labels, n_classes, seed)
+
+
+def _fit_stacker(split: Split, member_names: list[str], val_proba: list[np.ndarray], labels: np.ndarray,
+                 n_classes: int, seed: int) -> Stacker:
     from sklearn.linear_model import LogisticRegression
 
     stacked = np.stack([np.asarray(p, dtype=np.float64) for p in val_proba])  # (M, n_val, C)

@@ -397,7 +397,7 @@ class FinishedRun:
         if listed is not None and list(listed) != members:
             raise RunDirectoryError(f"{self.path}: config.json names ensemble members {', '.join(map(str, listed))}; "
                                     f"the run's manifest recorded {', '.join(members)}; config.json was edited")
-        absent = [m for m in [*members, *(listed or [])] if m not in self.methods or m == ENSEMBLE]
+        absent = [m for m in dict.fromkeys([*members, *(listed or [])]) if m not in self.methods or m == ENSEMBLE]
         if absent:
             raise RunDirectoryError(f"{self.path}: ensemble members {', '.join(map(str, absent))} have no saved models "
                                     f"in the run's manifest (it lists {', '.join(self.methods) or 'none'})")
