@@ -434,6 +434,8 @@ def predict_combined(record: dict, member_splits: dict[str, dict[str, np.ndarray
             stacker = (stackers or {}).get(split)
             if stacker is None:
                 raise ValueError(f"no stacker for split {split}")
+            if stacker.split != split:
+                raise ValueError(f"the stacker listed for split {split} was fitted for split {stacker.split}")
             if stacker.members != members:
                 raise ValueError(f"the stacker of split {split} combines {', '.join(stacker.members)}, the "
                                  f"ensemble {', '.join(members)}")

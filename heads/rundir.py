@@ -491,7 +491,7 @@ def open_finished(run: Path | str) -> FinishedRun:
 
 def check_has_attention(finished: FinishedRun, method: str) -> str:
     """The method's kind (attention or finetune) when it pools with attention; a clear refusal otherwise."""
-    if not any(m["method"] == method for m in finished.manifest["models"]):
+    if method != ENSEMBLE and not any(m["method"] == method for m in finished.manifest["models"]):
         finished.models(method)  # raises the run's own "no saved models for head" error
     kind, reason = attention_kind(finished, method)
     if kind is None:
@@ -503,6 +503,8 @@ def check_has_attention(finished: FinishedRun, method: str) -> str:
 
 def attention_kind(finished: FinishedRun, method: str) -> tuple[str | None, str]:
     """(attention | finetune, "") for a method that pools with attention, else (None, why not)."""
+    if method == ENSEMBLE:
+        return None, f"the {ENSEMBLE} combines its members' probabilities and has no attention weights of its own"
     entries = [m for m in finished.manifest["models"] if m["method"] == method]
     kind = entries[0]["input"] if entries else None
     if kind == "per_residue":

@@ -617,6 +617,9 @@ def test_predict_ensemble_of_a_run_without_one_or_with_attention_is_refused(runs
     result = run_cli("predict", "--run", runs["mean"], "--cache", cache, "--out", tmp_path / "p.tsv", "--head",
                      "ensemble", "--attention", tmp_path / "a.h5")
     assert result.exit_code == 1 and "no attention weights of its own" in result.output
+    result = run_cli("explain", "--run", runs["stack"], "--id", "c0_0", "--cache", cache, "--head", "ensemble",
+                     "--out", tmp_path / "figs")
+    assert result.exit_code == 1 and "the ensemble combines its members' probabilities" in result.output
 
 
 def test_predict_combined_averages_thresholds_of_the_splits_as_cross_validation_does():
