@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -120,7 +121,6 @@ def test_stackers_are_model_files_of_the_manifest_with_their_sha256(runs):
     assert manifest["ensemble"] == {"kind": "stack", "members": MEMBERS, "multilabel": False, "thresholds": None}
     stackers = [e for e in manifest["models"] if e["method"] == "ensemble"]
     assert [e["split"] for e in stackers] == ["test0_val1", "test1_val2", "test2_val0"]
-    import hashlib
     for entry in stackers:
         path = run / "models" / entry["file"]
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -389,7 +389,7 @@ def test_nan_probabilities_leave_those_proteins_unpredicted_and_out_of_the_stack
         return 0.5 * one_hot(labels[rows], 3) + 0.5 * rng.dirichlet(np.ones(3), len(rows))
 
     a, b = member("a", data, splits, fn, fn), member("b", data, splits, fn, fn)
-    bad_test, bad_val = splits[0].test[:4], splits[0].val[:3]
+    bad_test = splits[0].test[:4]
     b.split_test[0][1][:4] = np.nan
     b.validation[0][1][:3] = np.nan
     b.proba[bad_test] = np.nan
@@ -601,7 +601,6 @@ def test_predict_refuses_a_changed_stacker_and_a_config_naming_other_members(run
     manifest["ensemble"]["members"] = ["logreg", "attention"]
     manifest["models"] = [e for e in manifest["models"] if e["method"] != "lightgbm"]
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    import hashlib
     config_path.write_text(json.dumps({**finished_config, "ensemble_members": ["logreg", "attention"],
                                        "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest()}))
     result = run_cli("predict", "--run", run, "--cache", cache, "--out", tmp_path / "q.tsv", "--head", "ensemble")
