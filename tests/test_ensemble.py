@@ -112,6 +112,11 @@ def test_the_ensemble_row_has_metrics_and_paired_tests_against_every_member(runs
         assert config["ensemble"] == kind and config["ensemble_members"] == MEMBERS
     page = (runs["mean"] / "report.html").read_text()
     assert "ensemble: mean of the probabilities of logreg, lightgbm" in page
+    metrics = json.loads((runs["mean"] / "metrics.json").read_text())["methods"]
+    if max(metrics, key=lambda m: metrics[m]["macro_f1"]) != "ensemble":
+        assert "and the ensemble against each of its members, on the proteins both predicted" in page
+    else:
+        assert "Each method against ensemble, on the proteins both predicted" in page
     assert "ensemble: stacking of logreg, lightgbm" in (runs["stack"] / "comparison.md").read_text()
 
 
