@@ -157,6 +157,12 @@ def common(func):
                      help="CPU threads of every head (attention, finetune, LightGBM) [a resumed run's own; else the "
                           "cores free at the start]. Attention and finetune resume only with the count they began "
                           "with."),
+        click.option("--ensemble", type=click.Choice(["mean", "stack"]), is_flag=False, flag_value="mean",
+                     default=None,
+                     help="Add a row combining every head method of the run (not the reference): mean of their "
+                          "probabilities (--ensemble or --ensemble mean), or stacking (--ensemble stack: per split a "
+                          "logistic regression fitted on the validation fold only). Paired tests against each "
+                          "member; `heads predict --head ensemble` repeats it. Needs at least two methods."),
         click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars (progress lines are still logged)."),
         click.option("--verbose", "-v", is_flag=True),
@@ -236,7 +242,8 @@ def compare_cmd(heads, **kw) -> None:
 @click.option("--id-col", help="--sequences CSV: ID column [recognised].")
 @click.option("--seq-col", help="--sequences CSV: sequence column [recognised].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="TSV of predictions.")
-@click.option("--head", help="Which head's fold models [the run's best by macro-F1].")
+@click.option("--head", help="Which head's fold models, or 'ensemble' for the run's ensemble of its heads "
+                              "[the run's best by macro-F1].")
 @click.option("--embeddings", "embeddings_dir", type=click.Path(file_okay=False),
               help="Folder for the caches --sequences builds [RUN/embeddings].")
 @click.option("--device", default="auto", show_default=True, help="--sequences: where to embed (cpu, cuda, cuda:N).")
@@ -293,8 +300,8 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
     except user_errors as err:
         raise click.ClickException(str(err)) from None
     seen = int(frame["in_training_data"].sum())
-    click.echo(f"{out}: {len(frame)} proteins ({seen} with a sequence from the run's training data), "
-               f"ensemble of {frame.attrs['models']} {frame.attrs['head']} models")
+    what = frame.attrs.get("what") or f"ensemble of {frame.attrs['models']} {frame.attrs['head']} models"
+    click.echo(f"{out}: {len(frame)} proteins ({seen} with a sequence from the run's training data), {what}")
     if attention_out is not None:
         click.echo(f"{attention_out}: per-residue attention of every protein (mean over the "
                    f"{frame.attrs['models']} models)")

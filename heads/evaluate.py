@@ -48,6 +48,9 @@ class MethodResult:
     # Per split, its model's probabilities on split.val (rows in that order): what stacking and
     # an ensemble's thresholds are fitted on.
     validation: list[tuple[Split, np.ndarray]] = field(default_factory=list)
+    # Per split, its model's probabilities on split.test (rows in that order), before the models
+    # sharing a test fold are averaged: what a stacker is applied to.
+    split_test: list[tuple[Split, np.ndarray]] = field(default_factory=list)
 
     def predicted(self) -> np.ndarray:
         return ~np.isnan(self.proba).any(1)
@@ -117,7 +120,9 @@ def cross_validate(head: Head, data: LabeledSet, features: FeatureSource, splits
             model.fit_thresholds(X[split.val], y[split.val], proba=val_proba)
             thresholds[split.test] += model.thresholds_
         result.validation.append((split, val_proba))
-        total[split.test] += full_proba(model, X[split.test], data.n_classes)
+        test_proba = full_proba(model, X[split.test], data.n_classes)
+        result.split_test.append((split, test_proba))
+        total[split.test] += test_proba
         count[split.test] += 1
         result.folds[split.test] = split.test_fold
         seconds = time.perf_counter() - start

@@ -251,9 +251,18 @@ def _paired(tests: dict, name) -> str:
             "only second right": int(mc["only_b_right"]),
             "McNemar p": _p(mc["p_value"]),
         })
-    baseline = against[0] if len(set(against)) == 1 else "the baseline"
+    # The pairs against the best method come first; pairs asked for besides (the ensemble against
+    # each of its members) follow.
+    firsts = [key.partition(" vs ")[0] for key in tests]
+    baseline = against[0] if against else "the baseline"
+    extra = [a for a, b in zip(firsts, against) if b != baseline]
+    which = f"Each method against {htmlpage.escape(baseline)}"
+    if extra and set(extra) == {"ensemble"}:
+        which += ", and the ensemble against each of its members"
+    elif extra:
+        which = "Each pair"
     return (htmlpage.table(pd.DataFrame(rows))
-            + f"<p>Each method against {htmlpage.escape(baseline)}, on the proteins both predicted. Δ: first minus "
+            + f"<p>{which}, on the proteins both predicted. Δ: first minus "
               "second; for macro-F1 with a paired bootstrap 95% interval and two-sided p (accuracy's are in "
               "metrics.json). McNemar's exact test on the proteins exactly one of the two gets right.</p>")
 

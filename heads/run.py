@@ -20,6 +20,16 @@ from embedcache.backbones import ModelLoadError, backbone_for_cache, family_of_n
 from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
+from .combine import (
+    ENSEMBLE,
+    check_kind,
+    check_stackable,
+    combine,
+    describe,
+    load_stacker,
+    predict_combined,
+    save_stackers,
+)
 from .datasets import LabeledSet, describe_labels, load_labeled, merge, present_classes
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource, require_residues
@@ -88,6 +98,10 @@ class RunConfig:
     # None: a resumed run's own count, else the cores free at the start. config.json records the
     # count used. A head's own --set (attention.threads=...) wins.
     threads: int | None = None
+    # One more row combining every head method the run trains (not the reference): None | "mean"
+    # (the mean of their probabilities) | "stack" (per split a logistic regression fitted on the
+    # validation fold only)
+    ensemble: str | None = None
 
 
 def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
@@ -200,6 +214,10 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         cache = stack.enter_context(EmbeddingCache(config.cache)) if config.cache else None
         cache_info: dict[str, Any] = cache.info() if cache else {"provenance": {}, "layers": [None]}
         heads = build_heads(config, cache_info["provenance"])  # fail on a bad head name before any training
+        members = list(heads)  # the ensemble's, when asked: every head method, never the reference
+        check_kind(config.ensemble, members)
+        if config.ensemble == "stack":
+            check_stackable(data, splits)
         frozen = [n for n, h in heads.items() if h.input != "sequence"]
         if frozen and cache is None:
             raise ValueError(f"heads {', '.join(frozen)} read embeddings: give --cache")
@@ -250,6 +268,8 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
             "software": software_versions(),
             "command": list(command) if command else None,
         }
+        if config.ensemble:
+            run_config["ensemble_members"] = members
         # Written first so that an interrupted run is recognised (and resumed) by its fingerprint;
         # without manifest_sha256 it does not count as finished.
         write_config(out, run_config, data.classes)
@@ -258,6 +278,14 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
             result = cross_validate(head, data, features, splits, name, keep_models=head.input != "sequence",
                                     model_dir=out / "models" / name, work_dir=out / "work")
             results.append(result)
+        record = None
+        if config.ensemble:
+            log.info("%s ensemble of %s", config.ensemble, ", ".join(members))
+            combined = combine(config.ensemble, results[:len(members)], data, config.seed)
+            save_stackers(combined, out / "models" / ENSEMBLE)
+            results.append(combined.result)
+            record = combined.record(data.multilabel)
+            notes.append(describe(config.ensemble, members))
         if config.reference:
             results.append(read_reference(config.reference, data))
         if "test_fold" in fold_info:
@@ -267,7 +295,8 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         trained = sorted({int(i) for s in splits for i in (*s.train, *s.val)})
         keys = write_training_keys(out, (sequence_key(data.sequences[i]) for i in trained))
         saved = [model for result in results for model in result.saved]
-        run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys, identity)
+        run_config["manifest_sha256"] = write_manifest(out, fingerprint, data.classes, saved, keys, identity,
+                                                       ensemble=record)
         context = figure_context(config, data, fold_info, len(splits), prov, layer if cache is not None else None)
         pooled = None
         if cache is not None and config.figures:
@@ -278,7 +307,8 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         log.info("writing the results, intervals, paired tests and figures to %s", out)
         summary = write_run(out, run_config, data, results, title or f"{data.name}: {', '.join(heads)}", notes,
                             n_boot=config.n_boot, seed=config.seed, context=context, features=pooled,
-                            figures=config.figures)
+                            figures=config.figures,
+                            pairs=[(ENSEMBLE, m) for m in members] if config.ensemble else None)
     log.info("run written to %s%s", out, " (resumed)" if run_dir.resumed else "")
     return summary
 
@@ -412,8 +442,13 @@ class Ensemble:
 def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | None = None, *,
              sequences: Path | str | None = None, id_col: str | None = None, seq_col: str | None = None,
              embeddings_dir: Path | str | None = None, device: str = "auto", threads: int | None = None,
-             attention: bool = False, only_ids: list[str] | None = None) -> Ensemble:
-    """:func:`predict`, optionally with residue attention (``attention``) and for some IDs only."""
+             attention: bool = False, only_ids: list[str] | None = None,
+             per_split: dict[str, np.ndarray] | None = None) -> Ensemble:
+    """:func:`predict`, optionally with residue attention (``attention``) and for some IDs only.
+
+    ``per_split``, when given, receives each split's model's probabilities (split name -> (n, classes)
+    in the frame's row order), before they are averaged.
+    """
     if (cache_path is None) == (sequences is None):
         raise ValueError("give the proteins to predict as an embedding cache or as a sequence file (one of them)")
     run = Path(run)
@@ -421,6 +456,12 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
     classes = finished.classes
     if head is None:
         head = _best_method(finished)
+    if head == ENSEMBLE:
+        if attention:
+            raise ValueError(f"the {ENSEMBLE} has no attention weights of its own; choose one of its members with "
+                             "--head")
+        return _combined_ensemble(finished, cache_path, sequences=sequences, id_col=id_col, seq_col=seq_col,
+                                  embeddings_dir=embeddings_dir, device=device, threads=threads, only_ids=only_ids)
     if attention:
         check_has_attention(finished, head)
     entries = finished.models(head)
@@ -493,14 +534,18 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
                 if getattr(model, "thresholds_", None) is None or len(model.thresholds_) != len(classes):
                     raise RunDirectoryError(f"{path}: a multi-label model without its {len(classes)} thresholds")
                 thresholds += model.thresholds_
+            one = np.zeros((len(ids), len(classes)))
             if maps is None:
-                total[:, columns] += model.predict_proba(features.for_input(model.input))
+                one[:, columns] = model.predict_proba(features.for_input(model.input))
             else:
                 if not hasattr(model, "attention"):
                     raise ValueError(f"{path}: a {model.kind} model has no attention weights")
                 found = model.attention(features.for_input(model.input))
-                total[:, columns] += found.proba
+                one[:, columns] = found.proba
                 _add_attention(maps, seen, found, seqs, path)
+            total += one
+            if per_split is not None:
+                per_split[entry["split"]] = one
             del model
         proba = total / len(entries)
     if multilabel:
@@ -523,6 +568,61 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
         return Ensemble(frame, seqs, head, len(entries))
     averaged = [np.zeros((0, len(s)), dtype=np.float32) if m is None else m / len(entries) for m, s in zip(maps, seqs)]
     return Ensemble(frame, seqs, head, len(entries), averaged, seen)
+
+
+def _combined_ensemble(finished: FinishedRun, cache_path: Path | str | None, **options) -> Ensemble:
+    """The run's ensemble on new proteins, made as cross-validation made it.
+
+    Each member predicts with its own checked model files; per split the members' probabilities
+    are combined (their mean, or that split's stacker), then the splits are averaged, and so
+    are a multi-label ensemble's per-split thresholds.
+    """
+    record = finished.ensemble()
+    if record is None:
+        raise RunDirectoryError(f"{finished.path}: the run has no {ENSEMBLE} (it was made without --ensemble); "
+                                f"its methods: {', '.join(finished.methods)}")
+    stackers = None
+    n_stackers = 0
+    if record["kind"] == "stack":
+        entries = finished.models(ENSEMBLE)  # each file checked against its sha256
+        stackers = {e["split"]: load_stacker(finished.path / "models" / e["file"]) for e in entries}
+        n_stackers = len(entries)
+    parts, member_splits = {}, {}
+    for member in record["members"]:
+        splits: dict[str, np.ndarray] = {}
+        parts[member] = ensemble(finished.path, cache_path, member, per_split=splits, **options)
+        member_splits[member] = splits
+    first = parts[record["members"][0]]
+    # Members that read sequences and members that read a cache may miss different proteins
+    # (too long for the cache): the ensemble predicts those every member predicted.
+    known = [set(p.frame["id"]) for p in parts.values()]
+    ids = [i for i in first.frame["id"] if all(i in k for k in known)]
+    if len(ids) < len(first.frame):
+        log.warning("%d proteins lack a prediction of some ensemble member and get none from the ensemble",
+                    len(first.frame) - len(ids))
+    for member, part in parts.items():
+        row = {ident: k for k, ident in enumerate(part.frame["id"])}
+        order = np.array([row[i] for i in ids], dtype=np.int64)
+        member_splits[member] = {s: p[order] for s, p in member_splits[member].items()}
+    keep = np.array([{i: k for k, i in enumerate(first.frame["id"])}[i] for i in ids], dtype=np.int64)
+    proba, thresholds = predict_combined(record, member_splits, stackers)
+    classes = finished.classes
+    if thresholds is not None:
+        predicted = [set_names(row, classes) for row in label_sets(proba, thresholds)]
+    else:
+        predicted = [classes[k] for k in np.nan_to_num(proba, nan=0.0).argmax(1)]
+    frame = pd.DataFrame({"id": ids, "prediction": predicted,
+                          "in_training_data": first.frame["in_training_data"].to_numpy()[keep]})
+    for k, c in enumerate(classes):
+        frame[f"p_{c}"] = proba[:, k]
+    if thresholds is not None:
+        for k, c in enumerate(classes):
+            frame[f"threshold_{c}"] = thresholds[:, k]
+    n_models = sum(p.n_models for p in parts.values()) + n_stackers
+    frame.attrs.update(head=ENSEMBLE, models=n_models, cache=first.frame.attrs.get("cache"),
+                       what=f"{record['kind']} ensemble of {', '.join(record['members'])} ({n_models} models"
+                            f"{', stackers included' if n_stackers else ''})")
+    return Ensemble(frame, [first.sequences[k] for k in keep], ENSEMBLE, n_models)
 
 
 def _check_ids(wanted: list[str], known: set[str], source) -> None:
@@ -553,7 +653,9 @@ def _best_method(finished: FinishedRun) -> str:
         metrics = json.loads(path.read_text())["methods"]
     except (OSError, ValueError, KeyError) as err:
         raise RunDirectoryError(f"{path}: cannot be read ({err}); name the head with --head") from None
-    scored = [n for n in finished.methods if n in metrics]
+    scored = [n for n in finished.methods if n in metrics and n != ENSEMBLE]
+    if ENSEMBLE in metrics and finished.ensemble() is not None:
+        scored.append(ENSEMBLE)
     if not scored:
         raise RunDirectoryError(f"{finished.path}: no saved models of a scored method; name the head with --head")
     return max(scored, key=lambda n: metrics[n]["macro_f1"])

@@ -35,6 +35,8 @@ CONFIG = "config.json"
 MANIFEST = "models/manifest.json"
 TRAINING_KEYS = "models/training_keys.txt"
 MANIFEST_FORMAT = 1
+# The method name of a run's ensemble of its heads (heads.combine), in the manifest and in tables.
+ENSEMBLE = "ensemble"
 # WriterLock locks NAME.lock beside NAME: the lock file lives inside the run directory.
 LOCK_STEM = ".heads"
 LOCK_FILE = LOCK_STEM + ".lock"
@@ -319,8 +321,13 @@ def write_training_keys(out: Path, keys: Iterable[str]) -> dict:
 
 
 def write_manifest(out: Path, fingerprint: str, classes: list[str], saved: list[SavedModel],
-                   training_keys: dict, backbone: dict | None = None) -> str:
-    """Write models/manifest.json; returns its sha256 (recorded in config.json)."""
+                   training_keys: dict, backbone: dict | None = None, ensemble: dict | None = None) -> str:
+    """Write models/manifest.json; returns its sha256 (recorded in config.json).
+
+    ``ensemble`` (heads.combine's record: kind, members, thresholds) is kept under the manifest's
+    hash, so that `heads predict` repeats the ensemble the run evaluated; runs without one write
+    the manifest as before.
+    """
     models_dir = out / "models"
     entries = []
     for model in saved:
@@ -342,6 +349,8 @@ def write_manifest(out: Path, fingerprint: str, classes: list[str], saved: list[
         "training_keys": {k: v for k, v in training_keys.items() if k != "path"},
         "models": entries,
     }
+    if ensemble is not None:
+        manifest["ensemble"] = ensemble
     text = json.dumps(manifest, indent=2) + "\n"
     write_text(out / MANIFEST, text)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -362,6 +371,39 @@ class FinishedRun:
     @property
     def methods(self) -> list[str]:
         return list(dict.fromkeys(m["method"] for m in self.manifest["models"]))
+
+    def ensemble(self) -> dict | None:
+        """The run's ensemble as its manifest records it (kind, members), checked; None when it has none.
+
+        config.json names the ensemble too (``ensemble``, ``ensemble_members``): where the two
+        disagree, or a member has no saved models, the run is refused rather than predicted with
+        another ensemble than the one it evaluated.
+        """
+        record = self.manifest.get("ensemble")
+        named = self.config.get("ensemble")
+        if record is None:
+            if named:
+                raise RunDirectoryError(f"{self.path}: config.json names a {named!r} ensemble that the run's manifest "
+                                        "does not record; write the run again")
+            return None
+        if not isinstance(record, dict) or record.get("kind") not in ("mean", "stack") or \
+                not isinstance(record.get("members"), list):
+            raise RunDirectoryError(f"{self.path / MANIFEST}: its ensemble record {record!r} is not one heads writes")
+        members = [str(m) for m in record["members"]]
+        if named != record["kind"]:
+            raise RunDirectoryError(f"{self.path}: config.json names ensemble {named!r}, the run's manifest recorded "
+                                    f"{record['kind']!r}; config.json was edited")
+        listed = self.config.get("ensemble_members")
+        if listed is not None and list(listed) != members:
+            raise RunDirectoryError(f"{self.path}: config.json names ensemble members {', '.join(map(str, listed))}; "
+                                    f"the run's manifest recorded {', '.join(members)}; config.json was edited")
+        absent = [m for m in dict.fromkeys([*members, *(listed or [])]) if m not in self.methods or m == ENSEMBLE]
+        if absent:
+            raise RunDirectoryError(f"{self.path}: ensemble members {', '.join(map(str, absent))} have no saved models "
+                                    f"in the run's manifest (it lists {', '.join(self.methods) or 'none'})")
+        if record["kind"] == "stack" and ENSEMBLE not in self.methods:
+            raise RunDirectoryError(f"{self.path / MANIFEST}: a stacking ensemble without its stacker files")
+        return {**record, "members": members}
 
     def models(self, method: str) -> list[dict]:
         """The manifest's entries of one method, each file checked against its sha256."""
@@ -449,7 +491,7 @@ def open_finished(run: Path | str) -> FinishedRun:
 
 def check_has_attention(finished: FinishedRun, method: str) -> str:
     """The method's kind (attention or finetune) when it pools with attention; a clear refusal otherwise."""
-    if not any(m["method"] == method for m in finished.manifest["models"]):
+    if method != ENSEMBLE and not any(m["method"] == method for m in finished.manifest["models"]):
         finished.models(method)  # raises the run's own "no saved models for head" error
     kind, reason = attention_kind(finished, method)
     if kind is None:
@@ -461,6 +503,8 @@ def check_has_attention(finished: FinishedRun, method: str) -> str:
 
 def attention_kind(finished: FinishedRun, method: str) -> tuple[str | None, str]:
     """(attention | finetune, "") for a method that pools with attention, else (None, why not)."""
+    if method == ENSEMBLE:
+        return None, f"the {ENSEMBLE} combines its members' probabilities and has no attention weights of its own"
     entries = [m for m in finished.manifest["models"] if m["method"] == method]
     kind = entries[0]["input"] if entries else None
     if kind == "per_residue":
