@@ -273,7 +273,7 @@ def tokens(data: LabeledSet, model: ModelWindow) -> dict:
 def residues(data: LabeledSet, listed: int = LISTED) -> dict:
     """Residues outside the 20 standard amino acids (X, B, Z, J, U, O), per letter and per protein."""
     per_letter: Counter[str] = Counter()
-    proteins = []
+    proteins: list[dict[str, Any]] = []
     names = data.label_names()
     for i, seq in enumerate(data.sequences):
         odd = Counter(ch for ch in seq if ch not in STANDARD)

@@ -94,6 +94,10 @@ class LogisticHead(Head):
 
     kind = "logreg"
     title = "logistic regression"
+    # One model and C, or (multi-label) one per label.
+    model_: Any
+    C_: Any
+    validation_scores_: Any
     fitted_attributes = ("classes_", "model_", "scaler_")
     constraints: ClassVar[dict] = {"Cs": _cs_check, "class_weight": class_weight_check(allow_dict=True),
                    "max_iter": integer(1), "metric": METRIC, "random_state": seed_check}
@@ -165,7 +169,8 @@ class LogisticHead(Head):
         def fit_one(j):
             model = LogisticRegression(max_iter=self.max_iter, class_weight=self.class_weight,
                                        random_state=self.random_state, warm_start=True)
-            best, label_scores = None, {}
+            best: tuple[float, float, Any] | None = None  # (validation score, C, model)
+            label_scores: dict[str, float | None] = {}
             informative = Y_val is not None and len(np.unique(Y_val[:, j])) == 2
             for C in Cs if informative else [Cs[len(Cs) // 2]]:
                 model.set_params(C=C)
@@ -173,8 +178,11 @@ class LogisticHead(Head):
                 value = (float(average_precision_score(Y_val[:, j], model.predict_proba(Xs_val)[:, 1]))
                          if informative else None)
                 label_scores[str(C)] = value
-                if best is None or (value is not None and value > best[0]):
-                    best = (value, C, copy.deepcopy(model))
+                key = -np.inf if value is None else value
+                if best is None or key > best[0]:
+                    best = (key, C, copy.deepcopy(model))
+            if best is None:
+                raise ValueError("Cs is empty: no regularisation strength to fit")
             chosen.append(best[1])
             scores.append(label_scores)
             return best[2]
@@ -205,6 +213,8 @@ class LightGBMHead(Head):
 
     kind = "lightgbm"
     title = "LightGBM"
+    model_: Any  # one classifier, or (multi-label) one per label
+    best_iteration_: Any
     threads_param = "n_jobs"
     # deterministic=True with force_row_wise gives the same trees for any thread count (a test
     # holds 1 and 2 threads to identical probabilities), so the count is no part of a run's identity.

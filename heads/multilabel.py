@@ -53,7 +53,7 @@ def choose_thresholds(proba: np.ndarray, Y: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_sets(proba: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def label_sets(proba: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
     """(n, L) bool: labels whose probability reaches their threshold; at least the most probable one."""
     proba = np.asarray(proba, dtype=np.float64)
     sets = proba >= np.asarray(thresholds, dtype=np.float64)

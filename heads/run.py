@@ -322,10 +322,17 @@ def _fingerprint_settings(config: RunConfig) -> dict:
 
     The thread count enters through the methods instead, and only for heads whose numbers depend
     on it (attention, finetune): logistic regression runs on one BLAS thread and LightGBM's
-    trees do not change with it, so a run of those resumes with any count.
+    trees do not change with it, so a run of those resumes with any count. Settings added
+    after runs were first made count only when set, so that an earlier run keeps its
+    fingerprint and resumes.
     """
     return {k: v for k, v in asdict(config).items()
-            if k not in ("data", "test_data", "cache", "threads", *DISPLAY_ONLY)}
+            if k not in ("data", "test_data", "cache", "threads", *DISPLAY_ONLY)
+            and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
+
+
+# Settings added after the first runs, with the value that means "as before".
+LATER_SETTINGS: dict[str, Any] = {"label_cols": None, "task": "location", "ensemble": None}
 
 
 def _resolve_threads(config: RunConfig, out: Path, overwrite: bool) -> tuple[RunConfig, str, tuple | None]:

@@ -339,3 +339,17 @@ def test_label_columns_on_a_fasta_are_refused_not_ignored(tmp_path):
     ml.write_text("sid,A;B,C,Sequence\np1,1,0,MKV\np2,0,1,MKW\n")
     with pytest.raises(InputError, match="';' in its name"):
         read_labeled_csv(ml, label_cols=("auto",))
+
+
+def test_settings_added_later_leave_the_fingerprint_of_a_run_without_them_unchanged():
+    from dataclasses import asdict
+
+    from heads.run import LATER_SETTINGS, RunConfig, _fingerprint_settings
+
+    config = RunConfig(data="d.csv")
+    settings = _fingerprint_settings(config)
+    assert not set(LATER_SETTINGS) & set(settings)
+    assert set(LATER_SETTINGS) <= set(asdict(config))  # every one is a real field, at its default here
+    for name, value in {"label_cols": ("auto",), "task": "membrane", "ensemble": "mean"}.items():
+        changed = _fingerprint_settings(RunConfig(data="d.csv", **{name: value}))
+        assert changed[name] == (list(value) if isinstance(value, tuple) else value) or changed[name] == value
