@@ -181,7 +181,7 @@ def comparison_figure(folder: Path, context: FigureContext, data: LabeledSet, me
             ax.text(xi, hi + 0.02, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
         for label, style, lw, values_of in lines:
             ax.axhline(values_of[key], color="#555555", ls=style, lw=lw, label=label)
-        ax.set_xticks(x, titles, rotation=30 if len(names) > 2 else 0, ha="right" if len(names) > 2 else "center")
+        ax.set_xticks(x, titles, rotation=30 if len(names) > 1 else 0, ha="right" if len(names) > 1 else "center")
         ax.set_title(keys[key])
         ax.set_ylim(low - (0.05 if low < 0 else 0), 1.12)
         ax.set_xlim(-0.6, len(names) - 0.4)
@@ -257,7 +257,8 @@ def _grouped_hbars(ax, rows: list[str], titles: list[str], values: np.ndarray, c
         ax.barh(pos, values[k], height, color=colour(k), label=title, xerr=err, capsize=2,
                 error_kw={"lw": 0.8, "ecolor": "#333333"})
     ax.set_yticks(y, rows)
-    ax.invert_yaxis()
+    if not ax.yaxis_inverted():  # axes sharing y share the inversion: toggling each would undo it
+        ax.invert_yaxis()
 
 
 def per_class_figure(folder: Path, context: FigureContext, data: LabeledSet, metrics: dict) -> Figure:

@@ -155,8 +155,8 @@ def run_fingerprint(settings: dict, identity: dict | None, methods: dict, data: 
     digest = hashlib.sha256(canonical_json({"settings": settings, "backbone": identity, "methods": methods,
                                             "classes": data.classes}).encode())
     folds = data.folds if data.folds is not None else np.full(len(data), -1)
-    for ident, sequence, label, fold in zip(data.ids, data.sequences, data.labels, folds):
-        digest.update(f"{ident}\t{sequence_key(sequence)}\t{data.classes[int(label)]}\t{int(fold)}\n".encode())
+    for ident, sequence, label, fold in zip(data.ids, data.sequences, data.label_names(), folds):
+        digest.update(f"{ident}\t{sequence_key(sequence)}\t{label}\t{int(fold)}\n".encode())
     return digest.hexdigest()
 
 
