@@ -428,9 +428,9 @@ def label_curve_figures(folder: Path, context: FigureContext, data: LabeledSet,
                           title="AUC" if kind == "roc" else "AP", title_fontsize=6.5, borderpad=0.3,
                           labelspacing=0.2, framealpha=0.8)
             else:
-                why = "no positive" if positives == 0 else "every protein positive"
-                ax.text(0.5, 0.5, f"{why}:\nundefined", ha="center", va="center", fontsize=7, color="#555555",
-                        transform=ax.transAxes)
+                why = "no protein has it\n(not in the test set)" if positives == 0 else "every protein has it"
+                ax.text(0.5, 0.5, f"{why}:\nno curve", ha="center", va="center", fontsize=7, color="#555555",
+                        transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "none", "pad": 2})
             ax.set(xlim=(0, 1), ylim=(0, 1.02))
             ax.set_aspect("equal")
             ax.tick_params(labelsize=7)

@@ -441,7 +441,8 @@ def _provenance(run: Path, config: dict) -> list[str]:
         names = ", ".join(f"{k} = {v}" for k, v in config["class_names"].items())
         parts.append(f"<p>Class names (label value = class): {htmlpage.escape(names)}</p>")
     elif classes:
-        kind = "Labels (multi-label)" if config.get("label_cols") or config.get("task") == "multilabel" else "Classes"
+        multilabel = config.get("multilabel") or config.get("label_cols") or config.get("task") == "multilabel"
+        kind = "Labels (multi-label)" if multilabel else "Classes"
         parts.append(f"<p>{kind}: {htmlpage.escape(', '.join(classes))}</p>")
 
     # Folds.

@@ -5,13 +5,15 @@ A run directory holds::
     config.json        the run's settings, class names, backbone identity and fingerprint;
                        written last, with the manifest's sha256: a run without it did not finish
     predictions.csv    one row per protein and method: truth, fold, prediction, probabilities
-    metrics.json       every metric of every method (overall, per class, per group), intervals, tests
+    metrics.json       every metric of every method (overall, per class, per group), intervals, tests;
+                       multi-label runs also the most frequent label set's scores ("baseline")
     comparison.md/.csv the side-by-side table
     report.html        the run on one self-contained page: tables, paired tests, figures inline, provenance
     splits.json        per split: sizes, time, what validation chose, training curves
     plots/             every figure (heads.figures), each as SVG and as PNG at 200 dpi: methods
                        compared, confusion matrices, per class and group, ROC and precision-recall,
-                       training curves, accuracy by length, the embedding map
+                       training curves, accuracy by length, the embedding map (multi-label: per
+                       label, per-label curves, Jaccard by length, no confusion matrices)
     models/            fitted heads, one file per split, manifest.json (file, sha256, classes of
                        each) and training_keys.txt (for `heads predict`)
     work/              fine-tuning checkpoints and per-step/per-epoch logs and curves, per split

@@ -339,7 +339,7 @@ def test_a_multilabel_report_shows_labels_escaped_thresholds_and_the_jaccard_tes
                      "embedding_map"]
     assert "Jaccard" in _svg_text(tmp_path / "plots" / "comparison.svg")
     assert "Plastid (n=0, not in the test set)" in _svg_text(tmp_path / "plots" / "per_label_f1.svg")
-    assert "no positive" in _svg_text(tmp_path / "plots" / "roc_per_label.svg")
+    assert "no protein has it (not in the test set): no curve" in _svg_text(tmp_path / "plots" / "roc_per_label.svg")
     assert "&lt;i&gt;Nucleus&lt;/i&gt; (n=" in (tmp_path / "plots" / "roc_per_label.svg").read_text()
     baseline = json.loads((tmp_path / "metrics.json").read_text())["baseline"]["majority_set"]
     assert baseline["set"] and 0 < baseline["share"] <= 1
