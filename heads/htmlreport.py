@@ -269,7 +269,7 @@ def _headline_multilabel(metrics: dict, table: pd.DataFrame, name, baseline: dic
         row["mean PR AUC"] = float(record.get("mean_pr_auc", float("nan")))
         rows.append(row)
     text = htmlpage.table(pd.DataFrame(rows))
-    first = next(iter(metrics.values()), {})
+    first: dict = next(iter(metrics.values()), {})
     about = (f"<p>True labels per protein: {first.get('cardinality', float('nan')):.2f} (mean over the scored "
              "proteins). Jaccard: per protein |predicted ∩ true| / |predicted ∪ true|, averaged; exact-set "
              "accuracy: the share of proteins whose predicted set is exactly the true one; mean ROC and PR AUC: "

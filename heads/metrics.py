@@ -99,7 +99,8 @@ def classification_metrics(
         out["roc_auc"] = float(roc_auc_score(y, proba[:, 1]))
         out["pr_auc"] = float(average_precision_score(y, proba[:, 1]))
     if groups is not None:
-        out["per_group"] = {}
+        per_group: dict[str, dict] = {}
+        out["per_group"] = per_group
         for group in sorted(set(groups)):
             mask = groups == group
             # Macro-F1 over the classes the group has: a class no protein of the group belongs to
@@ -339,8 +340,9 @@ def multilabel_metrics(Y: np.ndarray, proba: np.ndarray, sets: np.ndarray, class
     mcc = _mcc_from_counts(tp, fp, fn, tn)
     if thresholds is not None:
         thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), Y.shape)
-    per_class = {}
-    roc, pr = {}, {}
+    per_class: dict[str, dict] = {}
+    roc: dict[int, float] = {}
+    pr: dict[int, float] = {}
     for j, c in enumerate(classes):
         positives = int(Y[:, j].sum())
         if 0 < positives < n:
@@ -376,14 +378,15 @@ def multilabel_metrics(Y: np.ndarray, proba: np.ndarray, sets: np.ndarray, class
         "ci95": ci,
     }
     if groups is not None:
-        out["per_group"] = {}
+        per_group: dict[str, dict] = {}
+        out["per_group"] = per_group
         for group in sorted(set(groups)):
             inside = np.asarray(groups) == group
             Yg, Sg = Y[inside], sets[inside]
             present = macro_class_indices(Yg, n_labels)
             values = _multilabel_values(Yg, Sg, present)
             g_ci, _ = multilabel_bootstrap(Yg, Sg, present, n_boot, seed)
-            out["per_group"][str(group)] = {
+            per_group[str(group)] = {
                 "n": int(inside.sum()), "classes": [classes[j] for j in present],
                 **{k: float(values[k]) for k in MULTILABEL_INTERVALS}, "ci95": g_ci}
     return out
