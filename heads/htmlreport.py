@@ -396,6 +396,10 @@ def _per_group(metrics: dict, name) -> str:
             for method, m in metrics.items() for group, g in (m.get("per_group") or {}).items()]
     if not rows:
         return ""
+    if is_multilabel(metrics):
+        return (htmlpage.table(pd.DataFrame(rows))
+                + "<p>Macro-F1 within a group averages over the labels the group's proteins have; predicting a "
+                  "label the group lacks still counts against micro-F1, Jaccard and exact-set accuracy.</p>")
     return (htmlpage.table(pd.DataFrame(rows))
             + "<p>Macro-F1 within a group averages over the classes the group has proteins of (archaea "
               "have no outer membrane); a prediction of a class the group lacks still counts as an error.</p>")
