@@ -418,3 +418,27 @@ def test_chromium_renders_a_multilabel_report_without_a_problem(multilabel_run):
     from test_htmlreport import load_checker
 
     assert load_checker().check_page(multilabel_run / "report.html") == []
+
+
+def test_majority_and_chance_lines_average_over_the_classes_present():
+    from heads.figures import baselines
+
+    labels = np.array([0] * 6 + [1] * 4)  # three classes, none of class 2
+    base = baselines(labels, 3)
+    assert base["majority"]["macro_f1"] == pytest.approx(f1_score(labels, np.zeros(10, int), labels=[0, 1],
+                                                                  average="macro"))
+    expected = np.mean([2 * p / 3 / (p + 1 / 3) for p in (0.6, 0.4)])  # a guess may still name class 2
+    assert base["chance"]["macro_f1"] == pytest.approx(expected) and base["chance"]["accuracy"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("panels", [3, 4])
+def test_grouped_bars_on_shared_axes_read_top_down_whatever_the_number_of_panels(panels):
+    from heads.figstyle import pyplot
+    from heads.figures import _grouped_hbars
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, panels, sharey=True)
+    for ax in axes:
+        _grouped_hbars(ax, ["first", "second"], ["m"], np.array([[0.5, 0.6]]), np.full((1, 2, 2), np.nan))
+    assert all(ax.yaxis_inverted() for ax in axes)  # the first row at the top
+    plt.close(fig)
