@@ -132,7 +132,7 @@ def macro_notes(metrics: dict[str, dict], data: LabeledSet) -> list[str]:
     """Which classes macro-averages leave out (none of the scored proteins has them), per set of methods."""
     kind = "labels" if data.multilabel else "classes"
     errors = ("against micro-F1, Jaccard, exact-set accuracy and Hamming loss" if data.multilabel
-              else "as an error (the true class's recall and the accuracy)")
+              else "as an error, against the true class's recall and the accuracy")
     by_left: dict[tuple[str, ...], list[str]] = {}
     for name, m in metrics.items():
         left = tuple(c for c in data.classes if c not in set(m.get("macro_classes", data.classes)))
