@@ -68,6 +68,7 @@ CASES = ["random", "label never true", "label never predicted", "label never tru
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.filterwarnings("ignore:A single label was found")  # scikit-learn's MCC of a constant label
 def test_multilabel_metrics_equal_scikit_learns_on_hand_made_sets(case):
     Y, proba, sets = hand_made(case)
     classes = ["A", "B", "C", "D"]
