@@ -13,6 +13,20 @@
     accuracy_by_length     accuracy per sequence-length bin (quantiles), per method
     embedding_map          the pooled embeddings in 2-D (UMAP; PCA for small sets), coloured by class
 
+Multi-label runs (``data.multilabel``) draw instead:
+
+    comparison             macro-F1, micro-F1, mean per-protein Jaccard and exact-set accuracy
+                           per method, 95% bootstrap intervals, the most frequent label set's line
+    per_label_f1           F1 per label and method with 95% bootstrap intervals
+    per_group              as above, with the multi-label metrics (datasets with groups)
+    roc_per_label          a grid, one panel per label, every method's ROC curve and AUC
+    pr_per_label           the same for precision-recall curves and average precision
+    training_METHOD        as above
+    jaccard_by_length      mean per-protein Jaccard per sequence-length bin, per method
+    embedding_map          coloured by label set (the seven most frequent; the rest grey)
+
+and no confusion matrices (per-label counts are in metrics.json and the per-label table).
+
 Every number drawn comes from the predictions and ``metrics`` (metrics.json), never from
 anything else, so a figure and the tables of a run always agree.
 """
@@ -39,6 +53,10 @@ log = logging.getLogger(__name__)
 UMAP_MIN_PROTEINS = 400
 LENGTH_BINS = 5
 METRIC_TITLES = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "mcc": "MCC"}
+MULTILABEL_TITLES = {"macro_f1": "Macro-F1", "micro_f1": "Micro-F1", "jaccard": "Jaccard (mean per protein)",
+                     "exact_set_accuracy": "Exact-set accuracy"}
+# Label sets the embedding map gives a colour of their own; the rest are drawn grey.
+MAP_SETS = 7
 
 
 def draw_run(folder: Path, context: FigureContext, data: LabeledSet, results: list[MethodResult],
@@ -50,6 +68,8 @@ def draw_run(folder: Path, context: FigureContext, data: LabeledSet, results: li
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if data.multilabel:
+        return _draw_multilabel(folder, context, data, results, metrics, features)
     figures = [comparison_figure(folder, context, data, metrics)]
     figures += [confusion_figure(folder, context, data, name, metrics[name]) for name in metrics]
     figures.append(per_class_figure(folder, context, data, metrics))
@@ -58,6 +78,19 @@ def draw_run(folder: Path, context: FigureContext, data: LabeledSet, results: li
     figures += curve_figures(folder, context, data, results)
     figures += [f for r in results if (f := training_figure(folder, context, r)) is not None]
     figures.append(length_figure(folder, context, data, results))
+    if features is not None and len(features) == len(data) and len(data) >= 3:
+        figures.append(embedding_map(folder, context, data, features))
+    return figures
+
+
+def _draw_multilabel(folder: Path, context: FigureContext, data: LabeledSet, results: list[MethodResult],
+                     metrics: dict[str, dict], features: np.ndarray | None) -> list[Figure]:
+    figures = [comparison_figure(folder, context, data, metrics), per_class_figure(folder, context, data, metrics)]
+    if data.groups is not None and all("per_group" in m for m in metrics.values()):
+        figures.append(per_group_figure(folder, context, metrics, MULTILABEL_TITLES))
+    figures += label_curve_figures(folder, context, data, results)
+    figures += [f for r in results if (f := training_figure(folder, context, r)) is not None]
+    figures.append(jaccard_length_figure(folder, context, data, results))
     if features is not None and len(features) == len(data) and len(data) >= 3:
         figures.append(embedding_map(folder, context, data, features))
     return figures
@@ -95,7 +128,8 @@ def _file_name(name: str) -> str:
 
 def _class_labels(data: LabeledSet, metrics: dict) -> list[str]:
     support = next(iter(metrics.values()))["per_class"] if metrics else {}
-    return [f"{c} (n={support[c]['support']:,})" if c in support else c for c in data.classes]
+    return [(f"{c} (n=0, not in the test set)" if support[c]["support"] == 0 else f"{c} (n={support[c]['support']:,})")
+            if c in support else c for c in data.classes]
 
 
 def baselines(labels: np.ndarray, n_classes: int) -> dict[str, dict[str, float]]:
@@ -105,14 +139,17 @@ def baselines(labels: np.ndarray, n_classes: int) -> dict[str, dict[str, float]]
     other class's 0, so macro-F1 = 2p/(1+p)/K; MCC is 0 (a constant prediction).
     chance: a class drawn uniformly at random: expected accuracy 1/K; class k's precision is
     its share p_k and its recall 1/K, so its F1 is 2 p_k (1/K) / (p_k + 1/K); MCC 0.
+    K counts every class (a guess may name any), while macro-F1 averages over the classes
+    the proteins have, as the methods' macro-F1 does.
     """
     share = np.bincount(labels, minlength=n_classes) / max(1, len(labels))
     p = float(share.max())
     k = n_classes
+    present = max(1, int((share > 0).sum()))
     with np.errstate(divide="ignore", invalid="ignore"):
         f1 = np.where(share > 0, 2 * share / k / (share + 1 / k), 0.0)
-    return {"majority": {"accuracy": p, "macro_f1": 2 * p / (1 + p) / k, "mcc": 0.0},
-            "chance": {"accuracy": 1 / k, "macro_f1": float(f1.mean()), "mcc": 0.0}}
+    return {"majority": {"accuracy": p, "macro_f1": 2 * p / (1 + p) / present, "mcc": 0.0},
+            "chance": {"accuracy": 1 / k, "macro_f1": float(f1.sum() / present), "mcc": 0.0}}
 
 
 # ---------------------------------------------------------------- 1. comparison
@@ -121,11 +158,20 @@ def comparison_figure(folder: Path, context: FigureContext, data: LabeledSet, me
     plt = pyplot()
     names = list(metrics)
     titles = [context.method_title(n) for n in names]
-    base = baselines(data.labels, data.n_classes)
-    width = max(6.5, 3 * (0.9 + 0.45 * len(names)))
-    fig, axes = plt.subplots(1, 3, figsize=(width, 3.4), sharey=False)
-    low = min(0.0, *(m["ci95"]["mcc"][0] for m in metrics.values()))
-    for ax, key in zip(axes, METRIC_TITLES):
+    if data.multilabel:
+        from .metrics import majority_set_baseline
+
+        keys = MULTILABEL_TITLES
+        top = majority_set_baseline(data.labels, data.classes)
+        lines = [(f"always the most frequent label set ({_set_text(top['set'])})", "--", 1.0, top)]
+    else:
+        keys = METRIC_TITLES
+        base = baselines(data.labels, data.n_classes)
+        lines = [("majority class", "--", 1.0, base["majority"]), ("uniform random guess", ":", 1.2, base["chance"])]
+    width = max(6.5, len(keys) * (0.9 + 0.45 * len(names)))
+    fig, axes = plt.subplots(1, len(keys), figsize=(width, 3.4), sharey=False)
+    low = min(0.0, *(m["ci95"][k][0] for m in metrics.values() for k in keys if m["ci95"][k][0] == m["ci95"][k][0]))
+    for ax, key in zip(axes, keys):
         values = np.array([metrics[n][key] for n in names])
         ci = np.array([metrics[n]["ci95"][key] for n in names]).reshape(-1, 2).T
         x = np.arange(len(names))
@@ -133,10 +179,10 @@ def comparison_figure(folder: Path, context: FigureContext, data: LabeledSet, me
                yerr=np.clip(np.abs(ci - values), 0, None), capsize=3, ecolor="#333333", error_kw={"lw": 1})
         for xi, v, hi in zip(x, values, ci[1]):
             ax.text(xi, hi + 0.02, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
-        ax.axhline(base["majority"][key], color="#555555", ls="--", lw=1, label="majority class")
-        ax.axhline(base["chance"][key], color="#555555", ls=":", lw=1.2, label="uniform random guess")
-        ax.set_xticks(x, titles, rotation=30 if len(names) > 2 else 0, ha="right" if len(names) > 2 else "center")
-        ax.set_title(METRIC_TITLES[key])
+        for label, style, lw, values_of in lines:
+            ax.axhline(values_of[key], color="#555555", ls=style, lw=lw, label=label)
+        ax.set_xticks(x, titles, rotation=30 if len(names) > 1 else 0, ha="right" if len(names) > 1 else "center")
+        ax.set_title(keys[key])
         ax.set_ylim(low - (0.05 if low < 0 else 0), 1.12)
         ax.set_xlim(-0.6, len(names) - 0.4)
     axes[0].set_ylabel("score (bars: 95% bootstrap interval)")
@@ -144,12 +190,26 @@ def comparison_figure(folder: Path, context: FigureContext, data: LabeledSet, me
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
     fig.tight_layout()
     _title(fig, "Methods compared on the same proteins and folds", context)
+    if data.multilabel:
+        caption = ("Macro-F1 (averaged over the labels the scored proteins have), micro-F1, the mean per-protein "
+                   "Jaccard index (|predicted ∩ true| / |predicted ∪ true|) and exact-set accuracy (the share of "
+                   "proteins whose predicted set is exactly the true one) of each method, with 95% "
+                   "percentile-bootstrap intervals over proteins. Dashed: always predicting the most frequent label "
+                   f"set, {_set_text(top['set'])} ({top['share']:.1%} of the proteins; macro-F1 "
+                   f"{top['macro_f1']:.3f}, micro-F1 {top['micro_f1']:.3f}, Jaccard {top['jaccard']:.3f}, "
+                   f"exact-set accuracy {top['exact_set_accuracy']:.3f}).")
+        return _save(fig, folder, "comparison", "Comparison", caption)
     m, c = base["majority"], base["chance"]
     caption = (f"Accuracy, macro-F1 and MCC of each method with 95% percentile-bootstrap intervals over proteins. "
                f"Dashed: always predicting the largest class (accuracy {m['accuracy']:.3f} = its share; macro-F1 "
                f"{m['macro_f1']:.3f}; MCC 0). Dotted: guessing one of the {data.n_classes} classes uniformly at "
                f"random (expected accuracy {c['accuracy']:.3f}; macro-F1 {c['macro_f1']:.3f}; MCC 0).")
     return _save(fig, folder, "comparison", "Comparison", caption)
+
+
+def _set_text(names: str) -> str:
+    """A label set for a reader ("A + B"); names joined by ";" in files may hold ";" themselves."""
+    return names.replace(";", " + ") if names else "no label"
 
 
 # ---------------------------------------------------------------- 2. confusion matrices
@@ -197,7 +257,8 @@ def _grouped_hbars(ax, rows: list[str], titles: list[str], values: np.ndarray, c
         ax.barh(pos, values[k], height, color=colour(k), label=title, xerr=err, capsize=2,
                 error_kw={"lw": 0.8, "ecolor": "#333333"})
     ax.set_yticks(y, rows)
-    ax.invert_yaxis()
+    if not ax.yaxis_inverted():  # axes sharing y share the inversion: toggling each would undo it
+        ax.invert_yaxis()
 
 
 def per_class_figure(folder: Path, context: FigureContext, data: LabeledSet, metrics: dict) -> Figure:
@@ -214,13 +275,22 @@ def per_class_figure(folder: Path, context: FigureContext, data: LabeledSet, met
     ax.set_xlabel("F1 (bars: 95% bootstrap interval)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="method")
     fig.tight_layout()
+    if data.multilabel:
+        _title(fig, "F1 per label", context)
+        caption = ("F1 of each label for each method (the label predicted where its probability reaches its "
+                   "threshold), with 95% percentile-bootstrap intervals over proteins; n is the number of proteins "
+                   "that have the label. A label no scored protein has is marked and left out of macro-F1. "
+                   "Confusion matrices are not drawn for label sets: each label's counts are in metrics.json "
+                   "and its precision and recall in the per-label table.")
+        return _save(fig, folder, "per_label_f1", "Per label", caption)
     _title(fig, "F1 per class", context)
     caption = ("F1 of each class for each method, with 95% percentile-bootstrap intervals over proteins; "
                "n is the number of proteins of the class.")
     return _save(fig, folder, "per_class_f1", "Per class", caption)
 
 
-def per_group_figure(folder: Path, context: FigureContext, metrics: dict) -> Figure:
+def per_group_figure(folder: Path, context: FigureContext, metrics: dict,
+                     keys: dict[str, str] = METRIC_TITLES) -> Figure:
     plt = pyplot()
     names = list(metrics)
     titles = [context.method_title(n) for n in names]
@@ -228,13 +298,13 @@ def per_group_figure(folder: Path, context: FigureContext, metrics: dict) -> Fig
     first = next(iter(metrics.values()))["per_group"]
     rows = [f"{g} (n={first[g]['n']:,})" for g in groups]
     height = max(2.4, 0.25 * len(groups) * len(names) + 0.4 * len(groups) + 1.0)
-    fig, axes = plt.subplots(1, 3, figsize=(9, height), sharey=True)
-    for ax, key in zip(axes, METRIC_TITLES):
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), height), sharey=True)
+    for ax, key in zip(axes, keys):
         values = np.array([[metrics[n]["per_group"][g][key] for g in groups] for n in names])
         ci = np.array([[metrics[n]["per_group"][g].get("ci95", {}).get(key, (np.nan, np.nan)) for g in groups]
                        for n in names])
         _grouped_hbars(ax, rows, titles, values, ci)
-        ax.set_title(METRIC_TITLES[key])
+        ax.set_title(textwrap.fill(keys[key], 22))
         ax.set_xlim(min(0.0, float(np.nanmin(ci[..., 0])) - 0.05) if key == "mcc" else 0, 1)
         if ax is not axes[0]:
             ax.tick_params(left=False)
@@ -242,7 +312,9 @@ def per_group_figure(folder: Path, context: FigureContext, metrics: dict) -> Fig
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(names)),
                frameon=False)
     fig.tight_layout()
-    _title(fig, "Accuracy, macro-F1 and MCC per organism group", context)
+    what = ("Accuracy, macro-F1 and MCC" if keys is METRIC_TITLES
+            else "Macro-F1, micro-F1, Jaccard and exact-set accuracy")
+    _title(fig, f"{what} per organism group", context)
     caption = ("Each method's scores on the proteins of each organism group (n proteins), with 95% "
                "percentile-bootstrap intervals over the group's proteins.")
     return _save(fig, folder, "per_group", "Per group", caption)
@@ -308,6 +380,85 @@ def curve_figures(folder: Path, context: FigureContext, data: LabeledSet, result
                    "classes beyond the eighth repeat the colours dashed. "
                    "Grey diagonal: a random score.")
         figures.append(_save(fig, folder, f"roc_pr_{_file_name(r.name)}", "ROC and precision-recall", caption))
+    return figures
+
+
+def _grid(n_panels: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of at most five panels a row, the rows as even as possible."""
+    rows = max(1, -(-n_panels // 5))
+    return rows, -(-n_panels // rows)
+
+
+def label_curve_figures(folder: Path, context: FigureContext, data: LabeledSet,
+                        results: list[MethodResult]) -> list[Figure]:
+    """Multi-label: a grid of ROC curves and one of precision-recall curves, a panel per label, every method."""
+    from matplotlib.lines import Line2D
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    plt = pyplot()
+    figures = []
+    n_rows, n_cols = _grid(data.n_classes)
+    for kind in ("roc", "pr"):
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.3 * n_cols + 0.3, 2.45 * n_rows + 0.5), squeeze=False)
+        for j, (ax, label) in enumerate(zip(axes.flat, data.classes)):
+            positives = int(data.labels[:, j].sum())
+            ax.set_title(textwrap.fill(f"{label} (n={positives:,})", 30), fontsize=8)
+            drawn = False
+            for k, r in enumerate(results):
+                mask = r.predicted()
+                truth, p = data.labels[mask, j] > 0, r.proba[mask, j]
+                if kind == "roc" and (truth.all() or not truth.any()):
+                    continue
+                if kind == "pr" and not truth.any():
+                    continue
+                if kind == "roc":
+                    fpr, tpr, _ = roc_curve(truth, p)
+                    ax.plot(fpr, tpr, color=colour(k), lw=1.1, label=f"{roc_auc_score(truth, p):.3f}")
+                else:
+                    precision, recall, _ = precision_recall_curve(truth, p)
+                    ax.plot(recall, precision, color=colour(k), lw=1.1, drawstyle="steps-post",
+                            label=f"{average_precision_score(truth, p):.3f}")
+                drawn = True
+            if kind == "roc":
+                ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls=":")
+            else:
+                ax.axhline(positives / max(1, len(data)), color="#999999", lw=0.8, ls=":")
+            if drawn:
+                ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=6.5, handlelength=1.2,
+                          title="AUC" if kind == "roc" else "AP", title_fontsize=6.5, borderpad=0.3,
+                          labelspacing=0.2, framealpha=0.8)
+            else:
+                why = "no protein has it\n(not in the test set)" if positives == 0 else "every protein has it"
+                ax.text(0.5, 0.5, f"{why}:\nno curve", ha="center", va="center", fontsize=7, color="#555555",
+                        transform=ax.transAxes, bbox={"facecolor": "white", "edgecolor": "none", "pad": 2})
+            ax.set(xlim=(0, 1), ylim=(0, 1.02))
+            ax.set_aspect("equal")
+            ax.tick_params(labelsize=7)
+            row, col = divmod(j, n_cols)
+            if row == n_rows - 1 or j + n_cols >= data.n_classes:
+                ax.set_xlabel("false positive rate" if kind == "roc" else "recall", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("true positive rate" if kind == "roc" else "precision", fontsize=8)
+        for ax in list(axes.flat)[data.n_classes:]:
+            ax.set_visible(False)
+        handles = [Line2D([], [], color=colour(k), lw=1.4, label=context.method_title(r.name))
+                   for k, r in enumerate(results)]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(results)),
+                   frameon=False, title="method")
+        fig.tight_layout()
+        if kind == "roc":
+            _title(fig, "ROC curves per label", context)
+            caption = ("One panel per label (n: proteins that have it): each method's ROC curve of the label's "
+                       "probability, with its area under the curve (AUC) in the panel's legend in the method's "
+                       "colour. Dotted: a random score. A label without both outcomes among the proteins has no "
+                       "curve.")
+            figures.append(_save(fig, folder, "roc_per_label", "ROC and precision-recall", caption))
+        else:
+            _title(fig, "Precision-recall curves per label", context)
+            caption = ("One panel per label (n: proteins that have it): each method's precision-recall curve of "
+                       "the label's probability, with its average precision (AP) in the panel's legend in the "
+                       "method's colour. Dotted: a random score (precision = the label's share of the proteins).")
+            figures.append(_save(fig, folder, "pr_per_label", "ROC and precision-recall", caption))
     return figures
 
 
@@ -427,6 +578,47 @@ def length_figure(folder: Path, context: FigureContext, data: LabeledSet, result
     return _save(fig, folder, "accuracy_by_length", "Sequence length", caption)
 
 
+def jaccard_length_figure(folder: Path, context: FigureContext, data: LabeledSet,
+                          results: list[MethodResult]) -> Figure:
+    """Multi-label: the mean per-protein Jaccard index in each sequence-length bin, per method."""
+    from .metrics import per_protein_jaccard
+
+    plt = pyplot()
+    lengths = np.array([len(s) for s in data.sequences])
+    edges = length_bins(lengths)
+    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
+    n_bins = len(edges) - 1
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n_bins + 2.5), 3.6))
+    offset = 0.6 / max(1, len(results))
+    for k, r in enumerate(results):
+        mask = r.predicted()
+        jac = per_protein_jaccard(data.labels[mask], r.sets()[mask])
+        n = np.bincount(which[mask], minlength=n_bins)
+        total = np.bincount(which[mask], weights=jac, minlength=n_bins)
+        squares = np.bincount(which[mask], weights=jac**2, minlength=n_bins)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+            var = np.where(n > 1, (squares - n * mean**2) / np.maximum(n - 1, 1), 0.0)
+            half = 1.96 * np.sqrt(np.clip(var, 0, None) / np.maximum(n, 1))
+        lo, hi = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)
+        x = np.arange(n_bins) - 0.3 + offset * (k + 0.5)
+        ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-",
+                    color=colour(k), ms=4, lw=1.1, capsize=2, label=context.method_title(r.name))
+    counts = np.bincount(which, minlength=n_bins)
+    ticks = [f"{edges[i]}–{edges[i + 1] - 1}\n(n={counts[i]:,})" for i in range(n_bins)]
+    ax.set_xticks(range(n_bins), ticks)
+    ax.set_xlabel("sequence length (residues), bins at length quantiles")
+    ax.set_ylabel("mean Jaccard index (bars: 95% interval)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="method")
+    fig.tight_layout()
+    _title(fig, "Per-protein Jaccard index by sequence length", context)
+    caption = ("Mean per-protein Jaccard index (|predicted ∩ true| / |predicted ∪ true| of the label sets) in each "
+               "sequence-length bin (bins at length quantiles; n proteins per bin), with 95% normal-approximation "
+               "intervals (mean ± 1.96 standard errors, clipped to 0-1).")
+    return _save(fig, folder, "jaccard_by_length", "Sequence length", caption)
+
+
 # ---------------------------------------------------------------- 7. embedding map
 
 def project_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -452,6 +644,8 @@ def project_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 
 
 def embedding_map(folder: Path, context: FigureContext, data: LabeledSet, features: np.ndarray) -> Figure:
+    if data.multilabel:
+        return _label_set_map(folder, context, data, features)
     plt = pyplot()
     coords, method = project_2d(features)
     fig, ax = plt.subplots(figsize=(6.8, 5.2))
@@ -479,4 +673,44 @@ def embedding_map(folder: Path, context: FigureContext, data: LabeledSet, featur
            else f"the first two principal components (PCA; sets under {UMAP_MIN_PROTEINS} proteins)")
     caption = (f"Every protein's mean-pooled embedding, projected to two dimensions by {how}, coloured by its "
                "true class. The projection sees no labels; axes have no units.")
+    return _save(fig, folder, "embedding_map", "Embeddings", caption)
+
+
+def _label_set_map(folder: Path, context: FigureContext, data: LabeledSet, features: np.ndarray) -> Figure:
+    """The embedding map of a multi-label set: each of the MAP_SETS most frequent label sets a colour, the rest grey."""
+    plt = pyplot()
+    coords, method = project_2d(features)
+    fig, ax = plt.subplots(figsize=(6.8, 5.2))
+    size = 10 if len(data) < 2000 else 5
+    rows, inverse, counts = np.unique(data.labels > 0, axis=0, return_inverse=True, return_counts=True)
+    inverse = np.asarray(inverse).ravel()
+    order = sorted(range(len(rows)), key=lambda i: (-counts[i], [not v for v in rows[i]]))
+    shown, rest = order[:MAP_SETS], order[MAP_SETS:]
+    other = np.isin(inverse, rest)
+    handles = []
+    if other.any():  # underneath everything
+        grey = ax.scatter(coords[other, 0], coords[other, 1], s=size, color="#BBBBBB", alpha=0.6, lw=0,
+                          rasterized=True, label=f"{len(rest)} other sets (n={int(other.sum()):,})")
+    for rank, i in enumerate(shown):  # the largest set underneath, so small ones stay visible
+        inside = inverse == i
+        names = " + ".join(c for c, on in zip(data.classes, rows[i]) if on) or "no label"
+        handles.append(ax.scatter(coords[inside, 0], coords[inside, 1], s=size, color=colour(rank), alpha=0.75, lw=0,
+                                  rasterized=True, label=f"{textwrap.shorten(names, 40)} (n={counts[i]:,})"))
+    if other.any():
+        handles.append(grey)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(f"{method} 1")
+    ax.set_ylabel(f"{method} 2")
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="true label set",
+              markerscale=2)
+    fig.tight_layout()
+    _title(fig, f"Pooled embeddings in two dimensions ({method}), coloured by label set", context)
+    how = ("UMAP (of the first 50 principal components; 15 neighbours, min_dist 0.1, 200 epochs, seed 0)"
+           if method == "UMAP"
+           else f"the first two principal components (PCA; sets under {UMAP_MIN_PROTEINS} proteins)")
+    caption = (f"Every protein's mean-pooled embedding, projected to two dimensions by {how}, coloured by its true "
+               f"label set: the {min(MAP_SETS, len(rows))} most frequent sets each in a colour, "
+               + ("every other set in grey. " if rest else "") +
+               "The projection sees no labels; axes have no units.")
     return _save(fig, folder, "embedding_map", "Embeddings", caption)

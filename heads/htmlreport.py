@@ -156,20 +156,34 @@ def legacy_figures(run: Path) -> list[Figure]:
 
 # -- the page ---------------------------------------------------------------------------------
 def write_report(out: Path, context: FigureContext, figures: list[Figure], metrics: dict, tests: dict,
-                 table: pd.DataFrame, config: dict, notes: list[str]) -> Path:
-    """Write ``out/report.html`` (self-contained: figures inline, no scripts) and return its path."""
-    return write_report_to(Path(out) / REPORT, Path(out), context, figures, metrics, tests, table, config, notes)
+                 table: pd.DataFrame, config: dict, notes: list[str], baseline: dict | None = None) -> Path:
+    """Write ``out/report.html`` (self-contained: figures inline, no scripts) and return its path.
+
+    ``baseline``: metrics.json's "baseline" (multi-label runs: the most frequent label set's scores).
+    """
+    return write_report_to(Path(out) / REPORT, Path(out), context, figures, metrics, tests, table, config, notes,
+                           baseline)
+
+
+def is_multilabel(metrics: dict) -> bool:
+    return any(isinstance(m, dict) and m.get("multilabel") for m in metrics.values())
 
 
 def write_report_to(path: Path, run: Path, context: FigureContext, figures: list[Figure], metrics: dict,
-                    tests: dict, table: pd.DataFrame, config: dict, notes: list[str]) -> Path:
+                    tests: dict, table: pd.DataFrame, config: dict, notes: list[str],
+                    baseline: dict | None = None) -> Path:
     name = context.method_title
-    parts: dict[str, list[str]] = {"Comparison": [_headline(metrics, table, name)]}
+    multilabel = is_multilabel(metrics)
+    headline = _headline_multilabel(metrics, table, name, baseline) if multilabel else _headline(metrics, table, name)
+    parts: dict[str, list[str]] = {"Comparison": [headline]}
     if notes:
         parts["Comparison"].append(htmlpage.bullets(notes))
     if tests:
-        parts["Paired tests"] = [_paired(tests, name)]
-    parts["Per class"] = _per_class(metrics, name)
+        parts["Paired tests"] = [_paired_multilabel(tests, name) if multilabel else _paired(tests, name)]
+    if multilabel:
+        parts["Per label"] = _per_label(metrics, name)
+    else:
+        parts["Per class"] = _per_class(metrics, name)
     groups = _per_group(metrics, name)
     if groups:
         parts["Per group"] = [groups]
@@ -228,11 +242,45 @@ def _headline(metrics: dict, table: pd.DataFrame, name) -> str:
     if total:
         top = max(support, key=lambda c: support[c])
         share = support[top] / total
-        # Always predicting one class: its F1 is 2p/(1+p), every other class's 0.
+        # Always predicting one class: its F1 is 2p/(1+p), every other class's 0; macro-F1
+        # averages over the classes the proteins have.
+        present = sum(1 for v in support.values() if v > 0)
         text += (f"<p>Baseline: always predicting the most frequent class ({htmlpage.escape(top)}) gives accuracy "
-                 f"{share:.3f}, macro-F1 {2 * share / (1 + share) / len(support):.3f} and MCC 0 (chance). "
+                 f"{share:.3f}, macro-F1 {2 * share / (1 + share) / present:.3f} and MCC 0 (chance). "
                  "Brackets: 95% percentile bootstrap intervals over proteins.</p>")
     return text
+
+
+# The multi-label headline: metrics.json key, column title.
+MULTILABEL_COLUMNS = (("macro_f1", "macro-F1"), ("micro_f1", "micro-F1"), ("jaccard", "Jaccard"),
+                      ("exact_set_accuracy", "exact-set accuracy"))
+
+
+def _headline_multilabel(metrics: dict, table: pd.DataFrame, name, baseline: dict | None) -> str:
+    rows = []
+    for record in table.to_dict("records"):
+        method = str(record["method"])
+        m = metrics.get(method, {})
+        row = {"method": name(method), "n": int(record["n"])}
+        for key, label in MULTILABEL_COLUMNS:
+            row[f"{label} [95% CI]"] = _interval(float(record[key]), (m.get("ci95") or {}).get(key))
+        row["labels per protein (predicted)"] = float(record["predicted_cardinality"])
+        row["mean ROC AUC"] = float(record.get("mean_roc_auc", float("nan")))
+        row["mean PR AUC"] = float(record.get("mean_pr_auc", float("nan")))
+        rows.append(row)
+    text = htmlpage.table(pd.DataFrame(rows))
+    first: dict = next(iter(metrics.values()), {})
+    about = (f"<p>True labels per protein: {first.get('cardinality', float('nan')):.2f} (mean over the scored "
+             "proteins). Jaccard: per protein |predicted ∩ true| / |predicted ∪ true|, averaged; exact-set "
+             "accuracy: the share of proteins whose predicted set is exactly the true one; mean ROC and PR AUC: "
+             "over the labels with both outcomes (PR: with a positive) among the scored proteins. ")
+    top = (baseline or {}).get("majority_set")
+    if top:
+        about += (f"Baseline: always predicting the most frequent label set ({htmlpage.escape(top['set'])}, "
+                  f"{top['share']:.1%} of the proteins) gives macro-F1 {top['macro_f1']:.3f}, micro-F1 "
+                  f"{top['micro_f1']:.3f}, Jaccard {top['jaccard']:.3f} and exact-set accuracy "
+                  f"{top['exact_set_accuracy']:.3f}. ")
+    return text + about + "Brackets: 95% percentile bootstrap intervals over proteins.</p>"
 
 
 def _paired(tests: dict, name) -> str:
@@ -267,27 +315,100 @@ def _paired(tests: dict, name) -> str:
               "metrics.json). McNemar's exact test on the proteins exactly one of the two gets right.</p>")
 
 
+def _paired_multilabel(tests: dict, name) -> str:
+    rows, against = [], []
+    for key, t in tests.items():
+        a, _, b = key.partition(" vs ")
+        against.append(name(b))
+        f1, jac, sign = t["macro_f1_difference"], t["jaccard_difference"], t["sign_test"]
+        rows.append({
+            "first − second": f"{name(a)} − {name(b)}",
+            "n": int(t["n"]),
+            "Δ macro-F1 [95% CI]": _signed_interval(f1),
+            "p (macro-F1)": _p(f1["p_value"]),
+            "Δ Jaccard [95% CI]": _signed_interval(jac),
+            "p (Jaccard)": _p(jac["p_value"]),
+            "first better": int(sign["a_better"]),
+            "second better": int(sign["b_better"]),
+            "sign test p": _p(sign["p_value"]),
+        })
+    baseline = against[0] if len(set(against)) == 1 else "the baseline"
+    return (htmlpage.table(pd.DataFrame(rows))
+            + f"<p>Each method against {htmlpage.escape(baseline)}, on the proteins both predicted. Δ: first minus "
+              "second, with a paired bootstrap 95% interval and two-sided p (the same resampled proteins for "
+              "both methods). Jaccard: the mean of the per-protein Jaccard index. First/second better: proteins "
+              "whose predicted set has the higher Jaccard index under that method; the exact sign test asks "
+              "whether those split 50/50 (multi-label sets can be partly right, so there is no McNemar test).</p>")
+
+
+def _signed_interval(d: dict) -> str:
+    if d["difference"] != d["difference"]:
+        return ""
+    return f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
 def _p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# How the tables mark a class or label none of the scored proteins has.
+ABSENT = "not in the test set"
+
+
+def _shown_class(c: str, v: dict) -> str:
+    return f"{c} ({ABSENT})" if v["support"] == 0 else c
 
 
 def _per_class(metrics: dict, name) -> list[str]:
     parts = []
     for method, m in metrics.items():
-        rows = [{"class": c, "support": v["support"], "precision": v["precision"], "recall": v["recall"],
-                 "F1 [95% CI]": _interval(v["f1"], v.get("f1_ci95")), "MCC (one vs rest)": v["mcc"]}
+        rows = [{"class": _shown_class(c, v), "support": v["support"], "precision": v["precision"],
+                 "recall": v["recall"], "F1 [95% CI]": _interval(v["f1"], v.get("f1_ci95")),
+                 "MCC (one vs rest)": v["mcc"]}
                 for c, v in m.get("per_class", {}).items()]
         parts.append(f"<h3>{htmlpage.escape(name(method))}</h3>" + htmlpage.table(pd.DataFrame(rows)))
+    if any(v["support"] == 0 for m in metrics.values() for v in m.get("per_class", {}).values()):
+        parts.append(f"<p>A class marked {ABSENT} has no protein among those scored: its F1 is 0 by convention "
+                     "and macro-F1 leaves it out; a prediction of it still counts as an error.</p>")
     return parts
 
 
+def _per_label(metrics: dict, name) -> list[str]:
+    parts = []
+    for method, m in metrics.items():
+        rows = [{"label": _shown_class(c, v), "support": v["support"], "predicted": v.get("predicted", ""),
+                 "threshold": _number(v.get("threshold")), "precision": v["precision"], "recall": v["recall"],
+                 "F1 [95% CI]": _interval(v["f1"], v.get("f1_ci95")), "MCC": v["mcc"],
+                 "ROC AUC": _number(v.get("roc_auc")), "PR AUC": _number(v.get("pr_auc"))}
+                for c, v in m.get("per_class", {}).items()]
+        parts.append(f"<h3>{htmlpage.escape(name(method))}</h3>" + htmlpage.table(pd.DataFrame(rows)))
+    parts.append("<p>Per label: support = proteins that have it, predicted = proteins given it; threshold = the "
+                 "mean of the per-label decision thresholds (chosen on each model's validation fold to maximise "
+                 "the label's MCC) over the scored proteins; a label is predicted where its probability reaches "
+                 "the threshold, and every protein gets at least its most probable label. ROC AUC is left empty "
+                 "for a label without both outcomes among the scored proteins, PR AUC (average precision) for one "
+                 f"without a positive. A label marked {ABSENT} has F1 0 by convention and stays out of "
+                 "macro-F1 and the mean AUCs.</p>")
+    return parts
+
+
+def _number(value) -> float:
+    """A value for a table cell; None (undefined) shows as an empty cell."""
+    return float("nan") if value is None else float(value)
+
+
 def _per_group(metrics: dict, name) -> str:
+    columns = (MULTILABEL_COLUMNS if is_multilabel(metrics)
+               else (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("mcc", "MCC")))
     rows = [{"method": name(method), "group": group, "n": g["n"],
-             **{f"{label} [95% CI]": _interval(g[key], (g.get("ci95") or {}).get(key))
-                for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("mcc", "MCC"))}}
+             **{f"{label} [95% CI]": _interval(g[key], (g.get("ci95") or {}).get(key)) for key, label in columns}}
             for method, m in metrics.items() for group, g in (m.get("per_group") or {}).items()]
     if not rows:
         return ""
+    if is_multilabel(metrics):
+        return (htmlpage.table(pd.DataFrame(rows))
+                + "<p>Macro-F1 within a group averages over the labels the group's proteins have; predicting a "
+                  "label the group lacks still counts against micro-F1, Jaccard and exact-set accuracy.</p>")
     return (htmlpage.table(pd.DataFrame(rows))
             + "<p>Macro-F1 within a group averages over the classes the group has proteins of (archaea "
               "have no outer membrane); a prediction of a class the group lacks still counts as an error.</p>")
@@ -333,7 +454,9 @@ def _provenance(run: Path, config: dict) -> list[str]:
         names = ", ".join(f"{k} = {v}" for k, v in config["class_names"].items())
         parts.append(f"<p>Class names (label value = class): {htmlpage.escape(names)}</p>")
     elif classes:
-        parts.append(f"<p>Classes: {htmlpage.escape(', '.join(classes))}</p>")
+        multilabel = config.get("multilabel") or config.get("label_cols") or config.get("task") == "multilabel"
+        kind = "Labels (multi-label)" if multilabel else "Classes"
+        parts.append(f"<p>{kind}: {htmlpage.escape(', '.join(classes))}</p>")
 
     # Folds.
     info = config.get("folds_info") or {}
@@ -399,9 +522,9 @@ def rebuild_report(run: Path | str, out: Path | str | None = None) -> Path:
             raise RunDirectoryError(f"{path}: missing; the run is incomplete (run the same heads command again)")
     try:
         saved = json.loads(metrics_path.read_text())
-        metrics, tests = saved["methods"], saved.get("paired_tests", {})
+        metrics, tests, baseline = saved["methods"], saved.get("paired_tests", {}), saved.get("baseline")
         if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()) \
-                or not isinstance(tests, dict):
+                or not isinstance(tests, dict) or not isinstance(baseline, (dict, type(None))):
             raise ValueError("'methods' and 'paired_tests' are not tables of methods")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise RunDirectoryError(f"{metrics_path}: cannot be read as a run's metrics ({err})") from None
@@ -409,7 +532,9 @@ def rebuild_report(run: Path | str, out: Path | str | None = None) -> Path:
         table = pd.read_csv(table_path)
     except (OSError, ValueError) as err:
         raise RunDirectoryError(f"{table_path}: cannot be read as the run's comparison table ({err})") from None
-    missing = {"method", "n", "accuracy", "macro_f1", "mcc"} - set(table.columns)
+    needed = ({"method", "n", *(k for k, _ in MULTILABEL_COLUMNS), "predicted_cardinality"} if is_multilabel(metrics)
+              else {"method", "n", "accuracy", "macro_f1", "mcc"})
+    missing = needed - set(table.columns)
     if missing:
         raise RunDirectoryError(f"{table_path}: not the run's comparison table "
                                 f"(no column {', '.join(sorted(missing))})")
@@ -435,7 +560,7 @@ def rebuild_report(run: Path | str, out: Path | str | None = None) -> Path:
     if target.is_dir():
         raise RunDirectoryError(f"{target}: is a directory; the report is one file (choose another --out)")
     log.info("writing %s from %s", target, run / CONFIG)
-    return write_report_to(target, run, context, figures, metrics, tests, table, config, notes)
+    return write_report_to(target, run, context, figures, metrics, tests, table, config, notes, baseline)
 
 
 def _markdown_notes(path: Path) -> list[str]:
