@@ -640,7 +640,6 @@ def test_predict_combined_averages_thresholds_of_the_splits_as_cross_validation_
 
 # -- a multi-label run end to end --------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason="needs multi-label runs (fingerprint of label matrices, multi-label metrics)")
 def test_a_multilabel_run_with_a_stacking_ensemble_predicts_it(planted, tmp_path, monkeypatch):
     import heads.run
     from heads.run import run_comparison
