@@ -208,6 +208,10 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
     out = Path(out)
     config, threads_source, previous = _resolve_threads(config, out, overwrite)
     data, fold_info = load_data(config)
+    if config.reference and data.multilabel:
+        # Its files give one probability per class summing to 1, and no thresholds to make sets.
+        raise ValueError(f"--reference reads another tool's single-label probabilities (DeepLocPro's format); "
+                         f"{config.data} is multi-label")
     splits = scheme(config.scheme).split(data.require_folds(), fold_info.get("test_fold"))
     results: list[MethodResult] = []
     with contextlib.ExitStack() as stack:

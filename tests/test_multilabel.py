@@ -353,3 +353,13 @@ def test_settings_added_later_leave_the_fingerprint_of_a_run_without_them_unchan
     for name, value in {"label_cols": ("auto",), "task": "membrane", "ensemble": "mean"}.items():
         changed = _fingerprint_settings(RunConfig(data="d.csv", **{name: value}))
         assert changed[name] == (list(value) if isinstance(value, tuple) else value) or changed[name] == value
+
+
+def test_a_reference_for_a_multilabel_set_is_refused_before_any_training(planted, tmp_path):
+    _, cache, csv = planted
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    result = run_cli("cv", "--cache", cache, "--data", csv, "--label-cols", "auto", "--head", "logreg",
+                     "--reference", ref, "--out", tmp_path / "run")
+    assert result.exit_code == 1 and "single-label probabilities" in result.output
+    assert not (tmp_path / "run" / "models").exists()
