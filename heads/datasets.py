@@ -95,7 +95,7 @@ def read_deeplocpro(path: Path | str) -> LabeledSet:
         locations.append(fields[1])
         groups.append(fields[2])
         if len(fields) == 4:
-            if not fields[3].isdigit():
+            if not re.fullmatch(r"[0-9]+", fields[3]) or len(fields[3]) > 9:
                 raise InputError(path, f"fold {fields[3]!r} is not a whole number", f"record {number}")
             folds.append(int(fields[3]))
     if folds and len(folds) != len(records):
@@ -149,9 +149,24 @@ def read_labeled_csv(
     labels, classes = _encode(names)
     folds = None
     if fold_col is not None:
-        folds = np.array([int(v) for v in table.column(fold_col)], dtype=np.int64)
+        index = table.column_index(fold_col, "--fold-col")
+        folds = np.array([_fold_value(row[index], path, fold_col, line) for row, line in zip(table.rows, table.lines)],
+                         dtype=np.int64)
     return _dedupe_ids(LabeledSet(path.stem, [r.id for r in records], [r.sequence for r in records], labels,
                                   classes, None, folds), path, table.lines)
+
+
+def _fold_value(value: str, path: Path, column: str, row: int) -> int:
+    """A fold as a whole number (negative: the protein is left out); "3.0" as spreadsheets write it is 3."""
+    text = value.strip()
+    match = re.fullmatch(r"([+-]?\d+)(?:\.0*)?", text)
+    if match is None:
+        raise InputError(path, f"fold {value!r} in column {column!r} is not a whole number (folds are 0, 1, 2, ...; "
+                               "a negative fold leaves the protein out)", f"row {row}")
+    fold = int(match.group(1))
+    if abs(fold) >= 2**31:
+        raise InputError(path, f"fold {value!r} in column {column!r} is out of range", f"row {row}")
+    return fold
 
 
 def _dedupe_ids(data: LabeledSet, path: Path, rows: list[int], unit: str = "rows") -> LabeledSet:

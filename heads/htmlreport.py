@@ -129,7 +129,11 @@ def describe_folds(info: dict, scheme: str | None = None, n_splits: int | None =
     elif source == "stratified":
         folds = f"{k} stratified random folds" + (f" (seed {info['seed']})" if "seed" in info else "")
     elif source == "file":
-        folds = f"the file's {k} folds"
+        folds = f"the file's {k} folds" + (f" (column {info['column']})" if info.get("column") else "")
+    elif source == "folds_file":
+        how = (f"homology: GraphPart, {info.get('aligner')}, {info.get('threshold', 0):.0%} identity"
+               if info.get("method") == "homology" else f"{info.get('method')}, seed {info.get('seed')}")
+        folds = f"{k} folds from {Path(str(info.get('path'))).name} ({how})"
     else:
         folds = f"{k} folds ({source})"
     if scheme is None:

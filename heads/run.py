@@ -20,11 +20,11 @@ from embedcache.backbones import ModelLoadError, backbone_for_cache, family_of_n
 from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
-from .datasets import LabeledSet, load_labeled, merge
+from .datasets import LabeledSet, detect_kind, load_labeled, merge
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource, require_residues
 from .figstyle import FigureContext
-from .folds import homology_folds, scheme, stratified_folds
+from .folds import folds_for, homology_partition, read_folds, scheme, stratified_folds
 from .htmlreport import describe_folds, file_digests, software_versions
 from .progress import bars_shown, with_run_log
 from .registry import Head, get_head_class, make_head
@@ -61,7 +61,9 @@ class RunConfig:
     model: str | None = None  # finetune's ESM-2 by name; with `weights` None: the cache's own backbone
     weights: str | None = None  # finetune's ESM-2 as a local fair-esm .pt file
     lrs: tuple[float, ...] = ()  # learning-rate sweep: one finetune method per value, on the same splits
-    folds: str = "auto"  # auto (the file's, else stratified) | file | stratified | homology (GraphPart)
+    # auto (the file's, else stratified) | file | stratified | homology (GraphPart, cached by content) |
+    # the path of a folds file written by `heads folds` (a word wins over a file of that name)
+    folds: str = "auto"
     k: int = 5  # folds to build when the file has none
     seed: int = 0  # for built folds and for every head's random_state
     threshold: float = 0.3  # sequence identity allowed across homology folds
@@ -77,6 +79,7 @@ class RunConfig:
     seq_col: str | None = None
     label_col: str = "label"
     class_names: dict | None = None  # CSV label value -> class name, e.g. {"0": "Cytoplasm"}
+    fold_col: str | None = None  # CSV column of `data` holding each protein's fold (negative: left out)
     n_boot: int = 1000  # bootstrap resamples for intervals and paired tests
     # CPU threads of every head that has a setting for them (attention, finetune, LightGBM);
     # None: a resumed run's own count, else the cores free at the start. config.json records the
@@ -90,10 +93,8 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
     With ``test_data``, its proteins form one more fold, the only one used for testing;
     training proteins whose sequence also occurs in it are dropped first.
     """
-    data = _read(config, config.data)
-    source = config.folds
-    if source not in FOLD_SOURCES:
-        raise ValueError(f"folds must be one of {FOLD_SOURCES}, not {source!r}")
+    source = fold_source(config)
+    data = _read(config, config.data, config.fold_col)
     if source == "auto":
         source = "file" if data.folds is not None else "stratified"
     info: dict[str, Any] = {"source": source}
@@ -101,13 +102,24 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
         if data.folds is None:
             raise ValueError(f"{config.data} gives no folds; use --folds stratified or --folds homology")
         folds = data.folds
+        if config.fold_col:
+            info["column"] = config.fold_col
     elif source == "stratified":
         folds = stratified_folds(data.labels, data.sequences, config.k, config.seed)
         info.update(k=config.k, seed=config.seed)
-    else:
-        part = homology_folds(data.ids, data.sequences, data.labels, config.k, config.threshold, config.aligner)
+    elif source == "homology":
+        names = [config.data] if isinstance(config.data, str) else list(config.data)
+        part = homology_partition(data.ids, data.sequences, data.labels, config.k, config.threshold, config.aligner,
+                                  classes=data.classes, data_name=", ".join(Path(n).name for n in names))
         folds = part.folds
         info.update(k=config.k, threshold=config.threshold, aligner=config.aligner, removed=part.removed)
+        if part.cached:
+            info.update(cached=part.cached, built=part.built)
+    else:
+        table = read_folds(config.folds)
+        folds, unused = folds_for(table, data.ids, data.sequences)
+        info.update(table.info(), removed=int((folds < 0).sum()), proteins_not_in_data=len(unused))
+        info["source"] = "folds_file"
     data = data.with_folds(folds)
     if config.test_data:
         test = _read(config, config.test_data)
@@ -131,10 +143,38 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
     return data, info
 
 
-def _read(config: RunConfig, paths: str | tuple[str, ...]) -> LabeledSet:
+def fold_source(config: RunConfig) -> str:
+    """The config's folds as one of FOLD_SOURCES, or "folds_file" for the path of a folds file."""
+    source = config.folds
+    if source not in FOLD_SOURCES:
+        path = Path(source)
+        if not path.exists() and not path.is_symlink():
+            raise ValueError(f"folds must be one of {', '.join(FOLD_SOURCES)} or a folds file (heads folds); "
+                             f"{source!r} is neither")
+        source = "folds_file"
+    if config.fold_col and source not in ("auto", "file"):
+        raise ValueError(f"--fold-col {config.fold_col} gives the folds, and --folds {config.folds} asks for other "
+                         "ones; give one of them")
+    return source
+
+
+def read_dataset(config: RunConfig, fold_col: str | None = None) -> LabeledSet:
+    """The labelled set of ``config.data`` (several files merged), read with the config's dataset options."""
+    return _read(config, config.data, fold_col)
+
+
+def _read(config: RunConfig, paths: str | tuple[str, ...], fold_col: str | None = None) -> LabeledSet:
     path_list = [paths] if isinstance(paths, str) else list(paths)
-    sets = [load_labeled(p, config.kind, id_col=config.id_col, seq_col=config.seq_col,
-                         label_col=config.label_col, class_names=config.class_names) for p in path_list]
+    options: dict[str, Any] = dict(id_col=config.id_col, seq_col=config.seq_col, label_col=config.label_col,
+                                   class_names=config.class_names)
+    if fold_col is not None:
+        for p in path_list:
+            kind = config.kind or detect_kind(p)
+            if kind != "csv":
+                raise ValueError(f"--fold-col reads a column of a CSV/TSV; {p} is {kind} (a DeepLocPro FASTA gives "
+                                 "its folds in its headers: --folds file)")
+        options["fold_col"] = fold_col
+    sets = [load_labeled(p, config.kind, **options) for p in path_list]
     return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
 
 
@@ -204,11 +244,12 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         layer = cache_info["layers"][-1] if config.layer is None else config.layer
         identity = backbone_identity(prov, layer) if cache is not None else None
         methods = {name: _method_identity(head) for name, head in heads.items()}
-        fingerprint = run_fingerprint(_fingerprint_settings(config), identity, methods, data)
+        fingerprint = run_fingerprint(_fingerprint_settings(config, fold_info), identity, methods, data)
         if previous is not None and previous[0] != config.threads and previous[1] != fingerprint:
-            _refuse_other_threads(config, heads, identity, data, out, previous)
+            _refuse_other_threads(config, heads, identity, data, out, previous, fold_info)
+        folds_file = fold_info.get("path") if fold_info["source"] == "folds_file" else None
         inputs = [*([config.data] if isinstance(config.data, str) else config.data), config.test_data,
-                  config.cache, config.reference, config.weights]
+                  config.cache, config.reference, config.weights, folds_file]
         run_dir = stack.enter_context(RunDirectory(out, fingerprint, overwrite, inputs))
 
         notes = [
@@ -236,7 +277,8 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
             "fingerprint": fingerprint,
             "threads_chosen": threads_source,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "data_files": file_digests(asdict(config)),
+            "data_files": file_digests(asdict(config)) + (
+                [{"role": "folds", "path": folds_file, "sha256": fold_info["sha256"]}] if folds_file else []),
             "software": software_versions(),
             "command": list(command) if command else None,
         }
@@ -277,15 +319,21 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
 DISPLAY_ONLY = ("reference_name", "figures")
 
 
-def _fingerprint_settings(config: RunConfig) -> dict:
+def _fingerprint_settings(config: RunConfig, fold_info: dict) -> dict:
     """The config without the paths of inputs the fingerprint covers by content, and without display settings.
 
     The thread count enters through the methods instead, and only for heads whose numbers depend
     on it (attention, finetune): logistic regression runs on one BLAS thread and LightGBM's
-    trees do not change with it, so a run of those resumes with any count.
+    trees do not change with it, so a run of those resumes with any count. A folds file enters
+    by the sha256 of its bytes (its folds also by the proteins' folds), not by its path.
     """
-    return {k: v for k, v in asdict(config).items()
-            if k not in ("data", "test_data", "cache", "threads", *DISPLAY_ONLY)}
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("data", "test_data", "cache", "threads", *DISPLAY_ONLY)}
+    if fold_info.get("source") == "folds_file":
+        settings["folds"] = f"folds file sha256 {fold_info['sha256']}"
+    if settings.get("fold_col") is None:  # absent, as in runs made before the option: they still resume
+        settings.pop("fold_col", None)
+    return settings
 
 
 def _resolve_threads(config: RunConfig, out: Path, overwrite: bool) -> tuple[RunConfig, str, tuple | None]:
@@ -313,7 +361,7 @@ def _resolve_threads(config: RunConfig, out: Path, overwrite: bool) -> tuple[Run
 
 
 def _refuse_other_threads(config: RunConfig, heads: dict[str, Head], identity: dict | None, data: LabeledSet,
-                          out: Path, previous: tuple[int, str]) -> None:
+                          out: Path, previous: tuple[int, str], fold_info: dict) -> None:
     """Out holds this very run, started with another thread count that changes its numbers: say so."""
     threads, fingerprint = previous
     methods, depends = {}, []
@@ -325,7 +373,7 @@ def _refuse_other_threads(config: RunConfig, heads: dict[str, Head], identity: d
             method = {**method, param: threads}
             depends.append(name)
         methods[name] = method
-    if run_fingerprint(_fingerprint_settings(config), identity, methods, data) == fingerprint:
+    if run_fingerprint(_fingerprint_settings(config, fold_info), identity, methods, data) == fingerprint:
         raise RunDirectoryError(
             f"{out} holds this run, started with {threads} threads; the numbers of {', '.join(depends)} depend on "
             f"the thread count, so it resumes only with --threads {threads} (or without --threads). "
