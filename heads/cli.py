@@ -486,19 +486,20 @@ def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache,
         for source in data:
             if _same_file(Path(target), Path(source)):
                 raise click.UsageError(f"{option} {target} is the data file {source}; writing there would destroy it")
+    # Not heads.run: building folds needs no torch.
+    from .datasets import load_labeled_files
     from .folds import build_partition, write_folds
     from .progress import RunLog, duration
-    from .run import RunConfig, read_dataset
 
-    config = RunConfig(data=data[0] if len(data) == 1 else tuple(data), kind=kind, id_col=id_col, seq_col=seq_col,
-                       label_col=label_col, class_names=_class_names(class_names))
+    names = _class_names(class_names)
     start = time.monotonic()
     user_errors = _user_errors()
     log = logging.getLogger("heads.folds")
     try:
         with RunLog() as run_log:
             run_log.attach_file(log_file)
-            dataset = read_dataset(config)
+            dataset = load_labeled_files(data, kind, id_col=id_col, seq_col=seq_col, label_col=label_col,
+                                         class_names=names)
             log.info("%s: %d proteins, %d classes; building %d %s folds", ", ".join(data), len(dataset),
                      dataset.n_classes, k, method)
             partition = build_partition(dataset.ids, dataset.sequences, dataset.labels, method, k, threshold, aligner,

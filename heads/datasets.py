@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,24 @@ def load_labeled(path: Path | str, kind: str | None = None, **csv_options) -> La
     if kind == "csv":
         return read_labeled_csv(path, **csv_options)
     raise ValueError(f"dataset kind must be one of {DATASET_KINDS}, not {kind!r}")
+
+
+def load_labeled_files(paths: Path | str | Sequence[Path | str], kind: str | None = None, fold_col: str | None = None,
+                       **csv_options) -> LabeledSet:
+    """One labelled set from one file or several (merged, as :func:`merge` does), each read alike.
+
+    ``fold_col`` names a CSV/TSV column holding each protein's fold; other formats refuse it.
+    """
+    path_list = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if fold_col is not None:
+        for path in path_list:
+            found = kind or detect_kind(path)
+            if found != "csv":
+                raise ValueError(f"--fold-col reads a column of a CSV/TSV; {path} is {found} (a DeepLocPro FASTA "
+                                 "gives its folds in its headers: --folds file)")
+        csv_options = {**csv_options, "fold_col": fold_col}
+    sets = [load_labeled(p, kind, **csv_options) for p in path_list]
+    return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
 
 
 def merge(sets: list[LabeledSet], name: str) -> LabeledSet:

@@ -230,6 +230,29 @@ def graphpart_labels(labels: np.ndarray, classes: Sequence[str] | None = None) -
     return [";".join(sorted(names[j] for j in np.flatnonzero(row))) for row in labels]
 
 
+# What GraphPart's FASTA headers (">ID|label=LABEL") and MMseqs2 (the first word) read back whole.
+_GRAPHPART_ID = re.compile(r"[A-Za-z0-9_.+/-]+")
+_GRAPHPART_LABEL = re.compile(r"[^|:=\s]*(?: [^|:=\s]+)*")
+
+
+def _graphpart_names(ids: Sequence[str], labels: list[str]) -> tuple[list[str], list[str]]:
+    """IDs and labels as GraphPart is given them: as they are, or numbered where some would be misread.
+
+    GraphPart splits its headers at '|' and ':' and MMseqs2 keeps the first word, so an ID
+    with a space or a '|' would come back as another (its relatives then land in other folds,
+    silently): all IDs are then replaced by p0, p1, ... and mapped back. Labels likewise.
+    """
+    names = list(ids)
+    if not all(_GRAPHPART_ID.fullmatch(i) for i in names):
+        log.info("some IDs hold characters GraphPart or MMseqs2 would misread (spaces, '|', ':', ...): GraphPart "
+                 "is given them numbered")
+        names = [f"p{n}" for n in range(len(names))]
+    if not all(_GRAPHPART_LABEL.fullmatch(l) for l in labels):
+        number = {label: n for n, label in enumerate(dict.fromkeys(labels))}
+        labels = [f"label{number[l]}" for l in labels]
+    return names, labels
+
+
 def homology_folds(
     ids: list[str],
     sequences: list[str],
@@ -266,9 +289,10 @@ def homology_folds(
     scripts = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": os.pathsep.join([scripts, path]) if path else scripts,
            "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "10"}
+    names, texts = _graphpart_names(ids, graphpart_labels(labels, classes))
     args = {
-        "sequences": dict(zip(ids, sequences)),
-        "labels": dict(zip(ids, graphpart_labels(labels, classes))),
+        "sequences": dict(zip(names, sequences)),
+        "labels": dict(zip(names, texts)),
         "partitions": k,
         "threshold": threshold,
         "alignment_mode": aligner,
@@ -290,7 +314,11 @@ def homology_folds(
             last = "\n".join(output.tail[-8:])
             raise RuntimeError(f"GraphPart gave no partitions ({err}); its last output:\n{last}") from None
     fold_of = {ident: fold for fold, members in enumerate(parts) for ident in members}
-    folds = np.array([fold_of.get(i, -1) for i in ids], dtype=np.int64)
+    unknown = sorted(set(fold_of) - set(names))
+    if unknown:  # an ID misread on the way: its protein would look removed, its relatives in another fold
+        raise RuntimeError(f"GraphPart returned IDs it was not given ({', '.join(map(repr, unknown[:5]))}); "
+                           "the partition cannot be trusted")
+    folds = np.array([fold_of.get(name, -1) for name in names], dtype=np.int64)
     removed = int((folds < 0).sum())
     log.info("GraphPart (%s, identity %.2f): %d folds, %d of %d sequences removed, in %s",
              aligner, threshold, k, removed, len(ids), duration(time.monotonic() - start))

@@ -20,7 +20,7 @@ from embedcache.backbones import ModelLoadError, backbone_for_cache, family_of_n
 from embedcache.sequences import read_sequences, sequence_key
 from embedcache.store import EmbeddingCache
 
-from .datasets import LabeledSet, detect_kind, load_labeled, merge
+from .datasets import LabeledSet, load_labeled_files, merge
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource, require_residues
 from .figstyle import FigureContext
@@ -158,24 +158,9 @@ def fold_source(config: RunConfig) -> str:
     return source
 
 
-def read_dataset(config: RunConfig, fold_col: str | None = None) -> LabeledSet:
-    """The labelled set of ``config.data`` (several files merged), read with the config's dataset options."""
-    return _read(config, config.data, fold_col)
-
-
 def _read(config: RunConfig, paths: str | tuple[str, ...], fold_col: str | None = None) -> LabeledSet:
-    path_list = [paths] if isinstance(paths, str) else list(paths)
-    options: dict[str, Any] = dict(id_col=config.id_col, seq_col=config.seq_col, label_col=config.label_col,
-                                   class_names=config.class_names)
-    if fold_col is not None:
-        for p in path_list:
-            kind = config.kind or detect_kind(p)
-            if kind != "csv":
-                raise ValueError(f"--fold-col reads a column of a CSV/TSV; {p} is {kind} (a DeepLocPro FASTA gives "
-                                 "its folds in its headers: --folds file)")
-        options["fold_col"] = fold_col
-    sets = [load_labeled(p, config.kind, **options) for p in path_list]
-    return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
+    return load_labeled_files(paths, config.kind, fold_col, id_col=config.id_col, seq_col=config.seq_col,
+                              label_col=config.label_col, class_names=config.class_names)
 
 
 def build_heads(config: RunConfig, cache_provenance: dict | None = None) -> dict[str, Head]:

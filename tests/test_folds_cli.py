@@ -47,14 +47,6 @@ needs_mmseqs = pytest.mark.skipif(shutil.which("mmseqs") is None,
 ALPHABET = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
 
 
-@pytest.fixture(autouse=True)
-def _folds_cache(tmp_path, monkeypatch) -> Path:
-    """Every test's folds cache in its own temporary folder, never the real home's."""
-    folder = tmp_path / "folds_cache"
-    monkeypatch.setenv("HEADS_CACHE_DIR", str(folder))
-    return folder
-
-
 def families_csv(path: Path, n_families: int = 10, members: int = 3, seed: int = 0) -> Path:
     """Families of close relatives (5% mutated from a root), two classes: what GraphPart must keep together."""
     rng = np.random.default_rng(seed)
@@ -413,17 +405,17 @@ def _family_inputs(tmp_path: Path, seed: int = 0):
 
 @needs_mmseqs
 def test_the_cache_is_hit_for_the_same_content_and_missed_for_other_settings_or_sequences(tmp_path, monkeypatch,
-                                                                                          caplog, _folds_cache):
+                                                                                          caplog, folds_cache):
     calls = count_graphpart(monkeypatch)
     ids, seqs, labels = _family_inputs(tmp_path)
     first = homology_partition(ids, seqs, labels, k=3, threads=1)
-    assert len(calls) == 1 and first.cached is None and len(list(_folds_cache.glob("*.tsv"))) == 1
+    assert len(calls) == 1 and first.cached is None and len(list(folds_cache.glob("*.tsv"))) == 1
     order = np.random.default_rng(0).permutation(len(ids))  # the same content in another order
     with caplog.at_level("INFO", logger="heads.folds"):
         again = homology_partition([ids[i] for i in order], [seqs[i] for i in order], labels[order], k=3, threads=1)
     assert len(calls) == 1 and again.cached is not None
     assert np.array_equal(again.folds, first.folds[order])
-    assert any(r.getMessage().startswith(f"reusing homology folds from {_folds_cache}") and "(built on " in
+    assert any(r.getMessage().startswith(f"reusing homology folds from {folds_cache}") and "(built on " in
                r.getMessage() for r in caplog.records)
     homology_partition(ids, seqs, labels, k=3, threshold=0.5, threads=1)
     assert len(calls) == 2
@@ -434,7 +426,7 @@ def test_the_cache_is_hit_for_the_same_content_and_missed_for_other_settings_or_
     homology_partition(ids, seqs, 1 - labels, k=3, threads=1)  # other labels: GraphPart stratifies on them
     assert len(calls) == 4
     homology_partition(ids, seqs, labels, k=3, threads=1, cache=False)
-    assert len(calls) == 5 and len(list(_folds_cache.glob("*.tsv"))) == 4
+    assert len(calls) == 5 and len(list(folds_cache.glob("*.tsv"))) == 4
 
 
 @needs_mmseqs
@@ -465,11 +457,11 @@ def _fake_graphpart(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "other_key", "directory"])
 def test_a_damaged_cached_partition_is_ignored_with_a_warning_and_built_again(tmp_path, monkeypatch, caplog,
-                                                                                _folds_cache, damage):
+                                                                                folds_cache, damage):
     calls = _fake_graphpart(monkeypatch)
     ids, seqs, labels = ["a", "b", "c", "d"], ["MKV", "MKW", "MKY", "MKK"], np.array([0, 1, 0, 1])
     homology_partition(ids, seqs, labels, k=3)
-    (cached,) = _folds_cache.glob("*.tsv")
+    (cached,) = folds_cache.glob("*.tsv")
     if damage == "truncated":
         cached.write_text(cached.read_text()[:-20])
     elif damage == "garbage":
@@ -502,7 +494,7 @@ def test_a_cache_that_cannot_be_written_only_warns(tmp_path, monkeypatch, caplog
     assert any("could not store the homology folds in the cache" in r.getMessage() for r in caplog.records)
 
 
-def test_a_full_disk_while_caching_only_warns_and_leaves_no_file(tmp_path, monkeypatch, caplog, _folds_cache):
+def test_a_full_disk_while_caching_only_warns_and_leaves_no_file(tmp_path, monkeypatch, caplog, folds_cache):
     _fake_graphpart(monkeypatch)
     real_replace = os.replace
 
@@ -514,7 +506,7 @@ def test_a_full_disk_while_caching_only_warns_and_leaves_no_file(tmp_path, monke
         homology_partition(["a", "b", "c"], ["MKV", "MKW", "MKY"], np.array([0, 1, 0]), k=3)
     monkeypatch.setattr(os, "replace", real_replace)
     assert any("disk is full" in r.getMessage() for r in caplog.records)
-    assert list(_folds_cache.iterdir()) == []
+    assert list(folds_cache.iterdir()) == []
 
 
 def test_cache_folder_follows_heads_cache_dir_then_xdg_then_home(monkeypatch, tmp_path):
@@ -710,3 +702,32 @@ def test_multilabel_build_partition_and_file_record_the_software(tmp_path):
 def test_stratified_folds_need_k_distinct_sequences():
     with pytest.raises(ValueError, match=r"5 folds need at least 5 distinct sequences; there are 2"):
         stratified_folds(np.array([0, 1, 0]), ["MKV", "MKW", "MKV"], k=5)
+
+
+@needs_mmseqs
+def test_ids_graphpart_would_misread_still_keep_families_together(tmp_path):
+    frame = pd.read_csv(families_csv(tmp_path / "families.csv"))
+    # "x y" reached MMseqs2 as "x": its family's alignments went to another protein, and it landed
+    # in another fold than its relatives; "c\nd" came back as no protein at all (silently removed).
+    odd = {0: "a b", 1: "c\nd", 3: "x y", 4: "e|f", 5: "g:h", 6: "x", 7: "t\tab"}
+    ids = [odd.get(i, ident) for i, ident in enumerate(frame["id"])]
+    part = homology_folds(ids, list(frame["sequence"]), np.array([int(x[-1]) for x in frame["label"]]), k=3,
+                          threads=1)
+    assert part.removed == 0
+    for family in range(10):
+        assert len({int(part.folds[i]) for i in range(family * 3, family * 3 + 3)}) == 1, family
+
+
+def test_an_id_with_a_tab_or_newline_goes_through_the_command_and_back(tmp_path):
+    frame = pd.read_csv(families_csv(tmp_path / "families.csv"))
+    frame.loc[0, "id"] = "a\tb"
+    frame.loc[1, "id"] = "c\nd"
+    csv = tmp_path / "odd_ids.csv"
+    frame.to_csv(csv, index=False)
+    path = stratified_file(tmp_path, csv)
+    data, info = load_data(RunConfig(data=str(csv), folds=str(path), k=3))
+    assert {"a\tb", "c\nd"} <= set(data.ids) and info["n"] == 30
+
+
+def test_tests_never_use_the_real_folds_cache():
+    assert not folds_cache_dir().is_relative_to(Path.home() / ".cache")
