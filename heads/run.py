@@ -100,7 +100,8 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
     info: dict[str, Any] = {"source": source}
     if source == "file":
         if data.folds is None:
-            raise ValueError(f"{config.data} gives no folds; use --folds stratified or --folds homology")
+            raise ValueError(f"{config.data} gives no folds; use --folds stratified or --folds homology, a folds "
+                             "file (--folds FILE), or a column of the data (--fold-col COLUMN)")
         folds = data.folds
         if config.fold_col:
             info["column"] = config.fold_col
