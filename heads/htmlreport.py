@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 REPORT = "report.html"
 # Distributions whose versions a run records (importlib.metadata names).
 SOFTWARE = ("torch", "scikit-learn", "lightgbm", "numpy", "pandas", "scipy", "transformers", "peft",
-            "h5py", "matplotlib", "umap-learn")
+            "h5py", "matplotlib", "umap-learn", "graph-part", "iterative-stratification")
 # Figures of runs written before figures carried a section and caption: by file name.
 LEGACY_FIGURES = {
     "comparison": ("Comparison", "Accuracy, macro-F1 and MCC of each method; bars: 95% bootstrap intervals."),
