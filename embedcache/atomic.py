@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Iterator
@@ -85,18 +87,62 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+UNIQUE_TMP = ".tmp-"
+
+
+def unique_tmp_path_for(path: Path | str) -> Path:
+    """A temporary name for ``path`` of this process's own: ``NAME.tmp-PID-RANDOM``."""
+    target = real_path(path)
+    return target.with_name(f"{target.name}{UNIQUE_TMP}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_stale_tmps(path: Path | str) -> list[Path]:
+    """Remove the temporary files of ``path`` (:func:`unique_tmp_path_for`) left by processes no longer running.
+
+    A process killed while writing (kill -9, a power cut) leaves its temporary file; one of a
+    process still running is being written and is left alone.
+    """
+    target = real_path(path)
+    removed = []
+    with contextlib.suppress(OSError):
+        for tmp in target.parent.glob(f"{glob.escape(target.name)}{UNIQUE_TMP}*"):
+            pid = tmp.name[len(target.name) + len(UNIQUE_TMP):].split("-")[0]
+            if pid.isdigit() and not _running(int(pid)):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): running
+        return True
+    return True
+
+
 @contextlib.contextmanager
-def atomic_path(path: Path | str, keep_suffix: bool = False) -> Iterator[Path]:
+def atomic_path(path: Path | str, keep_suffix: bool = False, unique: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
 
     ``keep_suffix`` keeps the target's suffix on the temporary name, for writers that pick
     a format from it (matplotlib's ``savefig``, ``numpy.savez``). On any exception, including
     KeyboardInterrupt and SystemExit, the temporary file is removed and ``path`` is left as
     it was; a full disk is reported as :class:`DiskFullError`.
+
+    ``unique`` names the temporary file for this process alone (:func:`unique_tmp_path_for`),
+    for targets that several processes may write at once (a shared cache, one output named
+    by two commands): under the common name one writer could rename another's half-written
+    file into place. Each then replaces the target whole, the last one winning.
     """
     target = real_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(target, keep_suffix)
+    if unique and keep_suffix:
+        raise ValueError("atomic_path: unique and keep_suffix cannot be combined")
+    tmp = unique_tmp_path_for(target) if unique else tmp_path_for(target, keep_suffix)
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
@@ -114,14 +160,14 @@ def atomic_path(path: Path | str, keep_suffix: bool = False) -> Iterator[Path]:
         fsync_dir(target.parent)
 
 
-def write_bytes(path: Path | str, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def write_bytes(path: Path | str, data: bytes, unique: bool = False) -> Path:
+    with atomic_path(path, unique=unique) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def write_text(path: Path | str, text: str) -> Path:
-    return write_bytes(path, text.encode("utf-8"))
+def write_text(path: Path | str, text: str, unique: bool = False) -> Path:
+    return write_bytes(path, text.encode("utf-8"), unique=unique)
 
 
 def write_json(path: Path | str, obj, **kwargs) -> Path:

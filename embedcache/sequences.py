@@ -599,6 +599,11 @@ def load_text(path: Path | str) -> InputText:
     else:
         path = Path(path)
         name, data, suffix = str(path), _read_file(path), _format_suffix(str(path))
+    return text_of_bytes(name, data, suffix)
+
+
+def text_of_bytes(name: str, data: bytes, suffix: str = "") -> InputText:
+    """:func:`load_text` of bytes already read: for a caller that also hashes exactly what it parses."""
     data, compression = _decompress(name, data)
     for matches, problem in _REFUSED:
         if matches(data):

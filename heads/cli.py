@@ -44,6 +44,29 @@ def _fold_sources() -> tuple[str, ...]:
     return tuple(FOLD_SOURCES)
 
 
+class FoldsChoice(click.ParamType):
+    """--folds: one of the words, or the path of a folds file (a word wins over a file of that name)."""
+
+    name = "folds"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(_fold_sources()) + "|FILE]"
+
+    def convert(self, value, param, ctx):
+        value = str(value)
+        if value in _fold_sources():
+            return value
+        path = Path(value)
+        if not path.exists():
+            self.fail(f"{value!r} is neither one of {', '.join(_fold_sources())} nor an existing file"
+                      + (" (a broken symbolic link)" if path.is_symlink() else ""), param, ctx)
+        if path.is_dir():
+            self.fail(f"{value!r} is a directory, not a folds file", param, ctx)
+        if not path.is_file():
+            self.fail(f"{value!r} is not a regular file (a pipe, FIFO or device); give a folds file", param, ctx)
+        return value
+
+
 def _params(values: tuple[str, ...]) -> dict:
     """``--set attention.max_epochs=30`` -> {"attention": {"max_epochs": 30}} (values read as JSON)."""
     from .registry import HEADS
@@ -119,9 +142,16 @@ def common(func):
         click.option("--scheme", type=LazyChoice(_schemes), default="simple", show_default=True,
                      help="simple: K models; nested: K(K-1) models (DeepLocPro's), test probabilities averaged. "
                           "Nested costs K(K-1) trainings per head: 20 fine-tunings of the backbone for K=5."),
-        click.option("--folds", type=LazyChoice(_fold_sources), default="auto", show_default=True,
-                     help="The file's folds, stratified random ones, or GraphPart homology partitions."),
-        click.option("--k", type=click.IntRange(min=3), default=5, show_default=True, help="Folds to build."),
+        click.option("--folds", type=FoldsChoice(), default="auto", show_default=True,
+                     help="auto: the data file's folds, else stratified; file: the data file's; stratified: random, "
+                          "class proportions kept; homology: GraphPart partitions (reused from the folds cache when "
+                          "built before from the same proteins and settings); or FILE: a folds file written by "
+                          "`heads folds`, checked protein by protein against the data (a file named like one of "
+                          "the words needs a path: ./homology)."),
+        click.option("--fold-col", help="CSV/TSV column of --data holding each protein's fold (whole numbers; "
+                                        "negative: left out)."),
+        click.option("--k", type=click.IntRange(min=3), default=5, show_default=True,
+                     help="Folds to build (stratified, homology)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
                      help="Identity threshold for homology folds."),
@@ -436,6 +466,78 @@ def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, lab
             line += f", {other['homology']['proteins']:,} at >= {other['homology']['identity']:.0%} identity"
         click.echo(line)
     click.echo(f"report written to {out}/describe.html")
+
+
+@main.command("folds")
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The folds file to write (TSV: id, fold, sequence_key, under a header of how they were built).")
+@click.option("--method", type=click.Choice(["homology", "stratified"]), default="homology", show_default=True,
+              help="homology: GraphPart partitions, no pair across folds above --threshold identity; stratified: "
+                   "random folds, label proportions kept, identical sequences together.")
+@click.option("--k", type=click.IntRange(min=3), default=5, show_default=True, help="Folds.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="homology: identity allowed across folds.")
+@click.option("--aligner", type=click.Choice(["mmseqs2", "needle"]), default="mmseqs2", show_default=True,
+              help="homology: GraphPart's aligner (MMseqs2, or EMBOSS needleall).")
+@click.option("--seed", type=int, default=0, show_default=True, help="stratified: the random seed.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="homology: aligner threads.")
+@click.option("--no-cache", is_flag=True,
+              help="homology: build the partition again, neither reading nor storing the folds cache "
+                   "($HEADS_CACHE_DIR, else ~/.cache/heads/folds).")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False),
+              help="Log of the command, every line GraphPart and MMseqs2 print included (appended to) [OUT.log].")
+@click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]), help="Dataset format [recognised].")
+@click.option("--id-col")
+@click.option("--seq-col")
+@click.option("--label-col", default="label", show_default=True)
+@click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus.")
+@click.option("--verbose", "-v", is_flag=True, help="Also show every line GraphPart and MMseqs2 print.")
+def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache, log_file, kind, id_col, seq_col,
+              label_col, class_names, verbose) -> None:
+    """Build the folds of DATA once (several files are merged, as --data repeated does) and write them to a folds
+    file for `heads cv/compare --folds FILE`.
+
+    The file names each protein with the key of its sequence: a run checks every protein against
+    it, so folds built from other data are refused. Homology partitions are also kept in the folds
+    cache and reused by `--folds homology` on the same proteins and settings.
+    """
+    import time
+
+    _logging(verbose)
+    log_file = log_file or f"{out}.log"
+    if _same_file(Path(log_file), Path(out)):
+        raise click.UsageError("--log and --out must be different files")
+    for option, target in (("--out", out), ("--log", log_file)):
+        for source in data:
+            if _same_file(Path(target), Path(source)):
+                raise click.UsageError(f"{option} {target} is the data file {source}; writing there would destroy it")
+    # Not heads.run: building folds needs no torch.
+    from .datasets import load_labeled_files
+    from .folds import build_partition, write_folds
+    from .progress import RunLog, duration
+
+    names = _class_names(class_names)
+    start = time.monotonic()
+    user_errors = _user_errors()
+    log = logging.getLogger("heads.folds")
+    try:
+        with RunLog() as run_log:
+            run_log.attach_file(log_file)
+            dataset = load_labeled_files(data, kind, id_col=id_col, seq_col=seq_col, label_col=label_col,
+                                         class_names=names)
+            log.info("%s: %d proteins, %d classes; building %d %s folds", ", ".join(data), len(dataset),
+                     dataset.n_classes, k, method)
+            partition = build_partition(dataset.ids, dataset.sequences, dataset.labels, method, k, threshold, aligner,
+                                        seed, threads, classes=dataset.classes, cache=not no_cache,
+                                        data_name=", ".join(Path(d).name for d in data))
+            write_folds(partition, out)
+            how = f"reused from {partition.cached}" if partition.cached else "built"
+            summary = f"{out}: {partition.summary()}; {how} in {duration(time.monotonic() - start)}"
+            log.info("%s", summary)
+    except user_errors as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(summary)
 
 
 @main.command("report")

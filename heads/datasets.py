@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def read_deeplocpro(path: Path | str) -> LabeledSet:
         locations.append(fields[1])
         groups.append(fields[2])
         if len(fields) == 4:
-            if not fields[3].isdigit():
+            if not re.fullmatch(r"[0-9]+", fields[3]) or len(fields[3]) > 9:
                 raise InputError(path, f"fold {fields[3]!r} is not a whole number", f"record {number}")
             folds.append(int(fields[3]))
     if folds and len(folds) != len(records):
@@ -175,7 +176,11 @@ def read_labeled_csv(
     # One read serves records and labels, with the same decompression, decoding and delimiter.
     table = load_table(path)
     records = table_records(table, id_col, seq_col)
-    folds = _fold_column(table, path, fold_col) if fold_col is not None else None
+    folds = None
+    if fold_col is not None:
+        index = table.column_index(fold_col, "--fold-col")
+        folds = np.array([_fold_value(row[index], path, fold_col, line) for row, line in zip(table.rows, table.lines)],
+                         dtype=np.int64)
     if label_cols:
         if class_names:
             raise InputError(path, "--class-names renames the values of --label-col; with --label-cols the "
@@ -214,17 +219,17 @@ def read_labeled_csv(
                                   classes, None, folds), path, table.lines)
 
 
-def _fold_column(table: Table, path: Path, fold_col: str) -> np.ndarray:
-    """Whole numbers; a negative fold leaves the protein out."""
-    folds = []
-    for row, value in zip(table.lines, table.column(fold_col)):
-        text = value.strip()
-        try:
-            folds.append(int(text))
-        except ValueError:
-            raise InputError(path, f"fold {text!r} in column {fold_col!r} is not a whole number",
-                             f"row {row}") from None
-    return np.array(folds, dtype=np.int64)
+def _fold_value(value: str, path: Path, column: str, row: int) -> int:
+    """A fold as a whole number (negative: the protein is left out); "3.0" as spreadsheets write it is 3."""
+    text = value.strip()
+    match = re.fullmatch(r"([+-]?\d+)(?:\.0*)?", text)
+    if match is None:
+        raise InputError(path, f"fold {value!r} in column {column!r} is not a whole number (folds are 0, 1, 2, ...; "
+                               "a negative fold leaves the protein out)", f"row {row}")
+    fold = int(match.group(1))
+    if abs(fold) >= 2**31:
+        raise InputError(path, f"fold {value!r} in column {column!r} is out of range", f"row {row}")
+    return fold
 
 
 # Spellings of 0 and 1 in a label column (pandas writes booleans and floats this way).
@@ -379,6 +384,24 @@ def load_labeled(path: Path | str, kind: str | None = None, task: str = "locatio
     if kind == "csv":
         return read_labeled_csv(path, **csv_options)
     raise ValueError(f"dataset kind must be one of {DATASET_KINDS}, not {kind!r}")
+
+
+def load_labeled_files(paths: Path | str | Sequence[Path | str], kind: str | None = None, fold_col: str | None = None,
+                       task: str = "location", **csv_options) -> LabeledSet:
+    """One labelled set from one file or several (merged, as :func:`merge` does), each read alike.
+
+    ``fold_col`` names a CSV/TSV column holding each protein's fold; other formats refuse it.
+    """
+    path_list = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if fold_col is not None:
+        for path in path_list:
+            found = kind or detect_kind(path)
+            if found != "csv":
+                raise ValueError(f"--fold-col reads a column of a CSV/TSV; {path} is {found} (a DeepLocPro FASTA "
+                                 "gives its folds in its headers: --folds file)")
+        csv_options = {**csv_options, "fold_col": fold_col}
+    sets = [load_labeled(p, kind, task, **csv_options) for p in path_list]
+    return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
 
 
 def merge(sets: list[LabeledSet], name: str) -> LabeledSet:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 REPORT = "report.html"
 # Distributions whose versions a run records (importlib.metadata names).
 SOFTWARE = ("torch", "scikit-learn", "lightgbm", "numpy", "pandas", "scipy", "transformers", "peft",
-            "h5py", "matplotlib", "umap-learn")
+            "h5py", "matplotlib", "umap-learn", "graph-part", "iterative-stratification")
 # Figures of runs written before figures carried a section and caption: by file name.
 LEGACY_FIGURES = {
     "comparison": ("Comparison", "Accuracy, macro-F1 and MCC of each method; bars: 95% bootstrap intervals."),
@@ -129,7 +129,11 @@ def describe_folds(info: dict, scheme: str | None = None, n_splits: int | None =
     elif source == "stratified":
         folds = f"{k} stratified random folds" + (f" (seed {info['seed']})" if "seed" in info else "")
     elif source == "file":
-        folds = f"the file's {k} folds"
+        folds = f"the file's {k} folds" + (f" (column {info['column']})" if info.get("column") else "")
+    elif source == "folds_file":
+        how = (f"homology: GraphPart, {info.get('aligner')}, {info.get('threshold', 0):.0%} identity"
+               if info.get("method") == "homology" else f"{info.get('method')}, seed {info.get('seed')}")
+        folds = f"{k} folds from {Path(str(info.get('path'))).name} ({how})"
     else:
         folds = f"{k} folds ({source})"
     if scheme is None:

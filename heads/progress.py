@@ -177,6 +177,13 @@ class RunLog:
         self.handler.open(path, f"===== run {what} {stamp} (pid {os.getpid()}): {shlex.join(sys.argv)}")
         return path
 
+    def attach_file(self, path: Path | str) -> Path:
+        """Start writing this log to ``path`` (appended to), for a command that makes no run directory."""
+        path = Path(path)
+        stamp = time.strftime(DATEFMT, time.localtime(self.started))
+        self.handler.open(path, f"===== started {stamp} (pid {os.getpid()}): {shlex.join(sys.argv)}")
+        return path
+
     def __exit__(self, *exc) -> None:
         if self in _active:
             _active.remove(self)

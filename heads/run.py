@@ -30,11 +30,11 @@ from .combine import (
     predict_combined,
     save_stackers,
 )
-from .datasets import LabeledSet, describe_labels, load_labeled, merge, present_classes
+from .datasets import LabeledSet, describe_labels, load_labeled_files, merge, present_classes
 from .evaluate import MethodResult, cross_validate, read_reference
 from .features import FeatureSource, require_residues
 from .figstyle import FigureContext
-from .folds import homology_folds, scheme, stratified_folds
+from .folds import folds_for, homology_partition, read_folds, scheme, stratified_folds
 from .htmlreport import describe_folds, file_digests, software_versions
 from .multilabel import label_sets, set_names
 from .progress import bars_shown, with_run_log
@@ -72,7 +72,9 @@ class RunConfig:
     model: str | None = None  # finetune's ESM-2 by name; with `weights` None: the cache's own backbone
     weights: str | None = None  # finetune's ESM-2 as a local fair-esm .pt file
     lrs: tuple[float, ...] = ()  # learning-rate sweep: one finetune method per value, on the same splits
-    folds: str = "auto"  # auto (the file's, else stratified) | file | stratified | homology (GraphPart)
+    # auto (the file's, else stratified) | file | stratified | homology (GraphPart, cached by content) |
+    # the path of a folds file written by `heads folds` (a word wins over a file of that name)
+    folds: str = "auto"
     k: int = 5  # folds to build when the file has none
     seed: int = 0  # for built folds and for every head's random_state
     threshold: float = 0.3  # sequence identity allowed across homology folds
@@ -93,6 +95,7 @@ class RunConfig:
     # What DeepLoc 1.0 headers are read as: location (one per protein) | membrane (M/S; U left
     # out) | multilabel (the set of locations)
     task: str = "location"
+    fold_col: str | None = None  # CSV column of `data` holding each protein's fold (negative: left out)
     n_boot: int = 1000  # bootstrap resamples for intervals and paired tests
     # CPU threads of every head that has a setting for them (attention, finetune, LightGBM);
     # None: a resumed run's own count, else the cores free at the start. config.json records the
@@ -110,24 +113,34 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
     With ``test_data``, its proteins form one more fold, the only one used for testing;
     training proteins whose sequence also occurs in it are dropped first.
     """
-    data = _read(config, config.data)
-    source = config.folds
-    if source not in FOLD_SOURCES:
-        raise ValueError(f"folds must be one of {FOLD_SOURCES}, not {source!r}")
+    source = fold_source(config)
+    data = _read(config, config.data, config.fold_col)
     if source == "auto":
         source = "file" if data.folds is not None else "stratified"
     info: dict[str, Any] = {"source": source}
     if source == "file":
         if data.folds is None:
-            raise ValueError(f"{config.data} gives no folds; use --folds stratified or --folds homology")
+            raise ValueError(f"{config.data} gives no folds; use --folds stratified or --folds homology, a folds "
+                             "file (--folds FILE), or a column of the data (--fold-col COLUMN)")
         folds = data.folds
+        if config.fold_col:
+            info["column"] = config.fold_col
     elif source == "stratified":
         folds = stratified_folds(data.labels, data.sequences, config.k, config.seed)
         info.update(k=config.k, seed=config.seed)
-    else:
-        part = homology_folds(data.ids, data.sequences, data.labels, config.k, config.threshold, config.aligner)
+    elif source == "homology":
+        names = [config.data] if isinstance(config.data, str) else list(config.data)
+        part = homology_partition(data.ids, data.sequences, data.labels, config.k, config.threshold, config.aligner,
+                                  classes=data.classes, data_name=", ".join(Path(n).name for n in names))
         folds = part.folds
         info.update(k=config.k, threshold=config.threshold, aligner=config.aligner, removed=part.removed)
+        if part.cached:
+            info.update(cached=part.cached, built=part.built)
+    else:
+        table = read_folds(config.folds)
+        folds, unused = folds_for(table, data.ids, data.sequences)
+        info.update(table.info(), removed=int((folds < 0).sum()), proteins_not_in_data=len(unused))
+        info["source"] = "folds_file"
     data = data.with_folds(folds)
     if config.test_data:
         test = _read(config, config.test_data)
@@ -151,14 +164,27 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
     return data, info
 
 
-def _read(config: RunConfig, paths: str | tuple[str, ...]) -> LabeledSet:
-    path_list = [paths] if isinstance(paths, str) else list(paths)
+def fold_source(config: RunConfig) -> str:
+    """The config's folds as one of FOLD_SOURCES, or "folds_file" for the path of a folds file."""
+    source = config.folds
+    if source not in FOLD_SOURCES:
+        path = Path(source)
+        if not path.exists() and not path.is_symlink():
+            raise ValueError(f"folds must be one of {', '.join(FOLD_SOURCES)} or a folds file (heads folds); "
+                             f"{source!r} is neither")
+        source = "folds_file"
+    if config.fold_col and source not in ("auto", "file"):
+        raise ValueError(f"--fold-col {config.fold_col} gives the folds, and --folds {config.folds} asks for other "
+                         "ones; give one of them")
+    return source
+
+
+def _read(config: RunConfig, paths: str | tuple[str, ...], fold_col: str | None = None) -> LabeledSet:
     csv_options: dict[str, Any] = {"id_col": config.id_col, "seq_col": config.seq_col, "label_col": config.label_col,
                                    "class_names": config.class_names}
     if config.label_cols:
         csv_options["label_cols"] = tuple(config.label_cols)
-    sets = [load_labeled(p, config.kind, config.task, **csv_options) for p in path_list]
-    return sets[0] if len(sets) == 1 else merge(sets, "+".join(s.name for s in sets))
+    return load_labeled_files(paths, config.kind, fold_col, config.task, **csv_options)
 
 
 def build_heads(config: RunConfig, cache_provenance: dict | None = None) -> dict[str, Head]:
@@ -235,11 +261,12 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
         layer = cache_info["layers"][-1] if config.layer is None else config.layer
         identity = backbone_identity(prov, layer) if cache is not None else None
         methods = {name: _method_identity(head) for name, head in heads.items()}
-        fingerprint = run_fingerprint(_fingerprint_settings(config), identity, methods, data)
+        fingerprint = run_fingerprint(_fingerprint_settings(config, fold_info), identity, methods, data)
         if previous is not None and previous[0] != config.threads and previous[1] != fingerprint:
-            _refuse_other_threads(config, heads, identity, data, out, previous)
+            _refuse_other_threads(config, heads, identity, data, out, previous, fold_info)
+        folds_file = fold_info.get("path") if fold_info["source"] == "folds_file" else None
         inputs = [*([config.data] if isinstance(config.data, str) else config.data), config.test_data,
-                  config.cache, config.reference, config.weights]
+                  config.cache, config.reference, config.weights, folds_file]
         run_dir = stack.enter_context(RunDirectory(out, fingerprint, overwrite, inputs))
 
         notes = [
@@ -268,7 +295,8 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
             "fingerprint": fingerprint,
             "threads_chosen": threads_source,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "data_files": file_digests(asdict(config)),
+            "data_files": file_digests(asdict(config)) + (
+                [{"role": "folds", "path": folds_file, "sha256": fold_info["sha256"]}] if folds_file else []),
             "software": software_versions(),
             "command": list(command) if command else None,
         }
@@ -321,22 +349,26 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
 DISPLAY_ONLY = ("reference_name", "figures")
 
 
-def _fingerprint_settings(config: RunConfig) -> dict:
+def _fingerprint_settings(config: RunConfig, fold_info: dict | None = None) -> dict:
     """The config without the paths of inputs the fingerprint covers by content, and without display settings.
 
     The thread count enters through the methods instead, and only for heads whose numbers depend
     on it (attention, finetune): logistic regression runs on one BLAS thread and LightGBM's
-    trees do not change with it, so a run of those resumes with any count. Settings added
-    after runs were first made count only when set, so that an earlier run keeps its
-    fingerprint and resumes.
+    trees do not change with it, so a run of those resumes with any count. A folds file enters
+    by the sha256 of its bytes (its folds also by the proteins' folds), not by its path.
+    Settings added after runs were first made count only when set, so that an earlier run
+    keeps its fingerprint and resumes.
     """
-    return {k: v for k, v in asdict(config).items()
-            if k not in ("data", "test_data", "cache", "threads", *DISPLAY_ONLY)
-            and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("data", "test_data", "cache", "threads", *DISPLAY_ONLY)
+                and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
+    if fold_info and fold_info.get("source") == "folds_file":
+        settings["folds"] = f"folds file sha256 {fold_info['sha256']}"
+    return settings
 
 
 # Settings added after the first runs, with the value that means "as before".
-LATER_SETTINGS: dict[str, Any] = {"label_cols": None, "task": "location", "ensemble": None}
+LATER_SETTINGS: dict[str, Any] = {"label_cols": None, "task": "location", "ensemble": None, "fold_col": None}
 
 
 def _resolve_threads(config: RunConfig, out: Path, overwrite: bool) -> tuple[RunConfig, str, tuple | None]:
@@ -364,7 +396,7 @@ def _resolve_threads(config: RunConfig, out: Path, overwrite: bool) -> tuple[Run
 
 
 def _refuse_other_threads(config: RunConfig, heads: dict[str, Head], identity: dict | None, data: LabeledSet,
-                          out: Path, previous: tuple[int, str]) -> None:
+                          out: Path, previous: tuple[int, str], fold_info: dict) -> None:
     """Out holds this very run, started with another thread count that changes its numbers: say so."""
     threads, fingerprint = previous
     methods, depends = {}, []
@@ -376,7 +408,7 @@ def _refuse_other_threads(config: RunConfig, heads: dict[str, Head], identity: d
             method = {**method, param: threads}
             depends.append(name)
         methods[name] = method
-    if run_fingerprint(_fingerprint_settings(config), identity, methods, data) == fingerprint:
+    if run_fingerprint(_fingerprint_settings(config, fold_info), identity, methods, data) == fingerprint:
         raise RunDirectoryError(
             f"{out} holds this run, started with {threads} threads; the numbers of {', '.join(depends)} depend on "
             f"the thread count, so it resumes only with --threads {threads} (or without --threads). "

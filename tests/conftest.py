@@ -32,6 +32,14 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def folds_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test's homology-folds cache in a folder of its own, never the real home's (subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("folds_cache")
+    monkeypatch.setenv("HEADS_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A tiny ESM-2 saved in fair-esm's checkpoint format (no contact-regression file beside it)."""
