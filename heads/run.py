@@ -305,7 +305,7 @@ def run_comparison(config: RunConfig, out: Path | str, title: str | None = None,
 DISPLAY_ONLY = ("reference_name", "figures")
 
 
-def _fingerprint_settings(config: RunConfig, fold_info: dict) -> dict:
+def _fingerprint_settings(config: RunConfig, fold_info: dict | None = None) -> dict:
     """The config without the paths of inputs the fingerprint covers by content, and without display settings.
 
     The thread count enters through the methods instead, and only for heads whose numbers depend
@@ -315,7 +315,7 @@ def _fingerprint_settings(config: RunConfig, fold_info: dict) -> dict:
     """
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("data", "test_data", "cache", "threads", *DISPLAY_ONLY)}
-    if fold_info.get("source") == "folds_file":
+    if fold_info is not None and fold_info.get("source") == "folds_file":
         settings["folds"] = f"folds file sha256 {fold_info['sha256']}"
     if settings.get("fold_col") is None:  # absent, as in runs made before the option: they still resume
         settings.pop("fold_col", None)
