@@ -492,9 +492,12 @@ def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, lab
 @click.option("--seq-col")
 @click.option("--label-col", default="label", show_default=True)
 @click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus.")
+@click.option("--label-cols", callback=_label_cols, help="Multi-label CSV: the 0/1 columns (A,B,C) or 'auto'.")
+@click.option("--task", type=click.Choice(["location", "membrane", "multilabel"]), default="location",
+              show_default=True, help="DeepLoc 1.0 headers as the location, membrane/soluble, or the location set.")
 @click.option("--verbose", "-v", is_flag=True, help="Also show every line GraphPart and MMseqs2 print.")
 def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache, log_file, kind, id_col, seq_col,
-              label_col, class_names, verbose) -> None:
+              label_col, class_names, label_cols, task, verbose) -> None:
     """Build the folds of DATA once (several files are merged, as --data repeated does) and write them to a folds
     file for `heads cv/compare --folds FILE`.
 
@@ -513,7 +516,7 @@ def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache,
             if _same_file(Path(target), Path(source)):
                 raise click.UsageError(f"{option} {target} is the data file {source}; writing there would destroy it")
     # Not heads.run: building folds needs no torch.
-    from .datasets import load_labeled_files
+    from .datasets import describe_labels, load_labeled_files
     from .folds import build_partition, write_folds
     from .progress import RunLog, duration
 
@@ -524,10 +527,11 @@ def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache,
     try:
         with RunLog() as run_log:
             run_log.attach_file(log_file)
-            dataset = load_labeled_files(data, kind, id_col=id_col, seq_col=seq_col, label_col=label_col,
-                                         class_names=names)
-            log.info("%s: %d proteins, %d classes; building %d %s folds", ", ".join(data), len(dataset),
-                     dataset.n_classes, k, method)
+            options = {"label_cols": label_cols} if label_cols else {}
+            dataset = load_labeled_files(data, kind, None, task, id_col=id_col, seq_col=seq_col, label_col=label_col,
+                                         class_names=names, **options)
+            log.info("%s: %d proteins, %s; building %d %s folds", ", ".join(data), len(dataset),
+                     describe_labels(dataset), k, method)
             partition = build_partition(dataset.ids, dataset.sequences, dataset.labels, method, k, threshold, aligner,
                                         seed, threads, classes=dataset.classes, cache=not no_cache,
                                         data_name=", ".join(Path(d).name for d in data))
