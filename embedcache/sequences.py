@@ -291,7 +291,10 @@ class _PositionalReader(io.RawIOBase):
 _CHUNK = 1 << 18
 
 
-def _read_file(path: Path) -> bytes:
+def read_file_bytes(path: Path, what: str = "a FASTA or CSV/TSV file", regular_only: bool = False) -> bytes:
+    """The bytes of ``path``, or an InputError naming it: missing (or a broken link), unreadable,
+    a directory, or with ``regular_only`` anything but a regular file (opening a FIFO would wait
+    for a writer for ever)."""
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -301,7 +304,9 @@ def _read_file(path: Path) -> bytes:
     except OSError as err:
         raise InputError(path, f"cannot be read: {err.strerror or err}") from None
     if stat.S_ISDIR(info.st_mode):
-        raise InputError(path, "is a directory; give a FASTA or CSV/TSV file")
+        raise InputError(path, f"is a directory; give {what}")
+    if regular_only and not stat.S_ISREG(info.st_mode):
+        raise InputError(path, f"is not a regular file (a pipe, FIFO or device); give {what}")
     try:
         with open(path, "rb") as handle:
             return handle.read()
@@ -598,7 +603,7 @@ def load_text(path: Path | str) -> InputText:
         name, data, suffix = STDIN_NAME, _stdin_bytes(), ""
     else:
         path = Path(path)
-        name, data, suffix = str(path), _read_file(path), _format_suffix(str(path))
+        name, data, suffix = str(path), read_file_bytes(path), _format_suffix(str(path))
     return text_of_bytes(name, data, suffix)
 
 

@@ -546,7 +546,29 @@ def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, 
     return centre - half, centre + half
 
 
-def length_figure(folder: Path, context: FigureContext, data: LabeledSet, results: list[MethodResult]) -> Figure:
+def _mean_interval(values: np.ndarray, which: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:
+    """Per bin: mean and 95% normal-approximation interval (mean ± 1.96 standard errors, within 0-1)."""
+    n = np.bincount(which, minlength=n_bins)
+    total = np.bincount(which, weights=values, minlength=n_bins)
+    squares = np.bincount(which, weights=values**2, minlength=n_bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        var = np.where(n > 1, (squares - n * mean**2) / np.maximum(n - 1, 1), 0.0)
+        half = 1.96 * np.sqrt(np.clip(var, 0, None) / np.maximum(n, 1))
+    return mean, np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)
+
+
+def _wilson_interval(right: np.ndarray, which: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:
+    """Per bin: the share right and its 95% Wilson score interval."""
+    n = np.bincount(which, minlength=n_bins)
+    hits = np.bincount(which, weights=right, minlength=n_bins)
+    lo, hi = _wilson(hits, n)
+    return np.where(n > 0, hits / np.maximum(n, 1), np.nan), lo, hi
+
+
+def _by_length(folder: Path, context: FigureContext, data: LabeledSet, results: list[MethodResult],
+               per_protein, interval, ylabel: str, title: str, stem: str, caption: str) -> Figure:
+    """One line per method: ``per_protein(result, mask)`` summarised by ``interval`` in each length bin."""
     plt = pyplot()
     lengths = np.array([len(s) for s in data.sequences])
     edges = length_bins(lengths)
@@ -556,51 +578,7 @@ def length_figure(folder: Path, context: FigureContext, data: LabeledSet, result
     offset = 0.6 / max(1, len(results))
     for k, r in enumerate(results):
         mask = r.predicted()
-        right = (r.proba[mask].argmax(1) == data.labels[mask]).astype(float)
-        n = np.bincount(which[mask], minlength=n_bins)
-        hits = np.bincount(which[mask], weights=right, minlength=n_bins)
-        acc = np.where(n > 0, hits / np.maximum(n, 1), np.nan)
-        lo, hi = _wilson(hits, n)
-        x = np.arange(n_bins) - 0.3 + offset * (k + 0.5)
-        ax.errorbar(x, acc, yerr=[np.clip(acc - lo, 0, None), np.clip(hi - acc, 0, None)], fmt="o-",
-                    color=colour(k), ms=4, lw=1.1, capsize=2, label=context.method_title(r.name))
-    counts = np.bincount(which, minlength=n_bins)
-    ticks = [f"{edges[i]}–{edges[i + 1] - 1}\n(n={counts[i]:,})" for i in range(n_bins)]
-    ax.set_xticks(range(n_bins), ticks)
-    ax.set_xlabel("sequence length (residues), bins at length quantiles")
-    ax.set_ylabel("accuracy (bars: 95% Wilson interval)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="method")
-    fig.tight_layout()
-    _title(fig, "Accuracy by sequence length", context)
-    caption = ("Share of proteins predicted correctly in each sequence-length bin (bins at length quantiles; n "
-               "proteins per bin), with 95% Wilson score intervals.")
-    return _save(fig, folder, "accuracy_by_length", "Sequence length", caption)
-
-
-def jaccard_length_figure(folder: Path, context: FigureContext, data: LabeledSet,
-                          results: list[MethodResult]) -> Figure:
-    """Multi-label: the mean per-protein Jaccard index in each sequence-length bin, per method."""
-    from .metrics import per_protein_jaccard
-
-    plt = pyplot()
-    lengths = np.array([len(s) for s in data.sequences])
-    edges = length_bins(lengths)
-    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
-    n_bins = len(edges) - 1
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n_bins + 2.5), 3.6))
-    offset = 0.6 / max(1, len(results))
-    for k, r in enumerate(results):
-        mask = r.predicted()
-        jac = per_protein_jaccard(data.labels[mask], r.sets()[mask])
-        n = np.bincount(which[mask], minlength=n_bins)
-        total = np.bincount(which[mask], weights=jac, minlength=n_bins)
-        squares = np.bincount(which[mask], weights=jac**2, minlength=n_bins)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
-            var = np.where(n > 1, (squares - n * mean**2) / np.maximum(n - 1, 1), 0.0)
-            half = 1.96 * np.sqrt(np.clip(var, 0, None) / np.maximum(n, 1))
-        lo, hi = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)
+        mean, lo, hi = interval(per_protein(r, mask).astype(float), which[mask], n_bins)
         x = np.arange(n_bins) - 0.3 + offset * (k + 0.5)
         ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-",
                     color=colour(k), ms=4, lw=1.1, capsize=2, label=context.method_title(r.name))
@@ -608,15 +586,34 @@ def jaccard_length_figure(folder: Path, context: FigureContext, data: LabeledSet
     ticks = [f"{edges[i]}–{edges[i + 1] - 1}\n(n={counts[i]:,})" for i in range(n_bins)]
     ax.set_xticks(range(n_bins), ticks)
     ax.set_xlabel("sequence length (residues), bins at length quantiles")
-    ax.set_ylabel("mean Jaccard index (bars: 95% interval)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="method")
     fig.tight_layout()
-    _title(fig, "Per-protein Jaccard index by sequence length", context)
-    caption = ("Mean per-protein Jaccard index (|predicted ∩ true| / |predicted ∪ true| of the label sets) in each "
-               "sequence-length bin (bins at length quantiles; n proteins per bin), with 95% normal-approximation "
-               "intervals (mean ± 1.96 standard errors, clipped to 0-1).")
-    return _save(fig, folder, "jaccard_by_length", "Sequence length", caption)
+    _title(fig, title, context)
+    return _save(fig, folder, stem, "Sequence length", caption)
+
+
+def length_figure(folder: Path, context: FigureContext, data: LabeledSet, results: list[MethodResult]) -> Figure:
+    return _by_length(
+        folder, context, data, results, lambda r, mask: r.proba[mask].argmax(1) == data.labels[mask],
+        _wilson_interval, "accuracy (bars: 95% Wilson interval)", "Accuracy by sequence length", "accuracy_by_length",
+        "Share of proteins predicted correctly in each sequence-length bin (bins at length quantiles; n proteins per "
+        "bin), with 95% Wilson score intervals.")
+
+
+def jaccard_length_figure(folder: Path, context: FigureContext, data: LabeledSet,
+                          results: list[MethodResult]) -> Figure:
+    """Multi-label: the mean per-protein Jaccard index in each sequence-length bin, per method."""
+    from .metrics import per_protein_jaccard
+
+    return _by_length(
+        folder, context, data, results, lambda r, mask: per_protein_jaccard(data.labels[mask], r.sets()[mask]),
+        _mean_interval, "mean Jaccard index (bars: 95% interval)", "Per-protein Jaccard index by sequence length",
+        "jaccard_by_length",
+        "Mean per-protein Jaccard index (|predicted ∩ true| / |predicted ∪ true| of the label sets) in each "
+        "sequence-length bin (bins at length quantiles; n proteins per bin), with 95% normal-approximation "
+        "intervals (mean ± 1.96 standard errors, clipped to 0-1).")
 
 
 # ---------------------------------------------------------------- 7. embedding map

@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from embedcache.atomic import DiskFullError, atomic_path, remove_stale_tmps
-from embedcache.sequences import InputError, sequence_key, text_of_bytes
+from embedcache.sequences import InputError, read_file_bytes, sequence_key, text_of_bytes
 
 from .progress import HEARTBEAT_SECONDS, TOOL_LOGGER, ToolOutput, duration, run_tool
 
@@ -503,26 +502,7 @@ def write_folds(partition: Partition, path: Path | str) -> Path:
 
 
 def _read_regular(path: Path) -> bytes:
-    """The bytes of a regular file; a FIFO, device or directory is refused before it is opened
-    (opening a FIFO would wait for a writer for ever)."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise InputError(path, f"file not found (broken symbolic link to {os.readlink(path)})") from None
-        raise InputError(path, "file not found") from None
-    except OSError as err:
-        raise InputError(path, f"cannot be read: {err.strerror or err}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise InputError(path, "is a directory, not a folds file")
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(path, "is not a regular file (a pipe, FIFO or device); give a folds file written by "
-                               "heads folds")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as err:
-        raise InputError(path, f"cannot be read: {err.strerror or err}") from None
+    return read_file_bytes(path, "a folds file written by heads folds", regular_only=True)
 
 
 def read_folds(path: Path | str) -> FoldsFile:
