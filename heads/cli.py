@@ -109,6 +109,27 @@ def _label_cols(ctx, param, value: str | None) -> tuple[str, ...] | None:
     return cols
 
 
+def dataset_options(func):
+    """How a labelled file is read: the same options for cv/compare, describe and folds."""
+    options = [
+        click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]),
+                     help="Dataset format [recognised]."),
+        click.option("--id-col"), click.option("--seq-col"),
+        click.option("--label-col", default="label", show_default=True),
+        click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus."),
+        click.option("--label-cols", callback=_label_cols,
+                     help="Multi-label CSV: the 0/1 columns, one per label (A,B,C), or 'auto' (every 0/1 column). "
+                          "Each label gets a probability and a threshold chosen on the validation fold."),
+        click.option("--task", type=click.Choice(["location", "membrane", "multilabel"]), default="location",
+                     show_default=True,
+                     help="DeepLoc 1.0 headers as: the location, membrane-bound or soluble (proteins marked U left "
+                          "out), or the set of locations (multi-label)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 ARGV = "heads.argv"  # click's context meta key for the command line
 
 
@@ -161,18 +182,6 @@ def common(func):
                      help="Folder of model_{test}_{val}.csv probabilities of another tool."),
         click.option("--reference-name",
                      help="The reference tool's name in figures and tables, e.g. DeepLocPro [reference]."),
-        click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]),
-                     help="Dataset format [recognised]."),
-        click.option("--id-col"), click.option("--seq-col"),
-        click.option("--label-col", default="label", show_default=True),
-        click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus."),
-        click.option("--label-cols", callback=_label_cols,
-                     help="Multi-label CSV: the 0/1 columns, one per label (A,B,C), or 'auto' (every 0/1 column). "
-                          "Each label gets a probability and a threshold chosen on the validation fold."),
-        click.option("--task", type=click.Choice(["location", "membrane", "multilabel"]), default="location",
-                     show_default=True,
-                     help="DeepLoc 1.0 headers as: the location, membrane-bound or soluble (proteins marked U left "
-                          "out), or the set of locations (multi-label)."),
         click.option("--set", "settings", multiple=True,
                      help="Head parameter, e.g. attention.max_epochs=30 or finetune.mode=lora (repeatable)."),
         click.option("--model", help="finetune: a model name as `embedcache models` lists it [the backbone that built "
@@ -199,7 +208,7 @@ def common(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return dataset_options(func)
 
 
 def _logging(verbose: bool) -> None:
@@ -421,14 +430,7 @@ def explain_cmd(run_dir, ident, attention, cache, sequences, id_col, seq_col, he
               help="Another set (e.g. a benchmark): proteins both share, identical and by MMseqs2 identity.")
 @click.option("--identity", type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help="--against: identity over the shorter sequence counted as overlap.")
-@click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]), help="Dataset format [recognised].")
-@click.option("--id-col")
-@click.option("--seq-col")
-@click.option("--label-col", default="label", show_default=True)
-@click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus.")
-@click.option("--label-cols", callback=_label_cols, help="Multi-label CSV: the 0/1 columns (A,B,C) or 'auto'.")
-@click.option("--task", type=click.Choice(["location", "membrane", "multilabel"]), default="location",
-              show_default=True, help="DeepLoc 1.0 headers as the location, membrane/soluble, or the location set.")
+@dataset_options
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="MMseqs2 threads.")
 @click.option("--verbose", "-v", is_flag=True)
 def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, label_col, class_names, label_cols,
@@ -487,14 +489,7 @@ def describe_cmd(data, out, cache, against, identity, kind, id_col, seq_col, lab
                    "($HEADS_CACHE_DIR, else ~/.cache/heads/folds).")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False),
               help="Log of the command, every line GraphPart and MMseqs2 print included (appended to) [OUT.log].")
-@click.option("--kind", type=click.Choice(["deeplocpro", "deeploc1", "csv"]), help="Dataset format [recognised].")
-@click.option("--id-col")
-@click.option("--seq-col")
-@click.option("--label-col", default="label", show_default=True)
-@click.option("--class-names", help="CSV label values to names: 0=Cytoplasm,1=Nucleus.")
-@click.option("--label-cols", callback=_label_cols, help="Multi-label CSV: the 0/1 columns (A,B,C) or 'auto'.")
-@click.option("--task", type=click.Choice(["location", "membrane", "multilabel"]), default="location",
-              show_default=True, help="DeepLoc 1.0 headers as the location, membrane/soluble, or the location set.")
+@dataset_options
 @click.option("--verbose", "-v", is_flag=True, help="Also show every line GraphPart and MMseqs2 print.")
 def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache, log_file, kind, id_col, seq_col,
               label_col, class_names, label_cols, task, verbose) -> None:
