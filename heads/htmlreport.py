@@ -303,18 +303,8 @@ def _paired(tests: dict, name) -> str:
             "only second right": int(mc["only_b_right"]),
             "McNemar p": _p(mc["p_value"]),
         })
-    # The pairs against the best method come first; pairs asked for besides (the ensemble against
-    # each of its members) follow.
-    firsts = [key.partition(" vs ")[0] for key in tests]
-    baseline = against[0] if against else "the baseline"
-    extra = [a for a, b in zip(firsts, against) if b != baseline]
-    which = f"Each method against {htmlpage.escape(baseline)}"
-    if extra and set(extra) == {"ensemble"}:
-        which += ", and the ensemble against each of its members"
-    elif extra:
-        which = "Each pair"
     return (htmlpage.table(pd.DataFrame(rows))
-            + f"<p>{which}, on the proteins both predicted. Δ: first minus "
+            + f"<p>{_which_pairs(tests, against)}, on the proteins both predicted. Δ: first minus "
               "second; for macro-F1 with a paired bootstrap 95% interval and two-sided p (accuracy's are in "
               "metrics.json). McNemar's exact test on the proteins exactly one of the two gets right.</p>")
 
@@ -336,13 +326,26 @@ def _paired_multilabel(tests: dict, name) -> str:
             "second better": int(sign["b_better"]),
             "sign test p": _p(sign["p_value"]),
         })
-    baseline = against[0] if len(set(against)) == 1 else "the baseline"
     return (htmlpage.table(pd.DataFrame(rows))
-            + f"<p>Each method against {htmlpage.escape(baseline)}, on the proteins both predicted. Δ: first minus "
+            + f"<p>{_which_pairs(tests, against)}, on the proteins both predicted. Δ: first minus "
               "second, with a paired bootstrap 95% interval and two-sided p (the same resampled proteins for "
               "both methods). Jaccard: the mean of the per-protein Jaccard index. First/second better: proteins "
               "whose predicted set has the higher Jaccard index under that method; the exact sign test asks "
               "whether those split 50/50 (multi-label sets can be partly right, so there is no McNemar test).</p>")
+
+
+def _which_pairs(tests: dict, against: list[str]) -> str:
+    """What the paired tests compare: every method against the best one (first), then pairs
+    asked for besides (the ensemble against each of its members)."""
+    firsts = [key.partition(" vs ")[0] for key in tests]
+    baseline = against[0] if against else "the baseline"
+    extra = [a for a, b in zip(firsts, against) if b != baseline]
+    which = f"Each method against {htmlpage.escape(baseline)}"
+    if extra and set(extra) == {"ensemble"}:
+        which += ", and the ensemble against each of its members"
+    elif extra:
+        which = "Each pair"
+    return which
 
 
 def _signed_interval(d: dict) -> str:
