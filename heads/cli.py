@@ -326,7 +326,10 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
                 finished = open_finished(run_dir)
                 write_attention(attention_out, proteins_of(result, finished), finished)
             with atomic_path(out) as tmp:
-                frame.to_csv(tmp, sep="\t", index=False, float_format="%.5f")
+                # Multi-label: every digit, so that a row's set is exactly the labels whose p_ reaches
+                # its threshold_ (rounded, a probability just below its threshold prints equal to it).
+                frame.to_csv(tmp, sep="\t", index=False,
+                             float_format=None if frame.attrs.get("multilabel") else "%.5f")
     except user_errors as err:
         raise click.ClickException(str(err)) from None
     seen = int(frame["in_training_data"].sum())

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from .datasets import LabeledSet
-from .evaluate import MethodResult
+from .evaluate import MethodResult, scored_rows
 from .figstyle import Figure, FigureContext, colour, pyplot, save_figure
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def draw_run(folder: Path, context: FigureContext, data: LabeledSet, results: li
     folder.mkdir(parents=True, exist_ok=True)
     if data.multilabel:
         return _draw_multilabel(folder, context, data, results, metrics, features)
-    figures = [comparison_figure(folder, context, data, metrics)]
+    figures = [comparison_figure(folder, context, _scored(data, results), metrics)]
     figures += [confusion_figure(folder, context, data, name, metrics[name]) for name in metrics]
     figures.append(per_class_figure(folder, context, data, metrics))
     if data.groups is not None and all("per_group" in m for m in metrics.values()):
@@ -85,7 +85,8 @@ def draw_run(folder: Path, context: FigureContext, data: LabeledSet, results: li
 
 def _draw_multilabel(folder: Path, context: FigureContext, data: LabeledSet, results: list[MethodResult],
                      metrics: dict[str, dict], features: np.ndarray | None) -> list[Figure]:
-    figures = [comparison_figure(folder, context, data, metrics), per_class_figure(folder, context, data, metrics)]
+    figures = [comparison_figure(folder, context, _scored(data, results), metrics),
+               per_class_figure(folder, context, data, metrics)]
     if data.groups is not None and all("per_group" in m for m in metrics.values()):
         figures.append(per_group_figure(folder, context, metrics, MULTILABEL_TITLES))
     figures += label_curve_figures(folder, context, data, results)
@@ -97,6 +98,11 @@ def _draw_multilabel(folder: Path, context: FigureContext, data: LabeledSet, res
 
 
 # ---------------------------------------------------------------- shared pieces
+
+def _scored(data: LabeledSet, results: list[MethodResult]) -> LabeledSet:
+    """The proteins some method predicted: what the baselines' lines are scored on, as the methods are."""
+    return data.subset(np.flatnonzero(scored_rows(results, len(data))))
+
 
 def _title(fig, what: str, context: FigureContext) -> None:
     """``what`` in bold above the run's subtitle, both wrapped to the figure's width (the subtitle at " · ")."""

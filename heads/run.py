@@ -597,13 +597,8 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
         predicted = [set_names(row, classes) for row in label_sets(proba, thresholds)]
     else:
         predicted = [classes[k] for k in proba.argmax(1)]
-    frame = pd.DataFrame({"id": ids, "prediction": predicted, "in_training_data": [k in training for k in keys]})
-    for k, c in enumerate(classes):
-        frame[f"p_{c}"] = proba[:, k]
-    if multilabel:
-        for k, c in enumerate(classes):
-            frame[f"threshold_{c}"] = thresholds[k]
-    frame.attrs["multilabel"] = multilabel
+    frame = prediction_frame(ids, predicted, [k in training for k in keys], classes, proba,
+                             np.broadcast_to(thresholds, proba.shape) if multilabel else None)
     frame.attrs["head"] = head
     frame.attrs["models"] = len(entries)
     frame.attrs["cache"] = None if cache_path is None else str(cache_path)
@@ -654,18 +649,28 @@ def _combined_ensemble(finished: FinishedRun, cache_path: Path | str | None, **o
         predicted = [set_names(row, classes) for row in label_sets(proba, thresholds)]
     else:
         predicted = [classes[k] for k in np.nan_to_num(proba, nan=0.0).argmax(1)]
-    frame = pd.DataFrame({"id": ids, "prediction": predicted,
-                          "in_training_data": first.frame["in_training_data"].to_numpy()[keep]})
-    for k, c in enumerate(classes):
-        frame[f"p_{c}"] = proba[:, k]
-    if thresholds is not None:
-        for k, c in enumerate(classes):
-            frame[f"threshold_{c}"] = thresholds[:, k]
+    frame = prediction_frame(ids, predicted, first.frame["in_training_data"].to_numpy()[keep], classes, proba,
+                             thresholds)
     n_models = sum(p.n_models for p in parts.values()) + n_stackers
     frame.attrs.update(head=ENSEMBLE, models=n_models, cache=first.frame.attrs.get("cache"),
                        what=f"{record['kind']} ensemble of {', '.join(record['members'])} ({n_models} models"
                             f"{', stackers included' if n_stackers else ''})")
     return Ensemble(frame, [first.sequences[k] for k in keep], ENSEMBLE, n_models)
+
+
+def prediction_frame(ids: list[str], predicted: list[str], in_training, classes: list[str], proba: np.ndarray,
+                     thresholds: np.ndarray | None) -> pd.DataFrame:
+    """predict's table: id, prediction, in_training_data, p_CLASS per class and (multi-label)
+    threshold_LABEL per label; ``attrs["multilabel"]`` says which."""
+    columns: dict[str, Any] = {"id": ids, "prediction": predicted, "in_training_data": list(in_training)}
+    columns.update({f"p_{c}": proba[:, k] for k, c in enumerate(classes)})
+    if thresholds is not None:
+        columns.update({f"threshold_{c}": thresholds[:, k] for k, c in enumerate(classes)})
+    # One frame from all columns at once: a column added at a time fragments it (pandas warns
+    # past 100 columns, which a run of 50 labels reaches).
+    frame = pd.DataFrame(columns)
+    frame.attrs["multilabel"] = thresholds is not None
+    return frame
 
 
 def _check_ids(wanted: list[str], known: set[str], source) -> None:
