@@ -115,6 +115,15 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
     """
     source = fold_source(config)
     data = _read(config, config.data, config.fold_col)
+    present = present_classes(data)
+    if not data.multilabel and len(present) < 2:
+        # Refused here, by name, before folds are built (homology folds take minutes); a head
+        # would refuse it later naming only the class's index.
+        how = (" (--task membrane: M is Membrane, S Soluble; proteins marked U are left out)"
+               if config.task == "membrane" else "")
+        names = config.data if isinstance(config.data, str) else " + ".join(config.data)
+        raise ValueError(f"{names}: every protein is {present[0] if present else 'unlabelled'}{how}; a "
+                         "classifier needs at least two classes")
     if source == "auto":
         source = "file" if data.folds is not None else "stratified"
     info: dict[str, Any] = {"source": source}
