@@ -209,3 +209,22 @@ def test_a_membrane_set_of_one_class_is_refused_by_name_before_folds_are_built(t
     monkeypatch.setattr(run_module, "homology_partition", no_folds)
     with pytest.raises(ValueError, match=r"m.fasta: every protein is Membrane \(--task membrane"):
         load_data(RunConfig(data=str(path), task="membrane", folds="homology", k=3))
+
+
+# -- label columns ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("label_cols, fold_col, role", [
+    (("A", "part"), "part", "fold"),
+    (("A", "sid"), None, "ID"),
+    (("A", "Sequence"), None, "sequence"),
+])
+def test_a_label_column_that_is_the_id_sequence_or_fold_column_is_refused(tmp_path, label_cols, fold_col, role):
+    from embedcache.sequences import InputError
+    from heads.datasets import read_labeled_csv
+
+    path = tmp_path / "ml.csv"
+    # part holds 0/1: as a label it would pass the 0/1 check, and the labels would be the folds.
+    path.write_text("sid,A,B,part,Sequence\np1,1,0,0,MKV\np2,0,1,1,MKW\np3,1,1,0,MKY\np4,0,1,1,MKL\n")
+    with pytest.raises(InputError, match=f"the {role} column"):
+        read_labeled_csv(path, label_cols=label_cols, fold_col=fold_col)
+    auto = read_labeled_csv(path, label_cols=("auto",), fold_col="part")
+    assert auto.classes == ["A", "B"] and auto.folds.tolist() == [0, 1, 0, 1]
