@@ -518,6 +518,12 @@ def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache,
         for source in data:
             if _same_file(Path(target), Path(source)):
                 raise click.UsageError(f"{option} {target} is the data file {source}; writing there would destroy it")
+        # Made as the folds file's own folder would be, before the log is opened in it; a file in
+        # the way is found now rather than after the partition is built (minutes).
+        try:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise click.UsageError(f"{option} {target}: cannot make its folder ({err.strerror or err})") from None
     # Not heads.run: building folds needs no torch.
     from .datasets import describe_labels, load_labeled_files
     from .folds import build_partition, write_folds

@@ -228,3 +228,28 @@ def test_a_label_column_that_is_the_id_sequence_or_fold_column_is_refused(tmp_pa
         read_labeled_csv(path, label_cols=label_cols, fold_col=fold_col)
     auto = read_labeled_csv(path, label_cols=("auto",), fold_col="part")
     assert auto.classes == ["A", "B"] and auto.folds.tolist() == [0, 1, 0, 1]
+
+
+# -- heads folds -----------------------------------------------------------------------------------
+def test_heads_folds_makes_the_folder_of_its_output_and_log(tmp_path):
+    data = tmp_path / "ml.csv"
+    data.write_text("sid,A,B,Sequence\n" + "".join(f"p{i},{i % 2},{1 - i % 2},MKV{'W' * i}\n" for i in range(9)))
+    out = tmp_path / "new" / "deeper" / "f.tsv"
+    result = run_cli("folds", data, "--label-cols", "auto", "--method", "stratified", "--k", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and (tmp_path / "new" / "deeper" / "f.tsv.log").is_file()
+
+
+def test_heads_folds_refuses_an_output_folder_it_cannot_make_before_building_anything(tmp_path, monkeypatch):
+    import heads.folds as folds_module
+
+    def no_partition(*args, **kwargs):
+        raise AssertionError("folds built for an output that cannot be written")
+
+    monkeypatch.setattr(folds_module, "build_partition", no_partition)
+    data = tmp_path / "ml.csv"
+    data.write_text("sid,A,B,Sequence\n" + "".join(f"p{i},{i % 2},{1 - i % 2},MKV{'W' * i}\n" for i in range(9)))
+    (tmp_path / "a_file").write_text("")
+    result = run_cli("folds", data, "--label-cols", "auto", "--k", 3, "--out", tmp_path / "a_file" / "f.tsv",
+                     "--log", tmp_path / "f.log")
+    assert result.exit_code == 2 and "--out" in result.output and "cannot make its folder" in result.output
