@@ -544,6 +544,16 @@ def length_bins(lengths: np.ndarray, n_bins: int = LENGTH_BINS) -> np.ndarray:
     return edges if len(edges) > 1 else np.array([int(lengths.min()), int(lengths.max()) + 1])
 
 
+def _scored_length_bins(data: LabeledSet, results: list[MethodResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Length bins at the quantiles of the scored proteins' lengths (with a held-out test file, its
+    proteins, not the training ones): the edges, each protein's bin, and the scored proteins per bin."""
+    lengths = np.array([len(s) for s in data.sequences])
+    scored = scored_rows(results, len(data))
+    edges = length_bins(lengths[scored] if scored.any() else lengths)
+    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
+    return edges, which, np.bincount(which[scored], minlength=len(edges) - 1)
+
+
 def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
     n = np.maximum(n, 1)
     p = k / n
@@ -554,9 +564,7 @@ def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, 
 
 def length_figure(folder: Path, context: FigureContext, data: LabeledSet, results: list[MethodResult]) -> Figure:
     plt = pyplot()
-    lengths = np.array([len(s) for s in data.sequences])
-    edges = length_bins(lengths)
-    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
+    edges, which, counts = _scored_length_bins(data, results)
     n_bins = len(edges) - 1
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n_bins + 2.5), 3.6))
     offset = 0.6 / max(1, len(results))
@@ -570,7 +578,6 @@ def length_figure(folder: Path, context: FigureContext, data: LabeledSet, result
         x = np.arange(n_bins) - 0.3 + offset * (k + 0.5)
         ax.errorbar(x, acc, yerr=[np.clip(acc - lo, 0, None), np.clip(hi - acc, 0, None)], fmt="o-",
                     color=colour(k), ms=4, lw=1.1, capsize=2, label=context.method_title(r.name))
-    counts = np.bincount(which, minlength=n_bins)
     ticks = [f"{edges[i]}–{edges[i + 1] - 1}\n(n={counts[i]:,})" for i in range(n_bins)]
     ax.set_xticks(range(n_bins), ticks)
     ax.set_xlabel("sequence length (residues), bins at length quantiles")
@@ -590,9 +597,7 @@ def jaccard_length_figure(folder: Path, context: FigureContext, data: LabeledSet
     from .metrics import per_protein_jaccard
 
     plt = pyplot()
-    lengths = np.array([len(s) for s in data.sequences])
-    edges = length_bins(lengths)
-    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
+    edges, which, counts = _scored_length_bins(data, results)
     n_bins = len(edges) - 1
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n_bins + 2.5), 3.6))
     offset = 0.6 / max(1, len(results))
@@ -610,7 +615,6 @@ def jaccard_length_figure(folder: Path, context: FigureContext, data: LabeledSet
         x = np.arange(n_bins) - 0.3 + offset * (k + 0.5)
         ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-",
                     color=colour(k), ms=4, lw=1.1, capsize=2, label=context.method_title(r.name))
-    counts = np.bincount(which, minlength=n_bins)
     ticks = [f"{edges[i]}–{edges[i + 1] - 1}\n(n={counts[i]:,})" for i in range(n_bins)]
     ax.set_xticks(range(n_bins), ticks)
     ax.set_xlabel("sequence length (residues), bins at length quantiles")

@@ -78,6 +78,20 @@ def test_the_majority_class_line_of_the_comparison_figure_is_scored_on_the_test_
     caption = next(f.caption for f in figures if f.stem.name == "comparison")
     # The largest class among the 10 test proteins is B, 7 of them; over all 30 it would be A, 23 of 30.
     assert "accuracy 0.700 = its share" in caption
+    assert length_bin_counts(tmp_path / "plots" / "accuracy_by_length.svg") == 10
+
+
+def length_bin_counts(svg) -> int:
+    """The proteins the length figure's bins say they hold (their "(n=...)" tick labels), summed."""
+    import re
+
+    return sum(int(n.replace(",", "")) for n in re.findall(r"\(n=([0-9,]+)\)", svg.read_text()))
+
+
+def test_the_jaccard_by_length_bins_hold_the_test_proteins_only(tmp_path):
+    data, results = held_out_set(multilabel=True)
+    write_run(tmp_path, {"scheme": "simple", "backbone": None}, data, results, "t", n_boot=100, context=CONTEXT)
+    assert length_bin_counts(tmp_path / "plots" / "jaccard_by_length.svg") == 10
 
 
 def test_a_multilabel_prediction_table_gives_sets_that_follow_from_its_own_columns(tmp_path, monkeypatch):
