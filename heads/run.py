@@ -121,8 +121,8 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
         # would refuse it later naming only the class's index.
         how = (" (--task membrane: M is Membrane, S Soluble; proteins marked U are left out)"
                if config.task == "membrane" else "")
-        names = config.data if isinstance(config.data, str) else " + ".join(config.data)
-        raise ValueError(f"{names}: every protein is {present[0] if present else 'unlabelled'}{how}; a "
+        files = config.data if isinstance(config.data, str) else " + ".join(config.data)
+        raise ValueError(f"{files}: every protein is {present[0] if present else 'unlabelled'}{how}; a "
                          "classifier needs at least two classes")
     if source == "auto":
         source = "file" if data.folds is not None else "stratified"
