@@ -335,7 +335,10 @@ def predict_cmd(run_dir, cache, sequences, id_col, seq_col, out, head, embedding
                 finished = open_finished(run_dir)
                 write_attention(attention_out, proteins_of(result, finished), finished)
             with atomic_path(out) as tmp:
-                frame.to_csv(tmp, sep="\t", index=False, float_format="%.5f")
+                # Multi-label: every digit, so that a row's set is exactly the labels whose p_ reaches
+                # its threshold_ (rounded, a probability just below its threshold prints equal to it).
+                frame.to_csv(tmp, sep="\t", index=False,
+                             float_format=None if frame.attrs.get("multilabel") else "%.5f")
     except user_errors as err:
         raise click.ClickException(str(err)) from None
     seen = int(frame["in_training_data"].sum())
@@ -510,6 +513,12 @@ def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache,
         for source in data:
             if _same_file(Path(target), Path(source)):
                 raise click.UsageError(f"{option} {target} is the data file {source}; writing there would destroy it")
+        # Made as the folds file's own folder would be, before the log is opened in it; a file in
+        # the way is found now rather than after the partition is built (minutes).
+        try:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise click.UsageError(f"{option} {target}: cannot make its folder ({err.strerror or err})") from None
     # Not heads.run: building folds needs no torch.
     from .datasets import describe_labels, load_labeled_files
     from .folds import build_partition, write_folds

@@ -137,6 +137,20 @@ class Stacker:
         if out.coef.shape != (rows, features) or out.intercept.shape != (rows,):
             raise ValueError(f"{source}: stacker weights of shape {out.coef.shape} for {len(out.members)} members "
                              f"and {out.n_classes} classes")
+        # Each checked: a NaN weight would give NaN probabilities, read downstream as class 0
+        # or as no label, and an index out of range would fail deep in predict.
+        problems = []
+        if not (np.isfinite(out.coef).all() and np.isfinite(out.intercept).all()):
+            problems.append("weights that are not finite numbers")
+        if not all(0 <= c < out.n_classes for c in out.classes) or len(set(out.classes)) != len(out.classes):
+            problems.append(f"classes {out.classes} outside 0..{out.n_classes - 1} or repeated")
+        if not all(0 <= j < out.n_classes for j in out.mean_labels):
+            problems.append(f"mean_labels {out.mean_labels} outside 0..{out.n_classes - 1}")
+        if out.multilabel and (out.thresholds is None or out.thresholds.shape != (out.n_classes,)
+                               or not np.isfinite(out.thresholds).all()):
+            problems.append(f"not {out.n_classes} finite thresholds")
+        if problems:
+            raise ValueError(f"{source}: a damaged stacker ({'; '.join(problems)})")
         return out
 
 

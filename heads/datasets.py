@@ -240,11 +240,12 @@ def _label_matrix(table: Table, path: Path, label_cols, id_col: str | None, seq_
                   fold_col: str | None) -> tuple[np.ndarray, list[str]]:
     """(n, L) 0/1 matrix and the L label names (sorted), from one 0/1 column per label."""
     cols = [c.strip() for c in label_cols if c.strip()]
+    roles = {pick_column(table, id_col, ID_COLUMNS, "--id-col"): "ID", pick_column(table, seq_col, SEQ_COLUMNS,
+                                                                                    "--seq-col"): "sequence"}
+    if fold_col is not None:
+        roles[table.column_index(fold_col)] = "fold"
+    taken = set(roles)
     if cols == ["auto"]:
-        taken = {pick_column(table, id_col, ID_COLUMNS, "--id-col"), pick_column(table, seq_col, SEQ_COLUMNS,
-                                                                                   "--seq-col")}
-        if fold_col is not None:
-            taken.add(table.column_index(fold_col))
         index = [i for i, c in enumerate(table.columns) if i not in taken and table.rows
                  and all(row[i].strip().lower() in _BINARY for row in table.rows)]
         if len(index) < 2:
@@ -259,6 +260,11 @@ def _label_matrix(table: Table, path: Path, label_cols, id_col: str | None, seq_
         twice = sorted({table.columns[i] for i in index if index.count(i) > 1})
         if twice:
             raise InputError(path, f"--label-cols names column {', '.join(map(repr, twice))} twice")
+        other = [i for i in index if i in taken]
+        if other:
+            # A fold column of 0/1 would pass as labels: the labels would then be the folds.
+            raise InputError(path, f"--label-cols names column {table.columns[other[0]]!r}, the {roles[other[0]]} "
+                                   "column; label columns hold labels only")
     names = [table.columns[i].strip() for i in index]
     if len(set(names)) != len(names) or not all(names):
         raise InputError(path, f"label columns {names} need distinct, non-empty names")

@@ -74,12 +74,21 @@ class MethodResult:
         else:
             proba = np.nan_to_num(self.proba, nan=0.0)
             out["prediction"] = [data.classes[k] for k in proba.argmax(1)]
-        for k, c in enumerate(data.classes):
-            out[f"p_{c}"] = self.proba[:, k]
+        columns = {f"p_{c}": self.proba[:, k] for k, c in enumerate(data.classes)}
         if self.thresholds is not None:
-            for k, c in enumerate(data.classes):
-                out[f"threshold_{c}"] = self.thresholds[:, k]
+            columns.update({f"threshold_{c}": self.thresholds[:, k] for k, c in enumerate(data.classes)})
+        # Joined at once: a column added at a time fragments the frame (pandas warns past 100 columns).
+        out = pd.concat([out, pd.DataFrame(columns, index=out.index)], axis=1)
         return out[self.predicted()]
+
+
+def scored_rows(results: list[MethodResult], n: int) -> np.ndarray:
+    """(n,) bool: the proteins some method predicted. Baselines are scored on these, as the methods
+    are: with a held-out test file they are its proteins, not the training ones."""
+    out = np.zeros(n, dtype=bool)
+    for result in results:
+        out |= result.predicted()
+    return out
 
 
 def full_proba(head: Head, X, n_classes: int) -> np.ndarray:

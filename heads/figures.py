@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from .datasets import LabeledSet
-from .evaluate import MethodResult
+from .evaluate import MethodResult, scored_rows
 from .figstyle import Figure, FigureContext, colour, pyplot, save_figure
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def draw_run(folder: Path, context: FigureContext, data: LabeledSet, results: li
     folder.mkdir(parents=True, exist_ok=True)
     if data.multilabel:
         return _draw_multilabel(folder, context, data, results, metrics, features)
-    figures = [comparison_figure(folder, context, data, metrics)]
+    figures = [comparison_figure(folder, context, _scored(data, results), metrics)]
     figures += [confusion_figure(folder, context, data, name, metrics[name]) for name in metrics]
     figures.append(per_class_figure(folder, context, data, metrics))
     if data.groups is not None and all("per_group" in m for m in metrics.values()):
@@ -85,7 +85,8 @@ def draw_run(folder: Path, context: FigureContext, data: LabeledSet, results: li
 
 def _draw_multilabel(folder: Path, context: FigureContext, data: LabeledSet, results: list[MethodResult],
                      metrics: dict[str, dict], features: np.ndarray | None) -> list[Figure]:
-    figures = [comparison_figure(folder, context, data, metrics), per_class_figure(folder, context, data, metrics)]
+    figures = [comparison_figure(folder, context, _scored(data, results), metrics),
+               per_class_figure(folder, context, data, metrics)]
     if data.groups is not None and all("per_group" in m for m in metrics.values()):
         figures.append(per_group_figure(folder, context, metrics, MULTILABEL_TITLES))
     figures += label_curve_figures(folder, context, data, results)
@@ -97,6 +98,11 @@ def _draw_multilabel(folder: Path, context: FigureContext, data: LabeledSet, res
 
 
 # ---------------------------------------------------------------- shared pieces
+
+def _scored(data: LabeledSet, results: list[MethodResult]) -> LabeledSet:
+    """The proteins some method predicted: what the baselines' lines are scored on, as the methods are."""
+    return data.subset(np.flatnonzero(scored_rows(results, len(data))))
+
 
 def _title(fig, what: str, context: FigureContext) -> None:
     """``what`` in bold above the run's subtitle, both wrapped to the figure's width (the subtitle at " · ")."""
@@ -538,6 +544,16 @@ def length_bins(lengths: np.ndarray, n_bins: int = LENGTH_BINS) -> np.ndarray:
     return edges if len(edges) > 1 else np.array([int(lengths.min()), int(lengths.max()) + 1])
 
 
+def _scored_length_bins(data: LabeledSet, results: list[MethodResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Length bins at the quantiles of the scored proteins' lengths (with a held-out test file, its
+    proteins, not the training ones): the edges, each protein's bin, and the scored proteins per bin."""
+    lengths = np.array([len(s) for s in data.sequences])
+    scored = scored_rows(results, len(data))
+    edges = length_bins(lengths[scored] if scored.any() else lengths)
+    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
+    return edges, which, np.bincount(which[scored], minlength=len(edges) - 1)
+
+
 def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
     n = np.maximum(n, 1)
     p = k / n
@@ -570,9 +586,7 @@ def _by_length(folder: Path, context: FigureContext, data: LabeledSet, results: 
                per_protein, interval, ylabel: str, title: str, stem: str, caption: str) -> Figure:
     """One line per method: ``per_protein(result, mask)`` summarised by ``interval`` in each length bin."""
     plt = pyplot()
-    lengths = np.array([len(s) for s in data.sequences])
-    edges = length_bins(lengths)
-    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
+    edges, which, counts = _scored_length_bins(data, results)
     n_bins = len(edges) - 1
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n_bins + 2.5), 3.6))
     offset = 0.6 / max(1, len(results))
@@ -582,7 +596,6 @@ def _by_length(folder: Path, context: FigureContext, data: LabeledSet, results: 
         x = np.arange(n_bins) - 0.3 + offset * (k + 0.5)
         ax.errorbar(x, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="o-",
                     color=colour(k), ms=4, lw=1.1, capsize=2, label=context.method_title(r.name))
-    counts = np.bincount(which, minlength=n_bins)
     ticks = [f"{edges[i]}–{edges[i + 1] - 1}\n(n={counts[i]:,})" for i in range(n_bins)]
     ax.set_xticks(range(n_bins), ticks)
     ax.set_xlabel("sequence length (residues), bins at length quantiles")

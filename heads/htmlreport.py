@@ -391,7 +391,8 @@ def _per_label(metrics: dict, name) -> list[str]:
         parts.append(f"<h3>{htmlpage.escape(name(method))}</h3>" + htmlpage.table(pd.DataFrame(rows)))
     parts.append("<p>Per label: support = proteins that have it, predicted = proteins given it; threshold = the "
                  "mean of the per-label decision thresholds (chosen on each model's validation fold to maximise "
-                 "the label's MCC) over the scored proteins; a label is predicted where its probability reaches "
+                 "the label's MCC; 0.5 where no threshold there reaches a positive MCC) over the scored proteins; "
+                 "a label is predicted where its probability reaches "
                  "the threshold, and every protein gets at least its most probable label. ROC AUC is left empty "
                  "for a label without both outcomes among the scored proteins, PR AUC (average precision) for one "
                  f"without a positive. A label marked {ABSENT} has F1 0 by convention and stays out of "

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# The threshold of a label the validation fold cannot inform (all 0 or all 1 there).
+# The threshold of a label the validation fold cannot inform (all 0 or all 1 there, or
+# probabilities that do not separate its proteins).
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -35,7 +36,10 @@ def choose_thresholds(proba: np.ndarray, Y: np.ndarray) -> np.ndarray:
 
     The threshold is placed halfway between the last probability predicted positive and the
     next one below it, so that it does not sit exactly on a validation protein's value. Ties
-    in MCC go to the threshold nearest 0.5.
+    in MCC go to the threshold nearest 0.5. Where no threshold reaches a positive MCC (the
+    probabilities do not separate the label's proteins: a label training never saw gets the
+    same probability for every protein), the label keeps 0.5: the only threshold with MCC 0
+    among the candidates would predict it for every protein.
     """
     proba, Y = np.asarray(proba, dtype=np.float64), np.asarray(Y)
     if proba.shape != Y.shape or proba.ndim != 2:
@@ -46,6 +50,8 @@ def choose_thresholds(proba: np.ndarray, Y: np.ndarray) -> np.ndarray:
         if y.all() or not y.any():
             continue
         values, mcc = _mcc_curve(proba[:, j], y)
+        if not mcc.max() > 0:
+            continue
         below = np.r_[values[1:], values[-1] / 2]  # the next lower probability (the last: halfway to 0)
         cuts = (values + below) / 2
         best = np.flatnonzero(mcc >= mcc.max() - 1e-12)

@@ -30,7 +30,7 @@ import pandas as pd
 from embedcache.atomic import atomic_path, write_json, write_text
 
 from .datasets import LabeledSet
-from .evaluate import MethodResult
+from .evaluate import MethodResult, scored_rows
 from .figstyle import FigureContext
 from .figures import draw_run
 from .htmlreport import context_from_config, report_record, write_report
@@ -225,8 +225,9 @@ def write_run(out: Path, config: dict, data: LabeledSet, results: list[MethodRes
     run_notes = list(notes)  # the report shows the paired tests as a table of their own
     baseline_scores = None
     if data.multilabel:  # the report's headline says both
-        baseline_scores = majority_set_baseline(data.labels, data.classes)
-        notes.append(f"labels per protein: {data.labels.sum(1).mean():.2f} true (all {len(data)} proteins), "
+        scored = data.labels[scored_rows(results, len(data))]
+        baseline_scores = majority_set_baseline(scored, data.classes)
+        notes.append(f"labels per protein: {scored.sum(1).mean():.2f} true (all {len(scored)} scored proteins), "
                      "predicted: the predicted_cardinality column")
     notes += [paired_note(name, test) for name, test in tests.items()]
     saved = {"methods": metrics, "paired_tests": tests}

@@ -115,6 +115,15 @@ def load_data(config: RunConfig) -> tuple[LabeledSet, dict]:
     """
     source = fold_source(config)
     data = _read(config, config.data, config.fold_col)
+    present = present_classes(data)
+    if not data.multilabel and len(present) < 2:
+        # Refused here, by name, before folds are built (homology folds take minutes); a head
+        # would refuse it later naming only the class's index.
+        how = (" (--task membrane: M is Membrane, S Soluble; proteins marked U are left out)"
+               if config.task == "membrane" else "")
+        files = config.data if isinstance(config.data, str) else " + ".join(config.data)
+        raise ValueError(f"{files}: every protein is {present[0] if present else 'unlabelled'}{how}; a "
+                         "classifier needs at least two classes")
     if source == "auto":
         source = "file" if data.folds is not None else "stratified"
     info: dict[str, Any] = {"source": source}
@@ -597,13 +606,8 @@ def ensemble(run: Path | str, cache_path: Path | str | None = None, head: str | 
         predicted = [set_names(row, classes) for row in label_sets(proba, thresholds)]
     else:
         predicted = [classes[k] for k in proba.argmax(1)]
-    frame = pd.DataFrame({"id": ids, "prediction": predicted, "in_training_data": [k in training for k in keys]})
-    for k, c in enumerate(classes):
-        frame[f"p_{c}"] = proba[:, k]
-    if multilabel:
-        for k, c in enumerate(classes):
-            frame[f"threshold_{c}"] = thresholds[k]
-    frame.attrs["multilabel"] = multilabel
+    frame = prediction_frame(ids, predicted, [k in training for k in keys], classes, proba,
+                             np.broadcast_to(thresholds, proba.shape) if multilabel else None)
     frame.attrs["head"] = head
     frame.attrs["models"] = len(entries)
     frame.attrs["cache"] = None if cache_path is None else str(cache_path)
@@ -654,18 +658,28 @@ def _combined_ensemble(finished: FinishedRun, cache_path: Path | str | None, **o
         predicted = [set_names(row, classes) for row in label_sets(proba, thresholds)]
     else:
         predicted = [classes[k] for k in np.nan_to_num(proba, nan=0.0).argmax(1)]
-    frame = pd.DataFrame({"id": ids, "prediction": predicted,
-                          "in_training_data": first.frame["in_training_data"].to_numpy()[keep]})
-    for k, c in enumerate(classes):
-        frame[f"p_{c}"] = proba[:, k]
-    if thresholds is not None:
-        for k, c in enumerate(classes):
-            frame[f"threshold_{c}"] = thresholds[:, k]
+    frame = prediction_frame(ids, predicted, first.frame["in_training_data"].to_numpy()[keep], classes, proba,
+                             thresholds)
     n_models = sum(p.n_models for p in parts.values()) + n_stackers
     frame.attrs.update(head=ENSEMBLE, models=n_models, cache=first.frame.attrs.get("cache"),
                        what=f"{record['kind']} ensemble of {', '.join(record['members'])} ({n_models} models"
                             f"{', stackers included' if n_stackers else ''})")
     return Ensemble(frame, [first.sequences[k] for k in keep], ENSEMBLE, n_models)
+
+
+def prediction_frame(ids: list[str], predicted: list[str], in_training, classes: list[str], proba: np.ndarray,
+                     thresholds: np.ndarray | None) -> pd.DataFrame:
+    """predict's table: id, prediction, in_training_data, p_CLASS per class and (multi-label)
+    threshold_LABEL per label; ``attrs["multilabel"]`` says which."""
+    columns: dict[str, Any] = {"id": ids, "prediction": predicted, "in_training_data": list(in_training)}
+    columns.update({f"p_{c}": proba[:, k] for k, c in enumerate(classes)})
+    if thresholds is not None:
+        columns.update({f"threshold_{c}": thresholds[:, k] for k, c in enumerate(classes)})
+    # One frame from all columns at once: a column added at a time fragments it (pandas warns
+    # past 100 columns, which a run of 50 labels reaches).
+    frame = pd.DataFrame(columns)
+    frame.attrs["multilabel"] = thresholds is not None
+    return frame
 
 
 def _check_ids(wanted: list[str], known: set[str], source) -> None:
