@@ -363,3 +363,20 @@ def test_a_reference_for_a_multilabel_set_is_refused_before_any_training(planted
                      "--reference", ref, "--out", tmp_path / "run")
     assert result.exit_code == 1 and "single-label probabilities" in result.output
     assert not (tmp_path / "run" / "models").exists()
+
+
+def test_uniprot_location_text_maps_to_deeploc2_categories():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_multilabel_csv.py"
+    spec = importlib.util.spec_from_file_location("make_multilabel_csv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = ("SUBCELLULAR LOCATION: Nucleus, nucleolus {ECO:0000269|PubMed:1}. Chromosome {ECO:0000250}. "
+            "Note=Moves to the cytoplasm in mitosis. {ECO:0000269}. [Isoform 2]: Cytoplasm, cytosol "
+            "{ECO:0000250}. Cytoplasmic vesicle membrane {ECO:0000269}; Peripheral membrane protein.")
+    assert module.locations(text) == {"Nucleus", "Cytoplasm"}  # not chromosome, the note or the vesicle
+    assert module.locations(text, experimental_only=True) == {"Nucleus"}
+    assert module.locations("SUBCELLULAR LOCATION: Secreted. Golgi apparatus membrane; Single-pass membrane "
+                            "protein. Lysosome.") == {"Extracellular", "Golgi apparatus", "Lysosome/Vacuole"}
