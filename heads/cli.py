@@ -531,9 +531,8 @@ def folds_cmd(data, out, method, k, threshold, aligner, seed, threads, no_cache,
     try:
         with RunLog() as run_log:
             run_log.attach_file(log_file)
-            options = {"label_cols": label_cols} if label_cols else {}
             dataset = load_labeled_files(data, kind, None, task, id_col=id_col, seq_col=seq_col, label_col=label_col,
-                                         class_names=names, **options)
+                                         class_names=names, label_cols=label_cols)
             log.info("%s: %d proteins, %s; building %d %s folds", ", ".join(data), len(dataset),
                      describe_labels(dataset), k, method)
             partition = build_partition(dataset.ids, dataset.sequences, dataset.labels, method, k, threshold, aligner,

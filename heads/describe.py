@@ -452,10 +452,8 @@ def load(path: Path | str, kind: str | None = None, task: str = "location", **cs
 
 
 def _csv_options(id_col, seq_col, label_col, class_names, label_cols) -> dict:
-    options = {"id_col": id_col, "seq_col": seq_col, "label_col": label_col, "class_names": class_names}
-    if label_cols:
-        options["label_cols"] = tuple(label_cols)
-    return options
+    return {"id_col": id_col, "seq_col": seq_col, "label_col": label_col, "class_names": class_names,
+            "label_cols": label_cols}
 
 
 def describe(

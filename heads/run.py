@@ -189,11 +189,9 @@ def fold_source(config: RunConfig) -> str:
 
 
 def _read(config: RunConfig, paths: str | tuple[str, ...], fold_col: str | None = None) -> LabeledSet:
-    csv_options: dict[str, Any] = {"id_col": config.id_col, "seq_col": config.seq_col, "label_col": config.label_col,
-                                   "class_names": config.class_names}
-    if config.label_cols:
-        csv_options["label_cols"] = tuple(config.label_cols)
-    return load_labeled_files(paths, config.kind, fold_col, config.task, **csv_options)
+    return load_labeled_files(paths, config.kind, fold_col, config.task, id_col=config.id_col, seq_col=config.seq_col,
+                              label_col=config.label_col, class_names=config.class_names,
+                              label_cols=config.label_cols)
 
 
 def build_heads(config: RunConfig, cache_provenance: dict | None = None) -> dict[str, Head]:
